@@ -1,0 +1,388 @@
+"""Curvature factors (K-FAC / EK-FAC) of the Gauss-Newton Hessian, and the inverse-Hessian-vector product.
+
+Per tracked layer, with a_t the layer input (homogeneous 1 appended) and g_t the pseudo-gradient w.r.t. the
+layer output at token t (labels sampled from the model, so G is the true Fisher = Gauss-Newton for softmax
+cross-entropy), and N fitting sequences of T_n real tokens:
+
+    A = (1 / sum_n T_n) sum_{n,t} a_t a_t^T             activation covariance,  (d_in, d_in)
+    S = (1 / N)         sum_{n,t} g_t g_t^T             pseudo-gradient covariance, (d_out, d_out)
+    A = Q_A diag(l_A) Q_A^T,  S = Q_S diag(l_S) Q_S^T   eigendecompositions
+    G_l ~ A (x) S                                        K-FAC (per-sequence scale: tokens summed)
+    Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2               EK-FAC eigenvalue correction (paper Eq 20),
+             with D_n = sum_t g_t a_t^T the per-sequence pseudo-gradient, (d_out, d_in)
+
+IHVP (paper Eq 21):  (G_l + lambda I)^{-1} V = Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T,
+with lambda = damping_factor x mean(Lambda) per layer (0.1 by default) unless an absolute damping is given.
+
+Strategies: "ekfac" (above), "kfac" (Lambda = l_S l_A^T), "diagonal" (Lambda = (1/N) sum_n D_n^2 in the
+parameter basis), "identity" (no preconditioning: the plain gradient dot product baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .task import IGNORE_INDEX, Batch, Task
+from .tracking import LayerCapture, TrackedLayer, model_fingerprint, tracked_parameters_require_grad
+
+Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+FORMAT_VERSION = 1
+
+
+class FactorMismatchError(ValueError):
+    """A factor directory was fitted on another model, layer set or configuration."""
+
+
+@dataclass
+class FactorArguments:
+    """How curvature factors are fitted. Defaults follow the paper."""
+
+    strategy: Strategy = "ekfac"
+    damping_factor: float = 0.1  # lambda_l = damping_factor x mean(Lambda_l)  (paper: 0.1)
+    damping: float | None = None  # absolute damping for every layer; overrides damping_factor
+    fisher: Literal["sampled", "expected"] = "sampled"  # "expected": exact E_y over classes, one predicted position per example
+    seed: int = 0  # for the sampled labels
+    dtype: str = "float32"  # accumulation dtype of the covariances and the correction
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy '{self.strategy}'; choose one of {STRATEGIES}")
+        if self.fisher not in ("sampled", "expected"):
+            raise ValueError(f"unknown fisher '{self.fisher}'; choose 'sampled' or 'expected'")
+        if self.damping is not None and self.damping < 0 or self.damping_factor < 0:
+            raise ValueError("damping must be non-negative")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def identity(self) -> dict:
+        """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
+        return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype}
+
+
+@dataclass
+class LayerFactors:
+    """The fitted curvature of one layer. Rotations are None in the parameter basis (diagonal strategy)."""
+
+    name: str
+    activation_eigenvectors: torch.Tensor | None  # Q_A (d_in, d_in)
+    gradient_eigenvectors: torch.Tensor | None  # Q_S (d_out, d_out)
+    eigenvalues: torch.Tensor | None  # Lambda (d_out, d_in); None for the identity strategy
+
+    def damping_value(self, damping_factor: float, damping: float | None) -> float:
+        if self.eigenvalues is None:
+            return 0.0
+        return float(damping) if damping is not None else damping_factor * float(self.eigenvalues.mean())
+
+    def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """(G_l + damping I)^{-1} v for v of shape (..., d_out, d_in); identity strategy returns v."""
+        if self.eigenvalues is None:
+            return v
+        dtype = v.dtype
+        v = v.to(self.eigenvalues.dtype)
+        q_a, q_s = self.activation_eigenvectors, self.gradient_eigenvectors
+        rotated = q_s.T @ v @ q_a if q_a is not None else v
+        rotated = rotated / (self.eigenvalues + damping)
+        out = q_s @ rotated @ q_a.T if q_a is not None else rotated
+        return out.to(dtype)
+
+
+@dataclass
+class Factors:
+    """Fitted factors for a list of tracked layers, plus the manifest that says how they were made."""
+
+    strategy: Strategy
+    layers: dict[str, LayerFactors]
+    manifest: dict = field(default_factory=dict)
+    damping_factor: float = 0.1
+    damping: float | None = None
+
+    def damping_for(self, name: str) -> float:
+        return self.layers[name].damping_value(self.damping_factor, self.damping)
+
+    def with_damping(self, damping_factor: float = 0.1, damping: float | None = None) -> "Factors":
+        """The same factors under another damping (e.g. for an ablation); nothing is refitted."""
+        return Factors(self.strategy, self.layers, self.manifest, damping_factor, damping)
+
+    def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        return self.layers[name].precondition(v, self.damping_for(name))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, lf in self.layers.items():
+            for key in ("activation_eigenvectors", "gradient_eigenvectors", "eigenvalues"):
+                value = getattr(lf, key)
+                if value is not None:
+                    tensors[f"{name}.{key}"] = value.contiguous()
+        _atomic_save(tensors, directory / "factors.safetensors")
+        _write_json({**self.manifest, "stages_done": sorted(set(self.manifest.get("stages_done", [])) | {"factors"})},
+                    directory / "manifest.json")
+
+    @classmethod
+    def load(cls, directory: str | Path, layers: Sequence[TrackedLayer] | None = None,
+             args: FactorArguments | None = None) -> "Factors":
+        """Load saved factors; with `layers` (and `args`), refuse files fitted on another model or config."""
+        directory = Path(directory)
+        manifest_path, tensor_path = directory / "manifest.json", directory / "factors.safetensors"
+        if not tensor_path.exists() or not manifest_path.exists():
+            raise FileNotFoundError(f"no fitted factors in {directory} (expected manifest.json and factors.safetensors)")
+        manifest = json.loads(manifest_path.read_text())
+        if layers is not None:
+            expected_args = args or FactorArguments(**manifest["arguments"])
+            _check_manifest(manifest, _identity(layers, expected_args, manifest.get("data_fingerprint")), directory)
+        tensors = load_file(tensor_path)
+        by_layer = {}
+        for name in manifest["layer_names"]:
+            by_layer[name] = LayerFactors(
+                name,
+                tensors.get(f"{name}.activation_eigenvectors"),
+                tensors.get(f"{name}.gradient_eigenvectors"),
+                tensors.get(f"{name}.eigenvalues"),
+            )
+        damping_factor = args.damping_factor if args else manifest["arguments"]["damping_factor"]
+        damping = args.damping if args else manifest["arguments"]["damping"]
+        return cls(manifest["strategy"], by_layer, manifest, damping_factor, damping)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fitting
+
+
+def fit_factors(
+    model: nn.Module,
+    layers: Sequence[TrackedLayer],
+    task: Task,
+    batches: Iterable[Batch],
+    args: FactorArguments | None = None,
+    output_dir: str | Path | None = None,
+    data_fingerprint: str | None = None,
+) -> Factors:
+    """Fit the factors of `args.strategy` over the fitting batches (one or two passes).
+
+    With `output_dir`, each stage (covariance, eigendecomposition, eigenvalue correction) is saved as it
+    finishes and reused on a rerun with the same model, layers and arguments; other files are refused.
+    `batches` must be re-iterable (a list or a DataLoader).
+    """
+    args = args or FactorArguments()
+    layers = list(layers)
+    identity = _identity(layers, args, data_fingerprint)
+    manifest = {**identity, "arguments": asdict(args), "layer_shapes": {l.name: [l.out_features, l.input_dim] for l in layers},
+                "format_version": FORMAT_VERSION, "torch_version": torch.__version__, "timings_s": {}, "stages_done": []}
+    directory = Path(output_dir) if output_dir is not None else None
+    if directory is not None and (directory / "manifest.json").exists():
+        saved = json.loads((directory / "manifest.json").read_text())
+        _check_manifest(saved, identity, directory)
+        manifest.update(timings_s=saved.get("timings_s", {}), stages_done=saved.get("stages_done", []))
+        if "factors" in manifest["stages_done"]:
+            return Factors.load(directory, layers, args)
+
+    def stage(name: str, compute) -> dict[str, torch.Tensor]:
+        path = directory / f"{name}.safetensors" if directory is not None else None
+        if path is not None and name in manifest["stages_done"] and path.exists():
+            return load_file(path)
+        start = time.perf_counter()
+        tensors = compute()
+        manifest["timings_s"][name] = round(time.perf_counter() - start, 3)
+        if path is not None:
+            _atomic_save(tensors, path)
+            manifest["stages_done"] = sorted(set(manifest["stages_done"]) | {name})
+            _write_json(manifest, directory / "manifest.json")
+        return tensors
+
+    model_was_training = model.training
+    model.eval()
+    try:
+        names = [l.name for l in layers]
+        if args.strategy == "identity":
+            factors = {n: LayerFactors(n, None, None, None) for n in names}
+        elif args.strategy == "diagonal":
+            diag = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, None))
+            factors = {n: LayerFactors(n, None, None, diag[f"{n}.eigenvalues"]) for n in names}
+        else:
+            cov = stage("covariance", lambda: _covariance_pass(model, layers, task, batches, args))
+            eig = stage("eigendecomposition", lambda: _eigendecomposition(cov, names, args))
+            if args.strategy == "kfac":
+                factors = {
+                    n: LayerFactors(n, eig[f"{n}.activation_eigenvectors"], eig[f"{n}.gradient_eigenvectors"],
+                                    torch.outer(eig[f"{n}.gradient_eigenvalues"], eig[f"{n}.activation_eigenvalues"]))
+                    for n in names
+                }
+            else:
+                corr = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, eig))
+                factors = {n: LayerFactors(n, eig[f"{n}.activation_eigenvectors"], eig[f"{n}.gradient_eigenvectors"],
+                                           corr[f"{n}.eigenvalues"]) for n in names}
+    finally:
+        model.train(model_was_training)
+
+    result = Factors(args.strategy, factors, manifest, args.damping_factor, args.damping)
+    for name, lf in factors.items():
+        if lf.eigenvalues is not None:
+            check_finite(lf.eigenvalues, f"eigenvalues of layer '{name}'")
+    if directory is not None:
+        result.save(directory)
+    return result
+
+
+def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch: Batch, args: FactorArguments,
+                      generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Output pseudo-gradients g (B, T, d_out) per layer; one dict per pseudo-label draw.
+
+    "sampled": one draw y ~ p per position (paper). "expected": C weighted draws whose outer products sum to
+    the exact expectation, using H = diag(p) - p p^T = R R^T with R[:, c] = sqrt(p_c) (e_c - p).
+    """
+    capture.clear()
+    if args.fisher == "sampled":
+        loss = task.pseudo_loss(model, batch, generator)
+        check_finite(loss, "pseudo loss")
+        return [capture.output_gradients(loss)]
+    logits, labels = task.forward(model, batch)
+    valid = labels != IGNORE_INDEX
+    if bool((valid.sum(dim=1) > 1).any()):
+        raise ValueError("fisher='expected' is exact only with one predicted position per example; use 'sampled'")
+    p = torch.softmax(logits.detach().double(), dim=-1) * valid.unsqueeze(-1)
+    sqrt_p = p.sqrt()
+    draws = []
+    num_classes = logits.shape[-1]
+    for c in range(num_classes):
+        r = -p * sqrt_p[..., c : c + 1]
+        r[..., c] += sqrt_p[..., c]
+        draws.append(capture.output_gradients((logits * r.to(logits.dtype)).sum(), retain_graph=c < num_classes - 1))
+    return draws
+
+
+def token_weights(task: Task, batch: Batch, activation: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1) float mask of real input tokens, aligned with the captured activations."""
+    mask = task.token_mask(batch)
+    if mask is None:
+        return activation.new_ones(*activation.shape[:2], 1)
+    return mask.to(activation.device, activation.dtype).reshape(*activation.shape[:2], 1)
+
+
+def _covariance_pass(model, layers, task, batches, args: FactorArguments) -> dict[str, torch.Tensor]:
+    dtype = args.torch_dtype
+    generator = torch.Generator().manual_seed(args.seed)
+    a_sum = {l.name: torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
+    s_sum = {l.name: torch.zeros(l.out_features, l.out_features, dtype=dtype) for l in layers}
+    num_tokens, num_sequences = 0.0, 0
+    with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for batch in tqdm(batches, desc="factors: covariance", disable=not args.progress, leave=False):
+            batch = to_device(batch, model)
+            draws = _pseudo_gradients(model, task, capture, batch, args, generator)
+            for layer in layers:
+                a = capture.activations[layer.name].to(dtype)
+                mask = token_weights(task, batch, a)
+                a = a * mask
+                a_sum[layer.name] += (a.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1])).cpu()
+                for grads in draws:
+                    g = grads[layer.name].to(dtype).reshape(-1, layer.out_features)
+                    check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
+                    s_sum[layer.name] += (g.T @ g).cpu()
+            num_tokens += float(mask.sum())
+            num_sequences += a.shape[0]
+    if num_sequences == 0:
+        raise ValueError("the fitting data is empty: no batches to fit factors on")
+    out = {}
+    for name in a_sum:
+        out[f"{name}.activation_covariance"] = a_sum[name] / num_tokens
+        out[f"{name}.gradient_covariance"] = s_sum[name] / num_sequences
+        check_finite(out[f"{name}.activation_covariance"], f"activation covariance of '{name}'")
+    out["num_tokens"] = torch.tensor(num_tokens)
+    out["num_sequences"] = torch.tensor(float(num_sequences))
+    return out
+
+
+def _eigendecomposition(cov: dict[str, torch.Tensor], names: Sequence[str], args: FactorArguments) -> dict[str, torch.Tensor]:
+    """Symmetric eigendecomposition in float64 (small matrices; precision matters for tiny eigenvalues)."""
+    out = {}
+    for name in names:
+        for kind in ("activation", "gradient"):
+            matrix = cov[f"{name}.{kind}_covariance"].double()
+            values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+            out[f"{name}.{kind}_eigenvalues"] = values.to(args.torch_dtype)
+            out[f"{name}.{kind}_eigenvectors"] = vectors.to(args.torch_dtype)
+    return out
+
+
+def _correction_pass(model, layers, task, batches, args: FactorArguments,
+                     eig: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2 with D_n = sum_t g_t a_t^T; no rotation when eig is None."""
+    dtype = args.torch_dtype
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
+    num_sequences = 0
+    with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for batch in tqdm(batches, desc="factors: eigenvalue correction", disable=not args.progress, leave=False):
+            batch = to_device(batch, model)
+            draws = _pseudo_gradients(model, task, capture, batch, args, generator)
+            for layer in layers:
+                a = capture.activations[layer.name].to(dtype)
+                a = a * token_weights(task, batch, a)
+                if eig is not None:
+                    a = a @ eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
+                for grads in draws:
+                    g = grads[layer.name].to(dtype)
+                    if eig is not None:
+                        g = g @ eig[f"{layer.name}.gradient_eigenvectors"].to(g.device)
+                    per_sequence = torch.einsum("bto,bti->boi", g, a)  # rotated D_n, (B, d_out, d_in)
+                    sums[layer.name] += per_sequence.square().sum(dim=0).cpu()
+            num_sequences += a.shape[0]
+    if num_sequences == 0:
+        raise ValueError("the fitting data is empty: no batches to fit factors on")
+    return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _identity(layers: Sequence[TrackedLayer], args: FactorArguments, data_fingerprint: str | None) -> dict:
+    return {**args.identity(), "layer_names": [l.name for l in layers], "model_fingerprint": model_fingerprint(layers),
+            "data_fingerprint": data_fingerprint}
+
+
+def _check_manifest(saved: dict, expected: dict, directory: Path) -> None:
+    for key, value in expected.items():
+        if key == "data_fingerprint" and (value is None or saved.get(key) is None):
+            continue
+        if saved.get(key) != value:
+            raise FactorMismatchError(
+                f"factor files in {directory} were fitted with {key}={saved.get(key)!r}, but this run has "
+                f"{key}={value!r}; use another output directory or delete the old one"
+            )
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(f"{what} contains NaN or inf; check the model's outputs and the input data")
+
+
+def to_device(batch: Batch, model: nn.Module) -> Batch:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

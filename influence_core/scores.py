@@ -1,0 +1,145 @@
+"""Query gradients, their preconditioning, and influence scores (total, per layer, per token).
+
+Sign convention (paper Eq 24-25, f = log p(completion | prompt)):
+
+    I_f(z) = -grad f^T (G + lambda I)^{-1} grad L(z) = q^T (G + lambda I)^{-1} r(z)
+
+with q = grad(-f), the gradient of the query's completion loss, and r(z) = grad L(z), the training loss of
+sequence z summed over its tokens. Positive influence: adding z (up-weighting its loss) raises log p(completion).
+Units: nats of log p(completion) per added copy of z (no division by N, no normalisation).
+
+Splits (paper Eq 30-31): I = sum_l q_l'^T r_l with q_l' the preconditioned query of layer l, and
+r_l = sum_t g_t a_t^T, so the token-wise influence of input token t is sum_l g_{l,t}^T q_l' a_{l,t}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .factors import Factors, check_finite, to_device, token_weights
+from .task import Batch, Task
+from .tracking import LayerCapture, TrackedLayer, tracked_parameters_require_grad
+
+
+@dataclass
+class ScoreArguments:
+    per_token: bool = False  # also return token-wise influence (costs one more contraction per query)
+    progress: bool = True
+
+
+@dataclass
+class InfluenceScores:
+    """Influence of each training sequence on each query.
+
+    total:     (Q, N)        influence, sum over layers
+    per_layer: (Q, N, L)     split over tracked layers, in the order of `layer_names`
+    per_token: (Q, N, T)     split over the training sequence's input tokens (zero at padding), or None
+    """
+
+    query_names: list[str]
+    layer_names: list[str]
+    total: torch.Tensor
+    per_layer: torch.Tensor
+    per_token: torch.Tensor | None = None
+
+    def top(self, query: str | int, k: int = 10) -> list[tuple[int, float]]:
+        """The k most positively influential training sequences of a query: [(train index, influence)]."""
+        row = self.query_names.index(query) if isinstance(query, str) else query
+        values, indices = torch.topk(self.total[row], min(k, self.total.shape[1]))
+        return [(int(i), float(v)) for i, v in zip(indices, values)]
+
+
+def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+    """D_n = sum_t g_t a_t^T: a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in)."""
+    return torch.einsum("bto,bti->boi", output_gradients, activations)
+
+
+def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """q_l = grad of each query's completion loss w.r.t. layer l, canonical layout, (Q, d_out, d_in) per layer."""
+    collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
+    was_training = model.training
+    model.eval()
+    try:
+        with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+            for batch in tqdm(batches, desc="query gradients", disable=not progress, leave=False):
+                batch = to_device(batch, model)
+                capture.clear()
+                loss = task.query_loss(model, batch)
+                check_finite(loss, "query loss")
+                grads = capture.output_gradients(loss)
+                for layer in layers:
+                    a = capture.activations[layer.name] * token_weights(task, batch, capture.activations[layer.name])
+                    d = per_sequence_gradients(a, grads[layer.name])
+                    check_finite(d, f"query gradient of layer '{layer.name}'")
+                    collected[layer.name].append(d.cpu())
+    finally:
+        model.train(was_training)
+    if not collected[layers[0].name]:
+        raise ValueError("no queries given")
+    return {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+def precondition_queries(gradients: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:
+    """q_l' = (G_l + lambda_l I)^{-1} q_l for every layer; (Q, d_out, d_in) per layer."""
+    missing = set(gradients) - set(factors.layers)
+    if missing:
+        raise ValueError(f"no factors for layers {sorted(missing)}; fit factors on the same tracked layers")
+    return {name: factors.precondition(name, g) for name, g in gradients.items()}
+
+
+def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
+                   preconditioned_queries: dict[str, torch.Tensor], query_names: Sequence[str] | None = None,
+                   args: ScoreArguments | None = None) -> InfluenceScores:
+    """Influence of every training sequence in `batches` on every preconditioned query, in one pass."""
+    args = args or ScoreArguments()
+    names = [l.name for l in layers]
+    if set(names) != set(preconditioned_queries):
+        raise ValueError(f"query gradients cover layers {sorted(preconditioned_queries)}, scoring tracks {sorted(names)}")
+    num_queries = next(iter(preconditioned_queries.values())).shape[0]
+    query_names = list(query_names) if query_names is not None else [f"query_{i}" for i in range(num_queries)]
+    per_layer_parts, per_token_parts = [], []
+    device = next(model.parameters()).device
+    queries = {n: q.to(device) for n, q in preconditioned_queries.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+            for batch in tqdm(batches, desc="scores", disable=not args.progress, leave=False):
+                batch = to_device(batch, model)
+                capture.clear()
+                loss = task.training_loss(model, batch)
+                check_finite(loss, "training loss")
+                grads = capture.output_gradients(loss)
+                layer_scores, token_scores = [], 0.0
+                for layer in layers:
+                    q = queries[layer.name]  # (Q, d_out, d_in)
+                    a = capture.activations[layer.name]
+                    a = a * token_weights(task, batch, a)
+                    g = grads[layer.name].to(q.dtype)
+                    a = a.to(q.dtype)
+                    layer_scores.append(torch.einsum("qoi,boi->qb", q, per_sequence_gradients(a, g)))
+                    if args.per_token:
+                        # sum_o g_{t,o} (q a_t)_o without forming per-token gradients: (Q, B, T)
+                        token_scores = token_scores + torch.einsum("bto,qbto->qbt", g, torch.einsum("qoi,bti->qbto", q, a))
+                stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
+                check_finite(stacked, "influence scores")
+                per_layer_parts.append(stacked.cpu())
+                if args.per_token:
+                    per_token_parts.append(token_scores.cpu())
+    finally:
+        model.train(was_training)
+    if not per_layer_parts:
+        raise ValueError("the training data is empty: no batches to score")
+    per_layer = torch.cat(per_layer_parts, dim=1)
+    per_token = None
+    if args.per_token:
+        width = max(t.shape[-1] for t in per_token_parts)
+        per_token = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_token_parts], dim=1)
+    return InfluenceScores(query_names, names, per_layer.sum(dim=-1), per_layer, per_token)
+

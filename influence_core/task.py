@@ -1,0 +1,152 @@
+"""The task: what the engine needs to know of a model's semantics, and nothing more.
+
+A task turns a batch into logits at the predicted positions and the labels there. From that one method the
+engine derives every loss it needs:
+
+- training loss of a sequence z:      L(z) = sum_t CE(logits_t, label_t)            (summed, not averaged)
+- query loss (measurement):           -f = -log p(completion | prompt) = sum over completion tokens of CE
+- pseudo loss for the true Fisher:    sum_t CE(logits_t, y_t) with y_t ~ softmax(logits_t) (sampled labels)
+
+Labels equal to IGNORE_INDEX (-100) do not count (padding, and the prompt of a query).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+Batch = Mapping[str, Any]
+
+
+class Task:
+    """Base class: subclass and implement `forward`. Override the losses only for a different measurement."""
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits (B, T, C), labels (B, T) with IGNORE_INDEX where nothing is predicted)."""
+        raise NotImplementedError
+
+    def token_mask(self, batch: Batch) -> torch.Tensor | None:
+        """(B, T_in) bool, True at real input tokens (padding excluded); None if every position is real."""
+        return None
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits, labels = self.forward(model, batch)
+        return summed_cross_entropy(logits, labels)
+
+    def query_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """-f summed over the batch; by default the same cross-entropy, with the prompt labels ignored."""
+        logits, labels = self.forward(model, batch)
+        return summed_cross_entropy(logits, labels)
+
+    def pseudo_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Loss on labels sampled from the model's own predictive distribution (true Fisher, paper Sec 2.2)."""
+        logits, labels = self.forward(model, batch)
+        valid = labels != IGNORE_INDEX
+        sampled = sample_labels(logits.detach(), generator)
+        return summed_cross_entropy(logits, torch.where(valid, sampled, IGNORE_INDEX))
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum over positions with label != IGNORE_INDEX of -log softmax(logits)[label]; logits (B,T,C)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # half-precision log-softmax loses the small differences influence is made of
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """y ~ Categorical(softmax(logits)) at every position, by the Gumbel-max trick; logits (..., C) -> (...)."""
+    uniform = torch.rand(logits.shape, generator=generator, device="cpu", dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300))).to(logits.device)
+    return (logits.double() + gumbel).argmax(dim=-1)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config (GPT-NeoX, LLaMA: max_position_embeddings; GPT-2: n_positions)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class CausalLMTask(Task):
+    """Next-token prediction for a Hugging Face causal LM.
+
+    Batches are dicts with `input_ids` (B, T), `attention_mask` (B, T) and `labels` (B, T), the labels
+    aligned with input_ids as in transformers (shifted inside: the logits at t predict the label at t + 1).
+    """
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch["input_ids"]
+        limit = context_length(model)
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(
+                f"sequences of {input_ids.shape[1]} tokens exceed the model's context of {limit}; "
+                "truncate or split them before scoring"
+            )
+        out = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    def token_mask(self, batch: Batch) -> torch.Tensor | None:
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask.bool()
+
+
+@dataclass(frozen=True)
+class Query:
+    """A measurement f = log p(completion | prompt), e.g. Query("water", "Water is composed of", " hydrogen and oxygen.")."""
+
+    name: str
+    prompt: str
+    completion: str
+
+
+def encode_queries(tokenizer, queries: Sequence[Query], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenize prompt and completion separately and concatenate, so the boundary is exact.
+
+    Returns input_ids, attention_mask, labels (B, T), right-padded; labels are IGNORE_INDEX on the prompt and
+    padding, so only completion tokens count in f. Raises ValueError for an empty completion or an
+    over-long query.
+    """
+    rows = []
+    for q in queries:
+        prompt_ids = tokenizer(q.prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(q.completion, add_special_tokens=False)["input_ids"]
+        if len(completion_ids) == 0:
+            raise ValueError(f"query '{q.name}' has an empty completion; give at least one token")
+        if len(prompt_ids) == 0:
+            raise ValueError(f"query '{q.name}' has an empty prompt; give at least one token")
+        ids = prompt_ids + completion_ids
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"query '{q.name}' has {len(ids)} tokens, over the limit of {max_length}")
+        rows.append((ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids))
+    return pad_sequences(rows, pad_id=tokenizer.pad_token_id or 0)
+
+
+def pad_sequences(rows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) pairs -> right-padded tensors input_ids, attention_mask, labels (B, T_max)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(labs)] = torch.tensor(labs)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def iterate_batches(encoded: Mapping[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split a dict of (N, ...) tensors into a list of batches of at most batch_size rows."""
+    n = len(next(iter(encoded.values())))
+    if n == 0:
+        raise ValueError("no sequences to batch: the data set is empty")
+    return [{k: v[i : i + batch_size] for k, v in encoded.items()} for i in range(0, n, batch_size)]
