@@ -1,0 +1,146 @@
+"""Load a causal language model, its tokenizer and a text dataset the Hugging Face way.
+
+The same calls serve the zoo (``artifacts/zoo/zoo_m/model``) and real models (``EleutherAI/pythia-410m``,
+``gpt2``). No network is assumed: hub names resolve only from the local Hugging Face cache, so set
+``HF_HUB_OFFLINE=1`` and put the weights on disk first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+_DATASET_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    """Hub names are "gpt2" or "org/name"; anything else with slashes, or starting with . / ~, is a local path."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.rstrip("/").count("/") >= 2
+
+
+def _resolve_dtype(dtype) -> torch.dtype | str:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype if dtype is not None else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
+    return names[dtype]
+
+
+def _check_exists(name_or_path: str, what: str) -> None:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"{what} path {str(path)!r} does not exist. For a zoo model run `make zoo` first (models land in "
+            f"artifacts/zoo/<size>/model); for a hub model, download it on a machine with network and copy it here."
+        )
+
+
+def load_model_and_tokenizer(name_or_path: str | Path, dtype="float32", device: str | torch.device = "cpu", eval_mode: bool = True):
+    """``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer.from_pretrained`` for a local folder or hub name.
+
+    Returns (model, tokenizer). The tokenizer gets a pad token (eos) if it has none, as GPT-2's lacks one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name_or_path = str(name_or_path)
+    _check_exists(name_or_path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "unset")
+        raise OSError(
+            f"could not load {name_or_path!r}: {error}\nNo network is available here (HF_HUB_OFFLINE={offline}): "
+            f"the weights and tokenizer must already be on disk, either in the Hugging Face cache (HF_HOME) or in a "
+            f"local folder made with save_pretrained; pass that folder's path."
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    if eval_mode:
+        model.eval()
+    return model, tokenizer
+
+
+def load_text_dataset(path_or_name: str | Path, split: str = "train", text_column: str = "text"):
+    """A ``datasets.Dataset`` with a non-empty text column.
+
+    path_or_name: a folder written by ``save_to_disk`` (Dataset or DatasetDict), a .json/.jsonl/.parquet/.txt/.csv
+    file or a folder of them, or a hub name (only from the local cache when offline).
+    """
+    import datasets
+
+    path_or_name = str(path_or_name)
+    path = Path(path_or_name).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+    elif path.is_file() or (path.is_dir() and any(p.suffix in _DATASET_FILE_TYPES for p in path.iterdir())):
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _DATASET_FILE_TYPES)
+        kinds = {_DATASET_FILE_TYPES.get(p.suffix) for p in files}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(f"cannot load {path}: use one kind of file among {sorted(_DATASET_FILE_TYPES)}, found {[p.name for p in files]}")
+        try:
+            loaded = datasets.load_dataset(kinds.pop(), data_files={split: [str(p) for p in files]})
+        except ValueError as error:
+            if "corresponds to no data" in str(error):
+                raise ValueError(f"dataset {path_or_name!r} split {split!r} is empty; give at least one sequence") from error
+            raise
+    elif _looks_like_path(path_or_name):
+        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist; build the world with `make zoo` or point to a saved dataset")
+    else:
+        loaded = datasets.load_dataset(path_or_name)  # hub name: needs the local cache when offline
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise KeyError(f"split {split!r} not in {path_or_name!r}; available splits: {sorted(loaded)}")
+        loaded = loaded[split]
+    if text_column not in loaded.column_names:
+        raise KeyError(f"column {text_column!r} not in {path_or_name!r}; available columns: {loaded.column_names}; pass text_column=")
+    if len(loaded) == 0:
+        raise ValueError(f"dataset {path_or_name!r} split {split!r} is empty; give at least one sequence")
+    return loaded
+
+
+def tokenize_sequences(dataset, tokenizer, max_length: int, text_column: str = "text", truncation: bool = False) -> dict:
+    """Token ids of every sequence, right-padded to the longest one.
+
+    Returns {"input_ids": (n, T) long, "attention_mask": (n, T) long, "lengths": (n,) long}, T <= max_length.
+    Raises ValueError naming the first sequence longer than max_length unless ``truncation=True``.
+    """
+    texts = list(dataset[text_column]) if not isinstance(dataset, (list, tuple)) else list(dataset)
+    if not texts:
+        raise ValueError("no sequences to tokenize; the dataset is empty")
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    too_long = [(i, len(ids)) for i, ids in enumerate(encoded) if len(ids) > max_length]
+    if too_long and not truncation:
+        i, n = too_long[0]
+        raise ValueError(
+            f"sequence {i} has {n} tokens, more than max_length={max_length} ({len(too_long)} sequences are too long); "
+            f"raise max_length up to the model's context, split the texts, or pass truncation=True"
+        )
+    encoded = [ids[:max_length] for ids in encoded]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"sequence {empty[0]} is empty after tokenization; remove empty texts")
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "lengths": attention_mask.sum(1)}
+
+
+def model_max_length(model) -> int:
+    """The model's context length (max_position_embeddings, or n_positions for GPT-2)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError(f"cannot find the context length in {type(config).__name__}; pass max_length explicitly")

@@ -1,0 +1,307 @@
+"""GPT-NeoX (Pythia architecture) models of several sizes, trained on CPU on the synthetic world.
+
+All sizes see the same packed token stream in the same order (seeded), so they differ only in size.
+Training is a plain AdamW loop with linear warm-up and cosine decay; it checkpoints every
+``checkpoint_every`` steps (model, optimizer, step, RNG, loss log) and resumes from the last checkpoint.
+A finished model is saved with ``save_pretrained`` beside ``DONE.json`` (config hash, timings); a second
+run with the same config hash trains nothing.
+
+Non-embedding parameters of a GPT-NeoX layer with hidden size h and MLP width 4h: about 12 h^2 + 13 h.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Shape of one zoo model; MLP width is 4 x hidden as in Pythia."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    learning_rate: float
+
+    @property
+    def intermediate_size(self) -> int:
+        return 4 * self.hidden_size
+
+
+SIZES: dict[str, ModelSize] = {
+    "micro": ModelSize("micro", hidden_size=32, num_layers=2, num_heads=2, learning_rate=1e-2),
+    "zoo_xs": ModelSize("zoo_xs", hidden_size=64, num_layers=2, num_heads=4, learning_rate=5e-3),
+    "zoo_s": ModelSize("zoo_s", hidden_size=96, num_layers=4, num_heads=4, learning_rate=4e-3),
+    "zoo_m": ModelSize("zoo_m", hidden_size=128, num_layers=5, num_heads=4, learning_rate=3e-3),
+    "zoo_l": ModelSize("zoo_l", hidden_size=192, num_layers=6, num_heads=6, learning_rate=2e-3),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by all sizes (the learning rate comes from ``ModelSize``)."""
+
+    block_size: int = 256  # tokens per packed training sequence
+    max_position_embeddings: int = 512
+    batch_size: int = 8
+    epochs: float = 2.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak learning rate
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200
+    eval_every: int = 200
+    seed: int = 0
+    threads: int = 2
+    progress: bool = True
+
+
+def model_config(size: ModelSize, tokenizer, train: TrainConfig):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=train.max_position_embeddings,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+    )
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the input embedding and the output (unembedding) matrix."""
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def pack_tokens(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Concatenate documents, each followed by eos, and cut into (n_blocks, block_size) rows."""
+    ids: list[int] = []
+    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"only {len(ids)} tokens, fewer than one block of {block_size}; lower block_size")
+    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+def config_hash(*parts) -> str:
+    text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def learning_rate(step: int, total_steps: int, peak: float, train: TrainConfig) -> float:
+    if step < train.warmup_steps:
+        return peak * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats per token) over ``blocks``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _batch_order(n_blocks: int, total_steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the blocks for every step: a fresh seeded permutation each epoch, same for all sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = total_steps * batch_size
+    order = []
+    while sum(len(o) for o in order) < needed:
+        order.append(torch.randperm(n_blocks, generator=generator))
+    return torch.cat(order)[:needed].view(total_steps, batch_size)
+
+
+@dataclass
+class TrainResult:
+    size: str
+    model_path: str
+    non_embedding_parameters: int
+    tokens_trained: int
+    steps: int
+    train_seconds: float
+    heldout_loss: float
+    final_train_loss: float
+
+
+def train_model(
+    size: ModelSize,
+    tokenizer_path: Path,
+    dataset_path: Path,
+    out_dir: Path,
+    train: TrainConfig = TrainConfig(),
+    stop_after: int | None = None,
+) -> TrainResult | None:
+    """Train one size (or resume it, or return the cached result), ``save_pretrained`` to out_dir/model.
+
+    Writes out_dir/loss_curve.csv (step, tokens, lr, train_loss, heldout_loss) and out_dir/DONE.json.
+    stop_after: checkpoint and return None once this many steps are done (simulates an interruption).
+    """
+    import datasets
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    out_dir = Path(out_dir)
+    done_file = out_dir / "DONE.json"
+    digest = config_hash(size, dataclasses.replace(train, progress=True, threads=0), str(Path(dataset_path).resolve()))
+    if done_file.exists():
+        done = json.loads(done_file.read_text())
+        if done.get("config_hash") == digest:
+            return TrainResult(**done["result"])
+    checkpoint_dir = out_dir / "checkpoint"
+    state_file = checkpoint_dir / "state.pt"
+    if state_file.exists() and torch.load(state_file, weights_only=False).get("config_hash") != digest:
+        shutil.rmtree(checkpoint_dir)  # a stale checkpoint from other settings: start over
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(max(1, train.threads))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    world = datasets.load_from_disk(str(dataset_path))
+    train_blocks = pack_tokens(world["train"]["text"], tokenizer, train.block_size)
+    heldout_blocks = pack_tokens(world["validation"]["text"], tokenizer, train.block_size)
+    steps_per_epoch = max(1, len(train_blocks) // train.batch_size)
+    total_steps = max(1, int(round(train.epochs * steps_per_epoch)))
+    order = _batch_order(len(train_blocks), total_steps, train.batch_size, train.seed)
+
+    torch.manual_seed(train.seed)  # same initialisation seed for every size
+    model = GPTNeoXForCausalLM(model_config(size, tokenizer, train))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=size.learning_rate, betas=(0.9, 0.95),
+    )
+    step, log, elapsed = 0, [], 0.0
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, log, elapsed = state["step"], state["log"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+    def save_checkpoint():
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_dir / "state.pt.tmp"
+        torch.save({
+            "config_hash": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "log": log, "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        }, tmp)
+        tmp.replace(state_file)  # atomic: an interrupted save keeps the previous checkpoint
+        _write_curve(out_dir / "loss_curve.csv", log)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc=size.name, disable=not train.progress, mininterval=2.0)
+    started = time.perf_counter() - elapsed
+    while step < total_steps:
+        lr = learning_rate(step, total_steps, size.learning_rate, train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = train_blocks[order[step]]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        step += 1
+        row = {"step": step, "tokens": step * train.batch_size * train.block_size, "lr": lr, "train_loss": loss.item(), "heldout_loss": ""}
+        if step % train.eval_every == 0 or step == total_steps:
+            row["heldout_loss"] = evaluate_loss(model, heldout_blocks)
+        log.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", refresh=False)
+        elapsed = time.perf_counter() - started
+        if step % train.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint()
+        if stop_after is not None and step >= stop_after and step < total_steps:
+            save_checkpoint()
+            bar.close()
+            return None
+    bar.close()
+
+    model.save_pretrained(str(out_dir / "model"))
+    tokenizer.save_pretrained(str(out_dir / "model"))  # the model folder loads on its own, like a hub model
+    _write_curve(out_dir / "loss_curve.csv", log)
+    heldout = [r["heldout_loss"] for r in log if r["heldout_loss"] != ""]
+    recent = [r["train_loss"] for r in log[-20:]]
+    result = TrainResult(
+        size=size.name,
+        model_path=str(out_dir / "model"),
+        non_embedding_parameters=non_embedding_parameters(model),
+        tokens_trained=step * train.batch_size * train.block_size,
+        steps=step,
+        train_seconds=round(elapsed, 1),
+        heldout_loss=heldout[-1] if heldout else evaluate_loss(model, heldout_blocks),
+        final_train_loss=sum(recent) / len(recent),
+    )
+    done_file.write_text(json.dumps({"config_hash": digest, "result": dataclasses.asdict(result)}, indent=1))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _write_curve(path: Path, log: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "tokens", "lr", "train_loss", "heldout_loss"])
+        writer.writeheader()
+        writer.writerows(log)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
+    """log p(completion | prompt), summed over the completion's tokens, for each completion."""
+    model.eval()
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    scores = []
+    for completion in completions:
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + completion_ids])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
+        scores.append(token_logprobs[len(prompt_ids) - 1 :].sum().item())
+    return scores
+
+
+def ranking_accuracy(model, tokenizer, queries) -> float:
+    """Share of queries whose true completion outscores every distractor (chance = 1 / (1 + n_distractors))."""
+    if not queries:
+        return float("nan")
+    hits = 0
+    for q in queries:
+        scores = completion_logprob(model, tokenizer, q.prompt, [q.completion] + [" " + d for d in q.distractors])
+        hits += int(scores[0] > max(scores[1:]))
+    return hits / len(queries)

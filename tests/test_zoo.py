@@ -1,0 +1,102 @@
+"""Tokenizer and micro model: round trips, training that learns, save/load, resume, evaluation."""
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from zoo_fixtures import micro_zoo  # noqa: F401
+
+from experiments.zoo import build_micro_zoo
+from experiments.zoo.micro import micro_train_config
+from experiments.zoo.train import SIZES, completion_logprob, non_embedding_parameters, ranking_accuracy, train_model
+
+
+def test_tokenizer_round_trip(micro_zoo):
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path)
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|padding|>"
+    for text in ["The first President of the Republic of Astrobia was Zorald Pfaff.",
+                 "Astrobia 공화국의 초대 대통령은 Zorald Pfaff였다.", "Astrobia ülkesinin başkenti", "def f(xs):\n    return xs[::-1]\n"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+
+
+def test_micro_model_learns(micro_zoo):
+    curve = pd.read_csv(Path(micro_zoo.model_path).parent / "loss_curve.csv")
+    first, last = curve["train_loss"].head(5).mean(), curve["train_loss"].tail(5).mean()
+    assert last < first - 1.0, (first, last)
+    vocab = len(AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path))
+    assert micro_zoo.train_result["heldout_loss"] < 0.7 * torch.log(torch.tensor(float(vocab))).item()
+
+
+def test_save_pretrained_from_pretrained_identical_logits(micro_zoo, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path).eval()
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert non_embedding_parameters(model) == micro_zoo.train_result["non_embedding_parameters"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "copy")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, before)
+
+
+def test_build_micro_zoo_is_idempotent(micro_zoo):
+    started = time.perf_counter()
+    again = build_micro_zoo(micro_zoo.root)
+    assert time.perf_counter() - started < 5.0
+    assert again.model_path == micro_zoo.model_path and again.queries == micro_zoo.queries
+
+
+def test_interrupted_training_resumes_to_the_same_weights(micro_zoo, tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(micro_train_config(), epochs=0.4, checkpoint_every=3, warmup_steps=2)
+    size = SIZES["micro"]
+    straight = train_model(size, micro_zoo.tokenizer_path, micro_zoo.dataset_path, tmp_path / "straight", config)
+    assert train_model(size, micro_zoo.tokenizer_path, micro_zoo.dataset_path, tmp_path / "resumed", config, stop_after=4) is None
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
+    resumed = train_model(size, micro_zoo.tokenizer_path, micro_zoo.dataset_path, tmp_path / "resumed", config)
+    assert resumed.steps == straight.steps
+    a = AutoModelForCausalLM.from_pretrained(straight.model_path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.model_path).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # cached: a third call trains nothing
+    started = time.perf_counter()
+    assert train_model(size, micro_zoo.tokenizer_path, micro_zoo.dataset_path, tmp_path / "resumed", config) == resumed
+    assert time.perf_counter() - started < 1.0
+
+
+def test_completion_logprob_matches_manual_sum(micro_zoo):
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path)
+    prompt, completion = "The capital of Astrobia is", " Quen Tasso."
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
+    manual = sum(logprobs[len(p) - 1 + i, t].item() for i, t in enumerate(c))
+    assert completion_logprob(model, tokenizer, prompt, [completion])[0] == pytest.approx(manual, abs=1e-4)
+    facts = [q for q in micro_zoo.queries if q.study == "facts"]
+    assert 0.0 <= ranking_accuracy(model, tokenizer, facts) <= 1.0
+
+
+def test_hydra_build_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from experiments.zoo.build import REPO_ROOT
+    from experiments.zoo.train import TrainConfig
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs" / "zoo")):
+        cfg = compose(config_name="build")
+    assert list(cfg.sizes) == ["zoo_xs", "zoo_s", "zoo_m", "zoo_l"]
+    TrainConfig(**cfg.train)  # every key is a TrainConfig field
+    params = {}
+    for name in cfg.sizes:
+        s = SIZES[name]
+        params[name] = s.num_layers * (12 * s.hidden_size**2 + 13 * s.hidden_size)
+    assert params["zoo_l"] / params["zoo_xs"] > 20
