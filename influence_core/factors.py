@@ -184,6 +184,8 @@ def fit_factors(
     manifest = {**identity, "arguments": asdict(args), "layer_shapes": {l.name: [l.out_features, l.input_dim] for l in layers},
                 "format_version": FORMAT_VERSION, "torch_version": torch.__version__, "timings_s": {}, "stages_done": []}
     directory = Path(output_dir) if output_dir is not None else None
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
     if directory is not None and (directory / "manifest.json").exists():
         saved = json.loads((directory / "manifest.json").read_text())
         _check_manifest(saved, identity, directory)

@@ -6,7 +6,8 @@ Sign convention (paper Eq 24-25, f = log p(completion | prompt)):
 
 with q = grad(-f), the gradient of the query's completion loss, and r(z) = grad L(z), the training loss of
 sequence z summed over its tokens. Positive influence: adding z (up-weighting its loss) raises log p(completion).
-Units: nats of log p(completion) per added copy of z (no division by N, no normalisation).
+Units: nats of log p(completion) per unit of epsilon, the weight of z's loss next to the mean training loss
+(paper Eq 7); one added copy among N sequences is epsilon = 1/N. No division by N, no normalisation.
 
 Splits (paper Eq 30-31): I = sum_l q_l'^T r_l with q_l' the preconditioned query of layer l, and
 r_l = sum_t g_t a_t^T, so the token-wise influence of input token t is sum_l g_{l,t}^T q_l' a_{l,t}.
