@@ -48,8 +48,10 @@ def factor_arguments(cfg: DictConfig) -> FactorArguments:
 
 
 def run_influence(model, tokenizer, train_encoded: dict[str, torch.Tensor], queries: Sequence[Query],
-                  cfg: DictConfig, factors_dir: str | Path | None, data_fingerprint: str | None = None) -> InfluenceRun:
-    """Fit (or reuse) factors on the first `cfg.num_fit_sequences` training sequences, then score every query."""
+                  cfg: DictConfig, factors_dir: str | Path | None, data_fingerprint: str | None = None,
+                  score_indices: Sequence[int] | None = None) -> InfluenceRun:
+    """Fit (or reuse) factors on the first `cfg.num_fit_sequences` training sequences, then score every query
+    against every training sequence, or only those at `score_indices`."""
     task = CausalLMTask()
     layers = track_layers(model, list(cfg.module_patterns))
     timings = {}
@@ -68,10 +70,11 @@ def run_influence(model, tokenizer, train_encoded: dict[str, torch.Tensor], quer
     timings["queries"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores = compute_scores(model, layers, task, training_batches(train_encoded, cfg.score_batch_size), preconditioned,
+    scored = train_encoded if score_indices is None else {k: v[list(score_indices)] for k, v in train_encoded.items()}
+    scores = compute_scores(model, layers, task, training_batches(scored, cfg.score_batch_size), preconditioned,
                             [q.name for q in queries], ScoreArguments(per_token=cfg.per_token, progress=cfg.progress))
     timings["scores"] = time.perf_counter() - start
-    return InfluenceRun(scores, train_encoded["input_ids"], train_encoded["attention_mask"], timings)
+    return InfluenceRun(scores, scored["input_ids"], scored["attention_mask"], timings)
 
 
 def single_token_dominance(token_scores: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""Micro versions of the studies: each runs end to end on the micro zoo and writes its tables and verdicts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from zoo_fixtures import micro_zoo  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study_artifacts(tmp_path_factory) -> Path:
+    """Shared by the studies of this module, so the micro model is scored once and the cache is exercised."""
+    return tmp_path_factory.mktemp("study_artifacts")
+
+
+def run_study(study: str, zoo, artifacts: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", f"experiments.{study}", "models=[micro]", f"+model_paths.micro={zoo.model_path}",
+               "data=world_micro", f"data.path={zoo.dataset_path}", f"data.queries={zoo.queries_path}",
+               "data.max_length=256", "data.truncation=true", f"artifacts={artifacts}", "figures_dir=null",
+               "influence.progress=false", f"hydra.run.dir={run_dir}", *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    run_study("sparsity", micro_zoo, study_artifacts, tmp_path, "bootstrap_samples=50")
+    fits = pd.read_csv(tmp_path / "power_law_fits.csv")
+    assert len(fits) >= 25 and fits["alpha"].between(1, 10).all()
+    assert set(pd.read_csv(tmp_path / "top_shares.csv")["top_fraction"]) == {0.001, 0.01, 0.1}
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    assert verdicts["holds at our scale"].isin(["yes", "no", "inconclusive"]).all()
+    assert (tmp_path / "influence_tails.png").exists() and (tmp_path / "README.md").exists()
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    layer_columns = [c for c in scores.columns if c.startswith("layer:")]
+    assert len(layer_columns) == 4  # two MLP matrices in each of two layers
+    assert (scores[layer_columns].sum(axis=1) - scores["influence"]).abs().max() < 1e-3 * scores["influence"].abs().max()
