@@ -16,6 +16,11 @@ with lambda = damping_factor x mean(Lambda) per layer (0.1 by default) unless an
 
 Strategies: "ekfac" (above), "kfac" (Lambda = l_S l_A^T), "diagonal" (Lambda = (1/N) sum_n D_n^2 in the
 parameter basis), "identity" (no preconditioning: the plain gradient dot product baseline).
+
+Sampled labels of fitting batch i come from a generator seeded by (seed, pass, i), so the numbers do not depend
+on how batches are split over processes. Under torch.distributed (`distributed.py`) batch i is processed by rank
+i mod N and the sums and counts are all-reduced. With `checkpoint_every`, a pass saves its running sums every
+K batches and a rerun continues from there.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .task import IGNORE_INDEX, Batch, Task
 from .tracking import LayerCapture, TrackedLayer, model_fingerprint, tracked_parameters_require_grad
 
@@ -55,6 +61,7 @@ class FactorArguments:
     seed: int = 0  # for the sampled labels
     dtype: str = "float32"  # accumulation dtype of the covariances and the correction
     progress: bool = True
+    checkpoint_every: int = 0  # with an output_dir, save a pass's running sums every K batches (0: only per stage)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -63,6 +70,8 @@ class FactorArguments:
             raise ValueError(f"unknown fisher '{self.fisher}'; choose 'sampled' or 'expected'")
         if self.damping is not None and self.damping < 0 or self.damping_factor < 0:
             raise ValueError("damping must be non-negative")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 batches (0: off), got {self.checkpoint_every}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -184,6 +193,7 @@ def fit_factors(
     manifest = {**identity, "arguments": asdict(args), "layer_shapes": {l.name: [l.out_features, l.input_dim] for l in layers},
                 "format_version": FORMAT_VERSION, "torch_version": torch.__version__, "timings_s": {}, "stages_done": []}
     directory = Path(output_dir) if output_dir is not None else None
+    main = distributed.is_main()  # under torch.distributed only rank 0 writes; every rank computes the same factors
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     if directory is not None and (directory / "manifest.json").exists():
@@ -192,6 +202,11 @@ def fit_factors(
         manifest.update(timings_s=saved.get("timings_s", {}), stages_done=saved.get("stages_done", []))
         if "factors" in manifest["stages_done"]:
             return Factors.load(directory, layers, args)
+    if directory is not None:
+        distributed.barrier()  # every rank has read the old manifest before rank 0 rewrites it
+        if main:  # written now, so a pass checkpoint in this folder is never resumed under another identity
+            _write_json(manifest, directory / "manifest.json")
+        distributed.barrier()
 
     def stage(name: str, compute) -> dict[str, torch.Tensor]:
         path = directory / f"{name}.safetensors" if directory is not None else None
@@ -201,10 +216,20 @@ def fit_factors(
         tensors = compute()
         manifest["timings_s"][name] = round(time.perf_counter() - start, 3)
         if path is not None:
-            _atomic_save(tensors, path)
-            manifest["stages_done"] = sorted(set(manifest["stages_done"]) | {name})
-            _write_json(manifest, directory / "manifest.json")
+            if main:
+                _atomic_save(tensors, path)
+                manifest["stages_done"] = sorted(set(manifest["stages_done"]) | {name})
+                _write_json(manifest, directory / "manifest.json")
+            for partial in directory.glob(f"{name}.partial.rank*.safetensors"):
+                if partial.name == _checkpoint_path(directory, name).name:
+                    partial.unlink(missing_ok=True)  # the finished stage supersedes this rank's pass checkpoint
+            distributed.barrier()
         return tensors
+
+    def checkpoint(name: str) -> "PassCheckpoint | None":
+        if directory is None or args.checkpoint_every <= 0:
+            return None
+        return PassCheckpoint(_checkpoint_path(directory, name), args.checkpoint_every)
 
     model_was_training = model.training
     model.eval()
@@ -213,10 +238,11 @@ def fit_factors(
         if args.strategy == "identity":
             factors = {n: LayerFactors(n, None, None, None) for n in names}
         elif args.strategy == "diagonal":
-            diag = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, None))
+            diag = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, None,
+                                                                           checkpoint("eigenvalue_correction")))
             factors = {n: LayerFactors(n, None, None, diag[f"{n}.eigenvalues"]) for n in names}
         else:
-            cov = stage("covariance", lambda: _covariance_pass(model, layers, task, batches, args))
+            cov = stage("covariance", lambda: _covariance_pass(model, layers, task, batches, args, checkpoint("covariance")))
             eig = stage("eigendecomposition", lambda: _eigendecomposition(cov, names, args))
             if args.strategy == "kfac":
                 factors = {
@@ -225,7 +251,8 @@ def fit_factors(
                     for n in names
                 }
             else:
-                corr = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, eig))
+                corr = stage("eigenvalue_correction", lambda: _correction_pass(model, layers, task, batches, args, eig,
+                                                                               checkpoint("eigenvalue_correction")))
                 factors = {n: LayerFactors(n, eig[f"{n}.activation_eigenvectors"], eig[f"{n}.gradient_eigenvectors"],
                                            corr[f"{n}.eigenvalues"]) for n in names}
     finally:
@@ -236,7 +263,9 @@ def fit_factors(
         if lf.eigenvalues is not None:
             check_finite(lf.eigenvalues, f"eigenvalues of layer '{name}'")
     if directory is not None:
-        result.save(directory)
+        if main:
+            result.save(directory)
+        distributed.barrier()
     return result
 
 
@@ -275,36 +304,42 @@ def token_weights(task: Task, batch: Batch, activation: torch.Tensor) -> torch.T
     return mask.to(activation.device, activation.dtype).reshape(*activation.shape[:2], 1)
 
 
-def _covariance_pass(model, layers, task, batches, args: FactorArguments) -> dict[str, torch.Tensor]:
+def _covariance_pass(model, layers, task, batches, args: FactorArguments,
+                     checkpoint: "PassCheckpoint | None" = None) -> dict[str, torch.Tensor]:
     dtype = args.torch_dtype
-    generator = torch.Generator().manual_seed(args.seed)
-    a_sum = {l.name: torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
-    s_sum = {l.name: torch.zeros(l.out_features, l.out_features, dtype=dtype) for l in layers}
-    num_tokens, num_sequences = 0.0, 0
+    sums = {f"{l.name}.activation": torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
+    sums.update({f"{l.name}.gradient": torch.zeros(l.out_features, l.out_features, dtype=dtype) for l in layers})
+    sums["num_tokens"] = torch.zeros((), dtype=torch.float64)
+    sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for batch in tqdm(batches, desc="factors: covariance", disable=not args.progress, leave=False):
+        for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
             batch = to_device(batch, model)
-            draws = _pseudo_gradients(model, task, capture, batch, args, generator)
+            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index))
             for layer in layers:
                 a = capture.activations[layer.name].to(dtype)
                 mask = token_weights(task, batch, a)
-                a = a * mask
-                a_sum[layer.name] += (a.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1])).cpu()
+                a = (a * mask).reshape(-1, a.shape[-1])
+                _add_gram(sums[f"{layer.name}.activation"], a)
                 for grads in draws:
                     g = grads[layer.name].to(dtype).reshape(-1, layer.out_features)
                     check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
-                    s_sum[layer.name] += (g.T @ g).cpu()
-            num_tokens += float(mask.sum())
-            num_sequences += a.shape[0]
+                    _add_gram(sums[f"{layer.name}.gradient"], g)
+            sums["num_tokens"] += float(mask.sum())
+            sums["num_sequences"] += capture.activations[layers[-1].name].shape[0]
+            if checkpoint is not None:
+                checkpoint.step(index, sums)
+    distributed.all_reduce_sum(sums)
+    num_tokens, num_sequences = float(sums["num_tokens"]), float(sums["num_sequences"])
     if num_sequences == 0:
         raise ValueError("the fitting data is empty: no batches to fit factors on")
     out = {}
-    for name in a_sum:
-        out[f"{name}.activation_covariance"] = a_sum[name] / num_tokens
-        out[f"{name}.gradient_covariance"] = s_sum[name] / num_sequences
+    for layer in layers:
+        name = layer.name
+        out[f"{name}.activation_covariance"] = sums[f"{name}.activation"] / num_tokens
+        out[f"{name}.gradient_covariance"] = sums[f"{name}.gradient"] / num_sequences
         check_finite(out[f"{name}.activation_covariance"], f"activation covariance of '{name}'")
     out["num_tokens"] = torch.tensor(num_tokens)
-    out["num_sequences"] = torch.tensor(float(num_sequences))
+    out["num_sequences"] = torch.tensor(num_sequences)
     return out
 
 
@@ -320,17 +355,16 @@ def _eigendecomposition(cov: dict[str, torch.Tensor], names: Sequence[str], args
     return out
 
 
-def _correction_pass(model, layers, task, batches, args: FactorArguments,
-                     eig: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: dict[str, torch.Tensor] | None,
+                     checkpoint: "PassCheckpoint | None" = None) -> dict[str, torch.Tensor]:
     """Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2 with D_n = sum_t g_t a_t^T; no rotation when eig is None."""
     dtype = args.torch_dtype
-    generator = torch.Generator().manual_seed(args.seed + 1)
     sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
-    num_sequences = 0
+    sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for batch in tqdm(batches, desc="factors: eigenvalue correction", disable=not args.progress, leave=False):
+        for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
             batch = to_device(batch, model)
-            draws = _pseudo_gradients(model, task, capture, batch, args, generator)
+            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index))
             for layer in layers:
                 a = capture.activations[layer.name].to(dtype)
                 a = a * token_weights(task, batch, a)
@@ -342,10 +376,94 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments,
                         g = g @ eig[f"{layer.name}.gradient_eigenvectors"].to(g.device)
                     per_sequence = torch.einsum("bto,bti->boi", g, a)  # rotated D_n, (B, d_out, d_in)
                     sums[layer.name] += per_sequence.square().sum(dim=0).cpu()
-            num_sequences += a.shape[0]
+            sums["num_sequences"] += a.shape[0]
+            if checkpoint is not None:
+                checkpoint.step(index, sums)
+    distributed.all_reduce_sum(sums)
+    num_sequences = float(sums.pop("num_sequences"))
     if num_sequences == 0:
         raise ValueError("the fitting data is empty: no batches to fit factors on")
     return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
+
+
+def _add_gram(target: torch.Tensor, x: torch.Tensor) -> None:
+    """target += x^T x for x (tokens, d); in place on the CPU (a fresh (d, d) temporary per batch is slow)."""
+    if x.device == target.device:
+        target.addmm_(x.T, x)
+    else:
+        target.add_((x.T @ x).cpu())
+
+
+def batch_generator(seed: int, pass_index: int, batch_index: int) -> torch.Generator:
+    """The generator of the sampled labels of one fitting batch: a function of (seed, pass, batch index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) * 4 + pass_index)
+
+
+class PassCheckpoint:
+    """Running sums of a fitting pass saved every K batches (atomically), and restored on a rerun.
+
+    One file per rank: `<stage>.partial.rank<r>.safetensors`, holding this rank's sums (before the all-reduce)
+    and, in its metadata, the index of the next batch and the world size it was made with.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.next_batch = 0
+        self._since_save = 0
+
+    def restore(self, sums: dict[str, torch.Tensor]) -> None:
+        """Load saved sums into `sums` in place and set `next_batch`; nothing to do without a file."""
+        if not self.path.exists():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+        if int(meta.get("world_size", -1)) != distributed.world_size():
+            raise FactorMismatchError(
+                f"pass checkpoint {self.path} was written by a run with world_size={meta.get('world_size')}, "
+                f"this run has {distributed.world_size()}; rerun with the same number of processes or delete it"
+            )
+        if set(saved) != set(sums) or any(saved[k].shape != sums[k].shape for k in sums):
+            raise FactorMismatchError(f"pass checkpoint {self.path} holds other tensors than this pass; delete it")
+        for key, value in saved.items():
+            sums[key].copy_(value)
+        self.next_batch = int(meta["next_batch"])
+
+    def step(self, index: int, sums: dict[str, torch.Tensor]) -> None:
+        """Called after batch `index` was added to the sums; saves every `every` batches of this rank."""
+        self._since_save += 1
+        if self._since_save >= self.every:
+            self.save(index + 1, sums)
+
+    def save(self, next_batch: int, sums: dict[str, torch.Tensor]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in sums.items()}, str(tmp),
+                  metadata={"next_batch": str(next_batch), "world_size": str(distributed.world_size()),
+                            "rank": str(distributed.rank())})
+        os.replace(tmp, self.path)
+        self._since_save = 0
+
+
+def _checkpoint_path(directory: Path, stage: str) -> Path:
+    return directory / f"{stage}.partial.rank{distributed.rank()}.safetensors"
+
+
+def _owned_batches(batches, checkpoint: PassCheckpoint | None, sums: dict[str, torch.Tensor], desc: str,
+                   progress: bool):
+    """(global index, batch) for this rank's batches (index mod world_size == rank), after a restored checkpoint."""
+    start = 0
+    if checkpoint is not None:
+        checkpoint.restore(sums)
+        start = checkpoint.next_batch
+    total = len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm(batches, desc=desc, total=total, disable=not progress or not distributed.is_main(), leave=False,
+               initial=0)
+    for index, batch in enumerate(bar):
+        if index < start or not distributed.owns(index):
+            continue
+        yield index, batch
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Units: nats of log p(completion) per unit of epsilon, the weight of z's loss nex
 
 Splits (paper Eq 30-31): I = sum_l q_l'^T r_l with q_l' the preconditioned query of layer l, and
 r_l = sum_t g_t a_t^T, so the token-wise influence of input token t is sum_l g_{l,t}^T q_l' a_{l,t}.
+
+Query batching (paper Sec 3.2, `lowrank.py`): with ScoreArguments(query_rank=r) each layer whose preconditioned
+query has rank above r is truncated by SVD and scored as sum_t (g_t^T U_s)(V^T a_t), which never forms the
+per-sequence gradient (B, d_out, d_in); layers already of rank <= r keep the exact dense contraction.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .factors import Factors, check_finite, to_device, token_weights
+from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
 from .task import Batch, Task
 from .tracking import LayerCapture, TrackedLayer, tracked_parameters_require_grad
 
@@ -31,6 +36,13 @@ from .tracking import LayerCapture, TrackedLayer, tracked_parameters_require_gra
 class ScoreArguments:
     per_token: bool = False  # also return token-wise influence (costs one more contraction per query)
     progress: bool = True
+    query_rank: int | None = None  # rank of each layer's preconditioned query (paper: 32); None: full rank
+    low_rank: bool | None = None  # None: low-rank path where query_rank truncates; True/False: force a path
+    low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
+
+    def __post_init__(self) -> None:
+        if self.query_rank is not None:
+            check_rank(self.query_rank)
 
 
 @dataclass
@@ -102,11 +114,18 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     names = [l.name for l in layers]
     if set(names) != set(preconditioned_queries):
         raise ValueError(f"query gradients cover layers {sorted(preconditioned_queries)}, scoring tracks {sorted(names)}")
-    num_queries = next(iter(preconditioned_queries.values())).shape[0]
+    first = next(iter(preconditioned_queries.values()))
+    num_queries = first.shape[0]
     query_names = list(query_names) if query_names is not None else [f"query_{i}" for i in range(num_queries)]
+    if len(query_names) != num_queries:
+        raise ValueError(f"{len(query_names)} query names for {num_queries} preconditioned queries")
     per_layer_parts, per_token_parts = [], []
     device = next(model.parameters()).device
+    if args.query_rank is not None or args.low_rank is not None:
+        preconditioned_queries = compress_queries(preconditioned_queries, args.query_rank, args.low_rank)
     queries = {n: q.to(device) for n, q in preconditioned_queries.items()}
+    # Low-rank layers: factors laid side by side once, in query chunks that bound the (tokens, Q r) temporaries.
+    factored = {n: _factor_chunks(q, args.low_rank_chunk) for n, q in queries.items() if isinstance(q, LowRankQuery)}
     was_training = model.training
     model.eval()
     try:
@@ -119,11 +138,17 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                 grads = capture.output_gradients(loss)
                 layer_scores, token_scores = [], 0.0
                 for layer in layers:
-                    q = queries[layer.name]  # (Q, d_out, d_in)
+                    q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
                     a = capture.activations[layer.name]
                     a = a * token_weights(task, batch, a)
                     g = grads[layer.name].to(q.dtype)
                     a = a.to(q.dtype)
+                    if isinstance(q, LowRankQuery):
+                        tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
+                        layer_scores.append(tokens.sum(dim=-1))
+                        if args.per_token:
+                            token_scores = token_scores + tokens
+                        continue
                     layer_scores.append(torch.einsum("qoi,boi->qb", q, per_sequence_gradients(a, g)))
                     if args.per_token:
                         # sum_o g_{t,o} (q a_t)_o without forming per-token gradients: (Q, B, T)
@@ -144,3 +169,19 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
         per_token = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_token_parts], dim=1)
     return InfluenceScores(query_names, names, per_layer.sum(dim=-1), per_layer, per_token)
 
+
+
+def _factor_chunks(query: LowRankQuery, budget: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Split the queries into chunks of at most budget / (r x 512 tokens) queries, each flattened for two matmuls."""
+    per_chunk = max(1, budget // (query.rank * 512))
+    chunks = []
+    for start in range(0, query.num_queries, per_chunk):
+        left, right = flatten_factors(query.select(slice(start, start + per_chunk)))
+        chunks.append((left, right, query.rank))
+    return chunks
+
+
+def _low_rank_tokens(a: torch.Tensor, g: torch.Tensor, chunks) -> torch.Tensor:
+    """Token-wise scores of every query chunk, concatenated: (Q, B, T)."""
+    parts = [low_rank_token_scores(a, g, left, right, rank) for left, right, rank in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -1,0 +1,69 @@
+"""Query batching: the factored low-rank contraction against the dense scores and the truncated SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_models import gpt_neox, query_batches, token_batches
+from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
+                            precondition_queries, query_gradients, track_layers)
+from influence_core.lowrank import LowRankQuery, compress_queries, compress_query, query_nbytes, uses_low_rank
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(8), FactorArguments(dtype="float64", progress=False))
+    q = precondition_queries(query_gradients(model, layers, task, query_batches(n=4), progress=False), factors)
+    return model, layers, task, q
+
+
+def scores(setup, **kwargs):
+    model, layers, task, q = setup
+    return compute_scores(model, layers, task, token_batches(9), q,
+                          args=ScoreArguments(per_token=True, progress=False, **kwargs))
+
+
+def test_full_rank_low_rank_path_equals_dense(setup):
+    dense, factored = scores(setup), scores(setup, low_rank=True)
+    torch.testing.assert_close(factored.total, dense.total)
+    torch.testing.assert_close(factored.per_layer, dense.per_layer)
+    torch.testing.assert_close(factored.per_token, dense.per_token)
+
+
+def test_truncated_scores_equal_dense_scores_of_the_truncated_queries(setup):
+    """Rank-2 factored contraction == dense contraction with the rank-2 reconstructed matrices (Eckart-Young)."""
+    model, layers, task, q = setup
+    truncated = {n: compress_query(v, 2).dense() for n, v in q.items()}
+    expected = compute_scores(model, layers, task, token_batches(9), truncated,
+                              args=ScoreArguments(per_token=True, progress=False))
+    got = scores(setup, query_rank=2, low_rank_chunk=64)  # tiny chunk: exercises the query chunking
+    torch.testing.assert_close(got.total, expected.total)
+    torch.testing.assert_close(got.per_token, expected.per_token)
+    # SVD truncation error = the discarded singular values
+    v = next(iter(q.values()))
+    s = torch.linalg.svdvals(v)
+    err = (compress_query(v, 2).dense() - v).flatten(1).norm(dim=1)
+    torch.testing.assert_close(err, s[:, 2:].norm(dim=1))
+
+
+def test_path_choice_and_memory(setup):
+    _, _, _, q = setup
+    shapes = {n: v.shape for n, v in q.items()}  # gpt_neox: (12, 9) and (8, 13)
+    assert not uses_low_rank((3, 12, 9), None) and not uses_low_rank((3, 12, 9), 9)
+    assert uses_low_rank((3, 12, 9), 8)
+    compressed = compress_queries(q, rank=8)
+    for n, v in compressed.items():
+        assert isinstance(v, LowRankQuery) == (8 < min(shapes[n][1:]))
+    low = compress_queries(q, rank=1, force=True)
+    assert query_nbytes(low) == sum(8 * (s[1] + s[2]) for s in shapes.values())
+    assert query_nbytes(q) == sum(8 * s[1] * s[2] for s in shapes.values())
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5])
+def test_bad_rank_is_refused(rank):
+    with pytest.raises(ValueError, match="query_rank must be a positive integer"):
+        ScoreArguments(query_rank=rank)
