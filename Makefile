@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -14,3 +14,14 @@ test:  ## the test suite (tiny models, a few minutes on 2 CPU cores)
 
 zoo:  ## world, tokenizer and four GPT-NeoX models, trained on CPU and cached under artifacts/
 	$(PYTHON) -m experiments.zoo.build
+
+sparsity:  ## study a: power-law tails and top shares of influence (needs `make zoo`)
+	$(PYTHON) -m experiments.sparsity
+
+layerwise:  ## study g: influence per layer and per model size (needs `make zoo`)
+	$(PYTHON) -m experiments.layerwise
+
+word_order:  ## study f: same-order vs flipped-order influence, plus the fine-tuning extension (needs `make zoo`)
+	$(PYTHON) -m experiments.word_order
+
+studies_i: sparsity layerwise word_order  ## the three studies of issue 6

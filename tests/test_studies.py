@@ -44,3 +44,25 @@ def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     layer_columns = [c for c in scores.columns if c.startswith("layer:")]
     assert len(layer_columns) == 4  # two MLP matrices in each of two layers
     assert (scores[layer_columns].sum(axis=1) - scores["influence"]).abs().max() < 1e-3 * scores["influence"].abs().max()
+
+
+def test_layerwise(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    run_study("layerwise", micro_zoo, study_artifacts, tmp_path)
+    shares = pd.read_csv(tmp_path / "layer_shares.csv")
+    per_query = shares.groupby("query")["share"].sum()
+    assert ((per_query - 1).abs() < 1e-4).all()  # shares of the top sequences' influence sum to one per query
+    assert set(shares["block"]) == {0, 1}
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    assert "needs at least 3 layers" in set(verdicts["statistic"])  # the micro model has two layers
+    assert (tmp_path / "layer_profile.png").exists()
+
+
+def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    run_study("word_order", micro_zoo, study_artifacts, tmp_path, "finetune.steps=10", "finetune.num_facts=3")
+    summary = pd.read_csv(tmp_path / "group_influence.csv")
+    assert set(summary["group"]) == {"same fact, same order", "same fact, flipped order",
+                                     "other facts, same templates", "unrelated filler"}
+    finetune = pd.read_csv(tmp_path / "finetune_extension.csv")
+    assert len(finetune) == 3 * 2 and set(finetune["order"]) == {"trained order", "flipped order"}
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    assert any("extension (not in the paper)" in claim for claim in verdicts["paper claim"])

@@ -1,0 +1,134 @@
+"""Study g: where in the network does influence sit? Layer-wise split of influence per model size.
+
+    python -m experiments.layerwise                  # make layerwise
+    python -m experiments.layerwise models=[zoo_m,zoo_l] top_k=100
+
+Paper (Sec 5.3.2, Figs 17-21): averaged over queries influence is spread roughly uniformly over layers;
+factual and memorised queries sit in upper layers, math/code/translation in the middle; ranking sequences by
+the influence of the lower / middle / upper third of the layers changes the top sequences, and the middle
+third gives the most abstract ones (measured here as lower token overlap with the query).
+"""
+
+from __future__ import annotations
+
+import hydra
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
+from experiments.study import CONFIG_DIR, StudyOutput, is_relevant, scored_models, token_overlap, verdict
+
+QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
+              "code": "math/code", "roleplay": "role-play"}
+
+
+def profile_figure(shares: pd.DataFrame) -> plt.Figure:
+    """Fig 17: mean share of influence per block (x uniform share), against relative depth, one line per model."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for model, group in shares.groupby("model", sort=False):
+        mean = group.groupby("depth")["relative_share"].agg(["mean", "sem"]).reset_index()
+        ax.errorbar(mean["depth"], mean["mean"], yerr=mean["sem"].fillna(0), marker="o", ms=3, capsize=2, label=model)
+    ax.axhline(1.0, color="grey", ls=":", lw=1, label="uniform")
+    ax.set_xlabel("relative depth of the layer (0 = first, 1 = last)")
+    ax.set_ylabel("share of influence x number of layers")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(panels: list[tuple[str, str, np.ndarray]]) -> plt.Figure:
+    """Fig 18: blocks x top sequences (sorted by centre of mass), colour = influence share of the sequence."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 2.8), squeeze=False)
+    for ax, (model, query, matrix) in zip(axes.flat, panels):
+        limit = np.abs(matrix).max() or 1.0
+        ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
+        ax.set_title(f"{query}\n{model}", fontsize=8)
+        ax.set_xlabel("top sequences (by centre of mass)", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/layerwise")
+def main(cfg: DictConfig) -> None:
+    out = StudyOutput("layerwise", HydraConfig.get().runtime.output_dir, cfg.figures_dir)
+    share_rows, centre_rows, band_rows, panels = [], [], [], []
+    for inputs, run in scored_models(cfg):
+        block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
+        depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
+        band_map = bands(len(blocks)) if len(blocks) >= 3 else {}
+        for q_index, query in enumerate(inputs.queries):
+            top = [i for i, _ in run.scores.top(q_index, cfg.top_k)]
+            top_blocks = block_influence[q_index, top]  # (k, B)
+            for b, share in enumerate(layer_shares(top_blocks).tolist()):
+                share_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND[query.study],
+                                   "block": blocks[b], "depth": depths[b], "share": share,
+                                   "relative_share": share * len(blocks)})
+            centres = centre_of_mass(top_blocks)
+            centre_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND[query.study],
+                                "centre_of_mass": float(centres.mean())})
+            if query.name in cfg.focus_queries:
+                order = torch.argsort(centres)
+                matrix = (top_blocks[order] / top_blocks.sum(-1, keepdim=True)[order]).T.numpy()
+                panels.append((inputs.model_name, query.name, matrix))
+            rankings = {"all": run.scores.total[q_index]}
+            rankings.update({band: block_influence[q_index][:, idx].sum(-1) for band, idx in band_map.items()})
+            for band, values in rankings.items():
+                chosen = torch.topk(values, cfg.top_k_band).indices.tolist()
+                band_rows.append({
+                    "model": inputs.model_name, "query": query.name, "band": band,
+                    "token_overlap": float(np.mean([token_overlap(query, inputs.train_texts[i], inputs.tokenizer)
+                                                    for i in chosen])),
+                    "relevant": float(np.mean([is_relevant(query, inputs.train_metadata.iloc[i]) for i in chosen])),
+                    "same_top_as_all": len(set(chosen) & set(torch.topk(run.scores.total[q_index], cfg.top_k_band)
+                                                             .indices.tolist())) / cfg.top_k_band,
+                })
+    shares, centres, band_table = pd.DataFrame(share_rows), pd.DataFrame(centre_rows), pd.DataFrame(band_rows)
+    out.table("layer_shares", shares)
+    out.table("centre_of_mass", centres.groupby(["model", "kind"])["centre_of_mass"].agg(["mean", "sem", "count"])
+              .reset_index())
+    band_summary = band_table.groupby(["model", "band"], sort=False)[["token_overlap", "relevant", "same_top_as_all"]] \
+        .agg(["mean", "sem"]).reset_index()
+    band_summary.columns = [" ".join(c).strip() for c in band_summary.columns]
+    out.table("bands", band_summary)
+    out.figure("layer_profile", profile_figure(shares))
+    if panels:
+        out.figure("layer_heatmaps", heatmap_figure(panels))
+
+    largest = cfg.models[-1]
+    mine = shares[shares["model"] == largest].groupby("depth")["relative_share"].mean()
+    kinds = centres[centres["model"] == largest].groupby("kind")["centre_of_mass"]
+    rows = [verdict("averaged over queries, influence is spread roughly uniformly over layers",
+                    f"{largest}: largest mean layer share / uniform share", float(mine.max()),
+                    f"min {mine.min():.2f}", bool(mine.max() < 2.0))]
+    if {"factual", "math/code"} <= set(kinds.groups):
+        factual, math = kinds.get_group("factual"), kinds.get_group("math/code")
+        difference = float(factual.mean() - math.mean())
+        error = float(np.sqrt(factual.var() / len(factual) + math.var() / len(math)))
+        rows.append(verdict("factual queries sit higher in the network than math/code queries",
+                            f"{largest}: centre of mass (factual) - (math/code), in relative depth", difference,
+                            f"+- {error:.3f} (standard error)",
+                            None if abs(difference) < 2 * error else difference > 0))
+    band_means = band_table[band_table["model"] == largest].groupby("band")["token_overlap"].mean()
+    if {"lower", "middle", "upper"} <= set(band_means.index):
+        rows.append(verdict("the middle third of the layers gives the most abstract top sequences",
+                            f"{largest}: token overlap of the top {cfg.top_k_band} (middle band; lower, upper)",
+                            float(band_means["middle"]), f"lower {band_means['lower']:.3f}, upper {band_means['upper']:.3f}",
+                            bool(band_means["middle"] < min(band_means["lower"], band_means["upper"]))))
+    else:
+        rows.append(verdict("the middle third of the layers gives the most abstract top sequences",
+                            "needs at least 3 layers", float("nan"), "", None))
+    verdicts = pd.DataFrame(rows)
+    out.table("verdicts", verdicts)
+    out.readme("Layer-wise influence per model size (paper Figs 17-21): per-layer shares of the top sequences' "
+               "influence, heat maps sorted by centre of mass, band-restricted rankings and the verdict table.", cfg)
+    print(verdicts.to_markdown(index=False, floatfmt=".3g"))
+    print(band_summary.to_markdown(index=False, floatfmt=".3g"))
+
+
+if __name__ == "__main__":
+    main()
