@@ -1,0 +1,210 @@
+"""Streaming scores in shards and checkpointed factor passes: interrupted and resumed runs equal one-shot runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import influence_core.factors as factors_module
+import influence_core.sharding as sharding
+from engine_models import gpt_neox, query_batches, token_batches
+from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
+                            precondition_queries, query_gradients, track_layers)
+from influence_core.sharding import ShardArguments, ShardMismatchError, read_scores, score_in_shards, scores_matrix
+
+ARGS = dict(dtype="float64", progress=False)
+NAMES = ["q0", "q1", "q2"]
+
+
+def merged(batches):
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(8), FactorArguments(**ARGS))
+    q = precondition_queries(query_gradients(model, layers, task, query_batches(), progress=False), factors)
+    train = merged(token_batches(10))
+    one_shot = compute_scores(model, layers, task, token_batches(10, batch_size=3), q, NAMES,
+                              ScoreArguments(per_token=True, progress=False))
+    return model, layers, task, q, train, one_shot
+
+
+def run(setup, out, **kwargs):
+    model, layers, task, q, train, _ = setup
+    shard_args = kwargs.pop("shard_args", ShardArguments(shard_size=4, batch_size=3, top_k_tokens=2))
+    return score_in_shards(model, layers, task, train, q, NAMES, out, shard_args,
+                           ScoreArguments(progress=False, **kwargs.pop("score", {})), **kwargs)
+
+
+def check_equal(frame, one_shot, layer_names):
+    torch.testing.assert_close(scores_matrix(frame, NAMES, 10), one_shot.total)
+    for l, name in enumerate(layer_names):
+        torch.testing.assert_close(scores_matrix(frame, NAMES, 10, f"layer:{name}"), one_shot.per_layer[..., l])
+    with_tokens = frame[frame["token_scores"].notna()]
+    assert len(with_tokens) == 3 * 3 * 2  # 3 shards x 3 queries x top 2
+    for row in with_tokens.itertuples():
+        expected = one_shot.per_token[NAMES.index(row.query), row.train_id]
+        torch.testing.assert_close(torch.tensor(row.token_scores), expected[: len(row.token_scores)])
+        assert row.score == pytest.approx(sum(row.token_scores))
+
+
+def test_sharded_equals_one_shot(setup, tmp_path):
+    out = run(setup, tmp_path)
+    assert sorted(p.name for p in out.glob("shard_*.parquet")) == [f"shard_{i:06d}.parquet" for i in range(3)]
+    check_equal(read_scores(out), setup[5], [l.name for l in setup[1]])
+
+
+def test_interrupted_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
+    real = sharding.compute_scores
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sharding, "compute_scores", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path)
+    assert [p.name for p in tmp_path.glob("shard_*.parquet")] == ["shard_000000.parquet"]
+    with pytest.raises(FileNotFoundError, match="2 of 3 shards missing"):
+        read_scores(tmp_path)
+    (tmp_path / "shard_000001.parquet.rank0.tmp").write_bytes(b"half a parquet file")  # killed while writing
+    finished = (tmp_path / "shard_000000.parquet").stat().st_mtime_ns
+    calls.clear()
+    monkeypatch.setattr(sharding, "compute_scores", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    run(setup, tmp_path)
+    assert len(calls) == 2 and (tmp_path / "shard_000000.parquet").stat().st_mtime_ns == finished
+    assert not list(tmp_path.glob("*.tmp"))
+    check_equal(read_scores(tmp_path), setup[5], [l.name for l in setup[1]])
+
+
+def test_other_runs_are_refused(setup, tmp_path):
+    run(setup, tmp_path)
+    with pytest.raises(ShardMismatchError, match="shard_size"):
+        run(setup, tmp_path, shard_args=ShardArguments(shard_size=5, batch_size=3, top_k_tokens=2))
+    with pytest.raises(ShardMismatchError, match="query_rank"):
+        run(setup, tmp_path, score={"query_rank": 2})
+    with pytest.raises(ShardMismatchError, match="run"):
+        run(setup, tmp_path, run_identity={"config": "other"})
+
+
+def test_candidates_score_only_their_pairs(setup, tmp_path):
+    candidates = {"q0": [1, 9], "q1": [9], "q2": []}
+    frame = read_scores(run(setup, tmp_path, candidates=candidates))
+    assert sorted(zip(frame["query"], frame["train_id"])) == [("q0", 1), ("q0", 9), ("q1", 9)]
+    matrix = scores_matrix(frame, NAMES, 10)
+    one_shot = setup[5].total
+    for q, n in [(0, 1), (0, 9), (1, 9)]:
+        assert float(matrix[q, n]) == pytest.approx(float(one_shot[q, n]))
+    assert pq.read_table(tmp_path / "shard_000001.parquet").num_rows == 0  # rows 4-7: no candidate
+
+
+def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
+    model = gpt_neox()
+    layers = track_layers(model)
+    fit = token_batches(16, batch_size=4)
+    args = FactorArguments(checkpoint_every=1, **ARGS)
+    real = factors_module._pseudo_gradients
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        if fail_at and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(factors_module, "_pseudo_gradients", counting)
+    fail_at = 3  # third covariance batch: two are checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    assert (tmp_path / "covariance.partial.rank0.safetensors").exists()
+    calls.clear()
+    fail_at = 6  # resumed: 2 covariance batches left, then the correction pass is interrupted after its third batch
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    assert not (tmp_path / "covariance.partial.rank0.safetensors").exists()
+    calls.clear()
+    fail_at = None
+    resumed = fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    assert len(calls) == 1  # only the last correction batch
+    fresh = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
+    for name in fresh.layers:
+        torch.testing.assert_close(resumed.layers[name].eigenvalues, fresh.layers[name].eigenvalues)
+        torch.testing.assert_close(resumed.layers[name].activation_eigenvectors.abs(),
+                                   fresh.layers[name].activation_eigenvectors.abs())
+
+
+BUILD = """
+import torch
+from torch import nn
+from influence_core import FactorArguments, ScoreArguments, Task, fit_factors, iterate_batches, precondition_queries, query_gradients, track_layers
+from influence_core.sharding import ShardArguments
+
+class Classify(Task):  # plain torch: the subprocess starts without importing transformers
+    def forward(self, model, batch):
+        return model(batch["x"]).unsqueeze(1), batch["y"].unsqueeze(1)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+layers, task = track_layers(model, ["0", "2"]), Classify()
+g = torch.Generator().manual_seed(1)
+train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
+factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
+q = precondition_queries(query_gradients(model, layers, task, iterate_batches({k: v[:3] for k, v in train.items()}, 3),
+                                         progress=False), factors)
+shard_args, score_args = ShardArguments(shard_size=4, batch_size=3, top_k_tokens=2), ScoreArguments(progress=False)
+"""
+
+KILLED_SCRIPT = BUILD + """
+import sys, time
+import influence_core.sharding as sharding
+real, calls = sharding.compute_scores, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(60)  # shard 0 is written; the test kills us while shard 1 is being scored
+    return real(*a, **k)
+sharding.compute_scores = slow
+sharding.score_in_shards(model, layers, task, train, q, ["q0", "q1", "q2"], sys.argv[1], shard_args, score_args)
+"""
+
+
+def test_sigkilled_run_resumes(tmp_path):
+    """A real SIGKILL (no Python cleanup): the rerun keeps the finished shard and equals the one-shot scores."""
+    script = tmp_path / "score.py"
+    script.write_text(KILLED_SCRIPT)
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while not (out / "shard_000000.parquet").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / "shard_000000.parquet").exists() and not (out / "shard_000001.parquet").exists()
+    first = (out / "shard_000000.parquet").stat().st_mtime_ns
+
+    scope: dict = {}
+    exec(BUILD, scope)  # the same model, queries and data, in this process
+    score_in_shards(scope["model"], scope["layers"], scope["task"], scope["train"], scope["q"], NAMES, out,
+                    scope["shard_args"], scope["score_args"])
+    assert (out / "shard_000000.parquet").stat().st_mtime_ns == first
+    one_shot = compute_scores(scope["model"], scope["layers"], scope["task"], [scope["train"]], scope["q"], NAMES,
+                              ScoreArguments(progress=False))
+    torch.testing.assert_close(scores_matrix(read_scores(out), NAMES, 10), one_shot.total)
