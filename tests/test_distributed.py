@@ -1,0 +1,86 @@
+"""Data parallelism: 2 CPU processes (gloo) give the same factors and scores as 1 process.
+
+Plain torch models only, so the spawned processes start fast (no transformers import).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from influence_core import (FactorArguments, ScoreArguments, Task, fit_factors, iterate_batches, precondition_queries,
+                            query_gradients, track_layers)
+from influence_core.sharding import ShardArguments, read_scores, score_in_shards, scores_matrix
+
+NAMES = ["q0", "q1", "q2"]
+
+
+class SequenceTask(Task):
+    """A tiny sequence model: tokens -> embedding -> MLP -> logits at every position; labels = next token."""
+
+    def forward(self, model, batch):
+        return model(batch["input_ids"])[:, :-1], batch["labels"][:, 1:]
+
+    def token_mask(self, batch):
+        return batch["attention_mask"].bool()
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 11)).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (23, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::4, 3:] = 0  # some right padding
+    data = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    queries = {k: v[20:] for k, v in data.items()}
+    train = {k: v[:20] for k, v in data.items()}
+    return model, track_layers(model, ["1", "3"]), SequenceTask(), train, queries
+
+
+def pipeline(factors_dir, shards_dir):
+    model, layers, task, train, queries = build()
+    # 7 fitting batches of 3 (the last of 2): an uneven split over 2 ranks
+    factors = fit_factors(model, layers, task, iterate_batches(train, 3),
+                          FactorArguments(dtype="float64", progress=False, checkpoint_every=2), output_dir=factors_dir)
+    q = precondition_queries(query_gradients(model, layers, task, iterate_batches(queries, 3), progress=False), factors)
+    score_in_shards(model, layers, task, train, q, NAMES, shards_dir, ShardArguments(shard_size=3, batch_size=2),
+                    ScoreArguments(progress=False, query_rank=2))
+    return factors
+
+
+def worker(rank: int, world: int, root: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    try:
+        factors = pipeline(f"{root}/factors_parallel", f"{root}/shards_parallel")
+        torch.save({n: (lf.eigenvalues, lf.activation_eigenvectors, lf.gradient_eigenvectors)
+                    for n, lf in factors.layers.items()}, f"{root}/factors_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    mp.start_processes(worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    single = pipeline(tmp_path / "factors_single", tmp_path / "shards_single")
+
+    for rank in range(2):
+        parallel = torch.load(tmp_path / f"factors_rank{rank}.pt")
+        for name, lf in single.layers.items():
+            eigenvalues, q_a, q_s = parallel[name]
+            torch.testing.assert_close(eigenvalues, lf.eigenvalues)
+            # eigenvectors up to sign
+            torch.testing.assert_close((q_a.T @ lf.activation_eigenvectors).abs().diagonal(),
+                                       torch.ones(len(q_a), dtype=torch.float64))
+    saved = (tmp_path / "factors_parallel" / "covariance.safetensors")
+    assert saved.exists() and not list((tmp_path / "factors_parallel").glob("*.partial.*"))
+
+    one = scores_matrix(read_scores(tmp_path / "shards_single"), NAMES, 20)
+    two_frame = read_scores(tmp_path / "shards_parallel")
+    assert len(two_frame) == 3 * 20
+    torch.testing.assert_close(scores_matrix(two_frame, NAMES, 20), one)
