@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i score bench
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -25,3 +25,9 @@ word_order:  ## study f: same-order vs flipped-order influence, plus the fine-tu
 	$(PYTHON) -m experiments.word_order
 
 studies_i: sparsity layerwise word_order  ## the three studies of issue 6
+
+score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
+	$(PYTHON) -m experiments.score
+
+bench:  ## cost cutting: throughput ratio, low-rank accuracy, TF-IDF recall -> figures/bench/
+	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall

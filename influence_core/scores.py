@@ -13,8 +13,11 @@ Splits (paper Eq 30-31): I = sum_l q_l'^T r_l with q_l' the preconditioned query
 r_l = sum_t g_t a_t^T, so the token-wise influence of input token t is sum_l g_{l,t}^T q_l' a_{l,t}.
 
 Query batching (paper Sec 3.2, `lowrank.py`): with ScoreArguments(query_rank=r) each layer whose preconditioned
-query has rank above r is truncated by SVD and scored as sum_t (g_t^T U_s)(V^T a_t), which never forms the
-per-sequence gradient (B, d_out, d_in); layers already of rank <= r keep the exact dense contraction.
+query has rank above r is truncated by SVD to U_s V^T (stored: r (d_out + d_in) numbers per query) and scored
+either by the factored contraction sum_t (g_t^T U_s)(V^T a_t), cost B T Q r (d_out + d_in), which never forms the
+per-sequence gradient, or, when the rank-r matrices fit in `dense_query_bytes`, by the dense contraction with
+them, cost B T d_out d_in + B Q d_out d_in (+ B T Q d_out d_in for token scores): the cheaper per batch and
+layer. Both give the same numbers; layers already of rank <= r keep the exact dense queries.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class ScoreArguments:
     per_token: bool = False  # also return token-wise influence (costs one more contraction per query)
     progress: bool = True
     query_rank: int | None = None  # rank of each layer's preconditioned query (paper: 32); None: full rank
-    low_rank: bool | None = None  # None: low-rank path where query_rank truncates; True/False: force a path
+    low_rank: bool | None = None  # None: compress where query_rank truncates; True: every layer, factored path; False: none
+    dense_query_bytes: int = 2**30  # rank-r queries also kept dense (for the cheaper path) while they fit in this
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
 
     def __post_init__(self) -> None:
@@ -126,6 +130,14 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     queries = {n: q.to(device) for n, q in preconditioned_queries.items()}
     # Low-rank layers: factors laid side by side once, in query chunks that bound the (tokens, Q r) temporaries.
     factored = {n: _factor_chunks(q, args.low_rank_chunk) for n, q in queries.items() if isinstance(q, LowRankQuery)}
+    reconstructed: dict[str, torch.Tensor] = {}
+    if args.low_rank is not True:
+        budget = args.dense_query_bytes
+        for n in factored:
+            q = queries[n]
+            size = q.shape[0] * q.shape[1] * q.shape[2] * q.left.element_size()
+            if size <= budget:
+                reconstructed[n], budget = q.dense(), budget - size
     was_training = model.training
     model.eval()
     try:
@@ -143,6 +155,9 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                     a = a * token_weights(task, batch, a)
                     g = grads[layer.name].to(q.dtype)
                     a = a.to(q.dtype)
+                    if isinstance(q, LowRankQuery) and layer.name in reconstructed and \
+                            _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
+                        q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
                     if isinstance(q, LowRankQuery):
                         tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
                         layer_scores.append(tokens.sum(dim=-1))
@@ -185,3 +200,14 @@ def _low_rank_tokens(a: torch.Tensor, g: torch.Tensor, chunks) -> torch.Tensor:
     """Token-wise scores of every query chunk, concatenated: (Q, B, T)."""
     parts = [low_rank_token_scores(a, g, left, right, rank) for left, right, rank in chunks]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _dense_is_cheaper(query: LowRankQuery, batch: int, tokens: int, per_token: bool) -> bool:
+    """Multiply-adds of the dense contraction (per-sequence gradients, then Q inner products; plus Q T d_out d_in
+    for token scores) against the factored one (two (B T, Q r) products)."""
+    num_queries, d_out, d_in = query.shape
+    dense = batch * tokens * d_out * d_in + batch * num_queries * d_out * d_in
+    if per_token:
+        dense += batch * tokens * num_queries * d_out * d_in
+    factored = batch * tokens * num_queries * query.rank * (d_out + d_in)
+    return dense < factored
