@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i score bench
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -25,6 +25,25 @@ word_order:  ## study f: same-order vs flipped-order influence, plus the fine-tu
 	$(PYTHON) -m experiments.word_order
 
 studies_i: sparsity layerwise word_order  ## the three studies of issue 6
+
+scale:  ## study b: abstraction vs scale: token overlap and relation of top sequences per model size
+	$(PYTHON) -m experiments.scale
+
+crosslingual:  ## study d: Korean and Turkish renderings of a fact vs English, per model size
+	$(PYTHON) -m experiments.crosslingual
+
+math_code:  ## study c: structures behind the top influences of math and code queries, per model size
+	$(PYTHON) -m experiments.math_code
+
+roleplay:  ## study e: AI-shutdown dialogues and AI fiction in the shutdown query's top influence, per model size
+	$(PYTHON) -m experiments.roleplay
+
+STUDIES := sparsity layerwise word_order scale crosslingual math_code roleplay
+
+all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per model and cached)
+
+figures:  ## redraw every study's tables and figures from saved scores, recomputing nothing
+	for study in $(STUDIES); do INFLUENCE_LAB_FIGURES_ONLY=1 $(PYTHON) -m experiments.$$study || exit 1; done
 
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
 	$(PYTHON) -m experiments.score

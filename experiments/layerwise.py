@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
-from experiments.study import CONFIG_DIR, StudyOutput, is_relevant, scored_models, token_overlap, verdict
+from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, is_relevant, scored_models, token_overlap, verdict
 
 QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
               "code": "math/code", "roleplay": "role-play"}
@@ -55,9 +55,16 @@ def heatmap_figure(panels: list[tuple[str, str, np.ndarray]]) -> plt.Figure:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/layerwise")
 def main(cfg: DictConfig) -> None:
-    out = StudyOutput("layerwise", HydraConfig.get().runtime.output_dir, cfg.figures_dir)
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg: DictConfig, run_dir) -> None:
+    """The study on a composed config, writing into run_dir (and figures_dir when set)."""
+    out = StudyOutput("layerwise", run_dir, cfg.figures_dir)
     share_rows, centre_rows, band_rows, panels = [], [], [], []
+    tops = []
     for inputs, run in scored_models(cfg):
+        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
         depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
         band_map = bands(len(blocks)) if len(blocks) >= 3 else {}
@@ -124,6 +131,7 @@ def main(cfg: DictConfig) -> None:
                             "needs at least 3 layers", float("nan"), "", None))
     verdicts = pd.DataFrame(rows)
     out.table("verdicts", verdicts)
+    out.table("top_sequences", pd.concat(tops))
     out.readme("Layer-wise influence per model size (paper Figs 17-21): per-layer shares of the top sequences' "
                "influence, heat maps sorted by centre of mass, band-restricted rankings and the verdict table.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))

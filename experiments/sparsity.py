@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.power_law import fit_power_law_tail, survival, top_share
-from experiments.study import CONFIG_DIR, StudyOutput, scored_models, scores_frame, verdict
+from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, scores_frame, verdict
 
 
 def survival_figure(rows: list[tuple[str, str, np.ndarray, object]]) -> plt.Figure:
@@ -58,9 +58,16 @@ def share_figure(shares: pd.DataFrame) -> plt.Figure:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/sparsity")
 def main(cfg: DictConfig) -> None:
-    out = StudyOutput("sparsity", HydraConfig.get().runtime.output_dir, cfg.figures_dir)
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg: DictConfig, run_dir) -> None:
+    """The study on a composed config, writing into run_dir (and figures_dir when set)."""
+    out = StudyOutput("sparsity", run_dir, cfg.figures_dir)
     fits, shares, panels, raw = [], [], [], []
+    tops = []
     for inputs, run in scored_models(cfg):
+        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         frame = scores_frame(run, inputs)
         raw.append(frame.assign(model=inputs.model_name))
         for q_index, query in enumerate(run.scores.query_names):
@@ -96,6 +103,7 @@ def main(cfg: DictConfig) -> None:
                 float(top01.median()), f"range {top01.min():.2f}-{top01.max():.2f}", bool(top01.median() < 0.5)),
     ])
     out.table("verdicts", verdicts)
+    out.table("top_sequences", pd.concat(tops))
     out.readme("Power-law fits of each query's positive influences (paper Figs 8-9, Table 1), the share held by "
                "the top sequences, and the verdict table.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))

@@ -9,8 +9,8 @@ other studies reuse them instead of recomputing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,10 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from experiments.common import InfluenceRun, config_digest, run_influence, save_run  # noqa: E402
+from experiments.common import InfluenceRun, config_digest, run_influence, save_run, top_sequences_table  # noqa: E402
 from experiments.loading import (load_model_and_tokenizer, load_text_dataset, model_max_length,  # noqa: E402
                                  tokenize_sequences)
 from experiments.zoo.queries import Query as WorldQuery  # noqa: E402
@@ -99,6 +100,9 @@ def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path
                                           "top_k_tokens": top_k_tokens}))
     cache = Path(artifacts) / "scores" / inputs.model_name / key
     core_queries = [Query(q.name, q.prompt, q.completion) for q in inputs.queries]
+    if not (cache / "scores.safetensors").exists() and os.environ.get("INFLUENCE_LAB_FIGURES_ONLY"):
+        raise FileNotFoundError(f"no saved scores for {inputs.model_name} in {cache}; `make figures` only redraws "
+                                "saved results: run the study's own make target first")
     if (cache / "scores.safetensors").exists():
         tensors = load_file(cache / "scores.safetensors")
         manifest = json.loads((cache / "manifest.json").read_text())
@@ -181,7 +185,10 @@ class StudyOutput:
 
     def readme(self, description: str, cfg: DictConfig) -> None:
         """figures/<study>/README.md: what each file is and the command that regenerates it."""
-        overrides = " ".join(sys.argv[1:])
+        try:
+            overrides = " ".join(HydraConfig.get().overrides.task)
+        except ValueError:  # composed outside a Hydra app (tests)
+            overrides = ""
         command = f"python -m experiments.{self.study} {overrides}".strip()
         text = [f"# {self.study}", "", description, "", "Regenerate with:", "", "```bash", command, "```", "",
                 "Files:", ""] + [f"- {w}" for w in self.written] + ["", "Resolved config:", "", "```yaml",
@@ -221,3 +228,34 @@ def scored_models(cfg: DictConfig):
         path = cfg.model_paths.get(name) or model_config(name).name_or_path
         inputs = load_study_inputs(name, path, cfg.data, queries)
         yield inputs, cached_influence(inputs, cfg.influence, Path(cfg.artifacts), int(cfg.get("top_k_tokens", 0)))
+
+
+def top_sequences(inputs: StudyInputs, run: InfluenceRun, k: int, snippet_chars: int = 160) -> pd.DataFrame:
+    """The k most influential training sequences of every query, with scores, metadata and a text snippet."""
+    metadata = inputs.train_metadata[["doc_id", "family", "topic", "language"]].reset_index(drop=True)
+    table = top_sequences_table(run, metadata, inputs.tokenizer, k)
+    table["text"] = [inputs.train_texts[i][:snippet_chars].replace("\n", " ") for i in table["train_index"]]
+    return table.assign(model=inputs.model_name)
+
+
+RELATIONS = ("same fact, same language", "same fact, other language", "same topic", "unrelated")
+
+
+def relation(query: WorldQuery, doc: pd.Series) -> str:
+    """How a training document relates to a query by construction (from the world's metadata)."""
+    if query.fact_ids and set(query.fact_ids) & set(doc["fact_ids"]):
+        return RELATIONS[0] if doc["language"] == query.language else RELATIONS[1]
+    if doc["topic"] in query.relevant_topics:
+        return RELATIONS[2]
+    return RELATIONS[3]
+
+
+def model_sizes(inputs_list: Sequence[StudyInputs]) -> dict[str, int]:
+    """Non-embedding parameters of each model (sizes for the x axis of the scale figures)."""
+    sizes = {}
+    for inputs in inputs_list:
+        embeddings = {id(p) for m in inputs.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        head = inputs.model.get_output_embeddings()
+        embeddings |= {id(p) for p in head.parameters()} if head is not None else set()
+        sizes[inputs.model_name] = sum(p.numel() for p in inputs.model.parameters() if id(p) not in embeddings)
+    return sizes

@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+from pathlib import Path
 
 import hydra
 import matplotlib.pyplot as plt
@@ -28,9 +30,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.common import run_influence, training_batches
+from experiments.common import config_digest, run_influence, training_batches
 from experiments.loading import tokenize_sequences
-from experiments.study import CONFIG_DIR, StudyOutput, scored_models, verdict
+from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, verdict
 from experiments.zoo import world as W
 from influence_core import CausalLMTask, Query, encode_queries
 
@@ -162,11 +164,33 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
     return table, {"fact_documents": len(fact_docs), "replay_documents": len(replay), "steps": settings.steps}
 
 
+def cached_finetune(inputs, cfg: DictConfig) -> pd.DataFrame:
+    """The fine-tuning extension's table, computed once per (model, settings) and kept under artifacts/."""
+    key = config_digest(OmegaConf.create({"finetune": cfg.finetune, "influence": cfg.influence, "data": inputs.fingerprint}))
+    path = Path(cfg.artifacts) / "finetune" / inputs.model_name / f"{key}.csv"
+    if path.exists():
+        return pd.read_csv(path)
+    if os.environ.get("INFLUENCE_LAB_FIGURES_ONLY"):
+        raise FileNotFoundError(f"no saved fine-tuning results in {path}; run `make word_order` first")
+    table, info = finetune_extension(inputs, cfg)
+    table = table.assign(model=inputs.model_name, **info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return table
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/word_order")
 def main(cfg: DictConfig) -> None:
-    out = StudyOutput("word_order", HydraConfig.get().runtime.output_dir, cfg.figures_dir)
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg: DictConfig, run_dir) -> None:
+    """The study on a composed config, writing into run_dir (and figures_dir when set)."""
+    out = StudyOutput("word_order", run_dir, cfg.figures_dir)
     group_rows, ratio_rows, accuracy_rows, finetune_tables = [], [], [], []
+    tops = []
     for inputs, run in scored_models(cfg):
+        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         for q_index, query in enumerate(inputs.queries):
             if query.study != "word_order":
                 continue
@@ -190,8 +214,7 @@ def main(cfg: DictConfig) -> None:
                                       else "in both orders",
                                       "correct": float(np.argmax(log_probs) == 0), "log_p": log_probs[0]})
         if cfg.finetune.steps > 0:
-            table, info = finetune_extension(inputs, cfg)
-            finetune_tables.append(table.assign(model=inputs.model_name, **info))
+            finetune_tables.append(cached_finetune(inputs, cfg))
 
     groups = pd.DataFrame(group_rows)
     summary = groups[groups["held_out"] != "order"].groupby(["model", "group"], sort=False)["mean_influence"] \
@@ -228,6 +251,7 @@ def main(cfg: DictConfig) -> None:
                                 bool(trained.mean() > 0 and trained.mean() > 3 * abs(flipped.mean()))))
     verdicts = pd.DataFrame(rows)
     out.table("verdicts", verdicts)
+    out.table("top_sequences", pd.concat(tops))
     out.readme("Influence of same-order, flipped-order, other-fact and unrelated documents on word-order queries "
                "(paper Figs 23-27), completion accuracy for facts seen only flipped, the fine-tuning extension "
                "(not in the paper), and the verdict table.", cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 
 from zoo_fixtures import micro_zoo  # noqa: F401
 
@@ -21,15 +23,17 @@ def study_artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("study_artifacts")
 
 
-def run_study(study: str, zoo, artifacts: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", f"experiments.{study}", "models=[micro]", f"+model_paths.micro={zoo.model_path}",
-               "data=world_micro", f"data.path={zoo.dataset_path}", f"data.queries={zoo.queries_path}",
-               "data.max_length=256", "data.truncation=true", f"artifacts={artifacts}", "figures_dir=null",
-               "influence.progress=false", f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def micro_overrides(zoo, artifacts: Path) -> list[str]:
+    return ["models=[micro]", f"+model_paths.micro={zoo.model_path}", "data=world_micro",
+            f"data.path={zoo.dataset_path}", f"data.queries={zoo.queries_path}", "data.max_length=256",
+            "data.truncation=true", f"artifacts={artifacts}", "figures_dir=null", "influence.progress=false"]
+
+
+def run_study(study: str, zoo, artifacts: Path, run_dir: Path, *overrides: str) -> None:
+    """Compose the study's Hydra config with the micro overrides and run it in this process (no import cost)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name=f"experiment/{study}", overrides=micro_overrides(zoo, artifacts) + list(overrides))
+    importlib.import_module(f"experiments.{study}").run(cfg, run_dir)
 
 
 def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
@@ -66,3 +70,23 @@ def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert len(finetune) == 3 * 2 and set(finetune["order"]) == {"trained order", "flipped order"}
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert any("extension (not in the paper)" in claim for claim in verdicts["paper claim"])
+
+
+@pytest.mark.parametrize("study", ["scale", "crosslingual", "math_code", "roleplay"])
+def test_studies_across_sizes(study, micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    """One model here (the micro zoo); the verdicts that need several sizes say so instead of guessing."""
+    run_study(study, micro_zoo, study_artifacts, tmp_path)
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    assert len(verdicts) >= 1
+    assert (tmp_path / "top_sequences.csv").exists() and (tmp_path / "README.md").exists()
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_figures_mode_recomputes_nothing(micro_zoo, tmp_path):  # noqa: F811
+    """With INFLUENCE_LAB_FIGURES_ONLY set and no saved scores, a study refuses instead of computing."""
+    command = [sys.executable, "-m", "experiments.roleplay", *micro_overrides(micro_zoo, tmp_path / "empty"),
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "INFLUENCE_LAB_FIGURES_ONLY": "1"})
+    assert result.returncode != 0
+    assert "only redraws saved results" in result.stderr
