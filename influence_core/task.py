@@ -60,10 +60,16 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """y ~ Categorical(softmax(logits)) at every position, by the Gumbel-max trick; logits (..., C) -> (...)."""
-    uniform = torch.rand(logits.shape, generator=generator, device="cpu", dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300))).to(logits.device)
-    return (logits.double() + gumbel).argmax(dim=-1)
+    """y ~ Categorical(softmax(logits)) at every position; logits (..., C) -> (...).
+
+    Inverse-CDF sampling with one uniform per position from the (CPU) generator, so the labels do not depend
+    on the device. (Gumbel-max drew |positions| x |vocabulary| uniforms and torch.multinomial was no faster:
+    either took most of a fitting pass.)
+    """
+    cdf = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1]).cumsum_(dim=-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
+    labels = torch.searchsorted(cdf, uniform, right=True).clamp_max_(logits.shape[-1] - 1)
+    return labels.reshape(logits.shape[:-1])
 
 
 def context_length(model: nn.Module) -> int | None:

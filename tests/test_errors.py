@@ -92,3 +92,14 @@ def test_model_requires_grad_flags_are_restored():
         p.requires_grad_(False)
     fit_factors(model, track_layers(model), CausalLMTask(), token_batches(4), QUIET)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    from influence_core.task import sample_labels
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100000, 1)
+    labels = sample_labels(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(labels, minlength=4).double() / len(labels)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0].double(), -1), atol=5e-3, rtol=0)
+    again = sample_labels(logits[:10], torch.Generator().manual_seed(0))
+    assert torch.equal(again, labels[:10])  # reproducible from the generator
