@@ -12,6 +12,7 @@ rank 0 writes top_sequences.csv and manifest.json. A rerun of the same command r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from experiments.loading import load_model_and_tokenizer, load_text_dataset, mod
 from influence_core import (CausalLMTask, Query, ScoreArguments, encode_queries, fit_factors, iterate_batches,
                             precondition_queries, query_gradients, track_layers)
 from influence_core import distributed
-from influence_core.lowrank import compress_queries, query_nbytes
+from influence_core.lowrank import check_rank, compress_queries, query_nbytes
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards
 from influence_core.task import IGNORE_INDEX
 from influence_core.tfidf import tfidf_candidates
@@ -58,6 +59,10 @@ def load_queries(path: Path, study: str | None, count: int | None) -> list[Query
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/score")
 def main(cfg: DictConfig) -> None:
+    if cfg.query_rank is not None:
+        check_rank(cfg.query_rank)  # refuse bad settings before minutes of factor fitting
+    if cfg.tfidf.top_k is not None and int(cfg.tfidf.top_k) < 1:
+        raise ValueError(f"tfidf.top_k must be >= 1 sequences per query (paper: 10,000) or null, got {cfg.tfidf.top_k}")
     distributed.init_from_environment()
     main_rank = distributed.is_main()
     timings: dict[str, float] = {}
@@ -77,7 +82,9 @@ def main(cfg: DictConfig) -> None:
     fit_count = influence.num_fit_sequences or len(encoded["input_ids"])
     fit_args = factor_arguments(influence)
     fit_args.checkpoint_every = cfg.fit_checkpoint_every
-    factors_dir = Path(cfg.artifacts) / "factors" / f"score-{cfg.name}-{config_digest(influence)}"
+    # shared by every run on the same model, data and influence settings (the manifest refuses anything else)
+    source = hashlib.sha256(f"{model_path.resolve()}|{dataset_path.resolve()}|{cfg.split}".encode()).hexdigest()[:8]
+    factors_dir = Path(cfg.artifacts) / "factors" / f"score-{source}-{config_digest(influence)}"
     factors = fit_factors(model, layers, task, iterate_batches({k: v[:fit_count] for k, v in encoded.items()},
                                                                influence.fit_batch_size),
                           fit_args, output_dir=factors_dir, data_fingerprint=f"{train._fingerprint}:{fit_count}")
