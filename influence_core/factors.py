@@ -44,6 +44,7 @@ from .tracking import LayerCapture, TrackedLayer, model_fingerprint, tracked_par
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FORMAT_VERSION = 1
+LABEL_SAMPLING = "inverse-cdf/per-batch-generator"  # changes to how pseudo-labels are drawn invalidate saved factors
 
 
 class FactorMismatchError(ValueError):
@@ -79,7 +80,8 @@ class FactorArguments:
 
     def identity(self) -> dict:
         """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
-        return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype}
+        return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype,
+                "label_sampling": LABEL_SAMPLING}
 
 
 @dataclass
