@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench validate
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -50,3 +50,6 @@ score:  ## one query set over the training set in resumable shards (rank-32 quer
 
 bench:  ## cost cutting: throughput ratio, low-rank accuracy, TF-IDF recall -> figures/bench/
 	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall
+
+validate:  ## EK-FAC, K-FAC, diagonal, identity, LiSSA vs exact damped-GNH influence and the PBRF (figures/validate/)
+	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate
