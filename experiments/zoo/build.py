@@ -122,6 +122,9 @@ def run_build(cfg) -> "pandas.DataFrame":
     dataset_path, _, queries = build_world_and_queries(preset, root / "world" / preset, seed=cfg["seed"])
     tokenizer_path = build_tokenizer(dataset_path, root / "tokenizer" / preset, vocab_size=cfg["vocab_size"])
     train_config = TrainConfig(**dict(cfg["train"]))
+    import torch
+
+    torch.set_num_threads(max(1, train_config.threads))  # also for evaluation when training is cached
     unknown = [s for s in cfg["sizes"] if s not in SIZES]
     if unknown:
         raise ValueError(f"unknown model sizes {unknown}; choose from {sorted(SIZES)}")
