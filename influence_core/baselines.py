@@ -20,20 +20,11 @@ from torch import nn
 from .factors import to_device, token_weights
 from .scores import per_sequence_gradients
 from .task import IGNORE_INDEX, Batch, Task
-from .tracking import LayerCapture, TrackedLayer, tracked_parameters_require_grad
+from .tracking import LayerCapture, TrackedLayer, tracked_parameters, tracked_parameters_require_grad
 
 
-def _layer_parameters(layers: Sequence[TrackedLayer]) -> list[torch.Tensor]:
-    params = []
-    for layer in layers:
-        params.append(layer.module.weight)
-        if layer.has_bias:
-            params.append(layer.module.bias)
-    return params
-
-
-def _flatten_parameter_grads(layers: Sequence[TrackedLayer], grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-parameter grads (leading batch dims allowed) -> canonical flattened (..., P)."""
+def flatten_parameter_tensors(layers: Sequence[TrackedLayer], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors shaped like `tracked_parameters(layers)` (leading batch dims allowed) -> canonical flat (..., P)."""
     out, i = [], 0
     for layer in layers:
         weight_grad = grads[i]
@@ -69,7 +60,7 @@ def _single_examples(batches: Iterable[Batch]) -> Iterable[Batch]:
 def parameter_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
                         loss: str = "training") -> torch.Tensor:
     """Brute-force per-example gradient of the training (or query) loss, one example at a time, (N, P)."""
-    params = _layer_parameters(layers)
+    params = tracked_parameters(layers)
     rows = []
     was_training = model.training
     model.eval()
@@ -78,7 +69,7 @@ def parameter_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: 
             for example in _single_examples(batches):
                 example = to_device(example, model)
                 value = task.training_loss(model, example) if loss == "training" else task.query_loss(model, example)
-                rows.append(_flatten_parameter_grads(layers, torch.autograd.grad(value, params)).detach())
+                rows.append(flatten_parameter_tensors(layers, torch.autograd.grad(value, params)).detach())
     finally:
         model.train(was_training)
     return torch.stack(rows)

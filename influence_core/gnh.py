@@ -21,17 +21,8 @@ from tqdm.auto import tqdm
 
 from .factors import check_finite, to_device
 from .task import IGNORE_INDEX, Batch, Task
-from .tracking import TrackedLayer, tracked_parameters_require_grad
-
-
-def tracked_parameters(layers: Sequence[TrackedLayer]) -> list[torch.Tensor]:
-    """[weight_0, bias_0, weight_1, ...] of the tracked layers (bias only where the layer has one)."""
-    params = []
-    for layer in layers:
-        params.append(layer.module.weight)
-        if layer.has_bias:
-            params.append(layer.module.bias)
-    return params
+from .baselines import flatten_parameter_tensors
+from .tracking import TrackedLayer, tracked_parameters, tracked_parameters_require_grad
 
 
 def num_tracked_parameters(layers: Sequence[TrackedLayer]) -> int:
@@ -55,12 +46,7 @@ def flat_to_parameters(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> li
 
 def parameters_to_flat(layers: Sequence[TrackedLayer], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Tensors shaped like `tracked_parameters(layers)` -> canonical flat (P,)."""
-    out, i = [], 0
-    for layer in layers:
-        bias = tensors[i + 1] if layer.has_bias else None
-        out.append(layer.canonical_gradient(tensors[i], bias).reshape(-1))
-        i += 1 + int(layer.has_bias)
-    return torch.cat(out)
+    return flatten_parameter_tensors(layers, tensors)
 
 
 def check_vector_size(layers: Sequence[TrackedLayer], vector: torch.Tensor) -> None:

@@ -91,6 +91,16 @@ def track_layers(model: nn.Module, patterns: Sequence[str] = MLP_PATTERNS) -> li
     return layers
 
 
+def tracked_parameters(layers: Sequence[TrackedLayer]) -> list[torch.Tensor]:
+    """[weight_0, bias_0, weight_1, ...] of the tracked layers (bias only where the layer has one)."""
+    params = []
+    for layer in layers:
+        params.append(layer.module.weight)
+        if layer.has_bias:
+            params.append(layer.module.bias)
+    return params
+
+
 def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
     """A short hash of the tracked layers' names, shapes and (a strided sample of) their weights.
 
