@@ -89,6 +89,11 @@ def load_study_inputs(model_name: str, model_path: str, data: DictConfig, querie
                        train._fingerprint)
 
 
+def numerical_settings(influence: DictConfig) -> DictConfig:
+    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars."""
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(influence, resolve=True).items() if k != "progress"})
+
+
 def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path, top_k_tokens: int = 0) -> InfluenceRun:
     """Scores of every query over every training sequence, computed once per (model, queries, config).
 
@@ -96,7 +101,8 @@ def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path
     pass over only the top `top_k_tokens` sequences of each query and stored densely with zeros elsewhere.
     """
     names = [q.name for q in inputs.queries]
-    key = config_digest(OmegaConf.create({"influence": influence, "queries": names, "data": inputs.fingerprint,
+    numbers = numerical_settings(influence)
+    key = config_digest(OmegaConf.create({"influence": numbers, "queries": names, "data": inputs.fingerprint,
                                           "top_k_tokens": top_k_tokens}))
     cache = Path(artifacts) / "scores" / inputs.model_name / key
     core_queries = [Query(q.name, q.prompt, q.completion) for q in inputs.queries]
@@ -110,7 +116,7 @@ def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path
                                  tensors["per_layer"], tensors.get("per_token"))
         return InfluenceRun(scores, inputs.encoded["input_ids"], inputs.encoded["attention_mask"], manifest["timings_s"])
 
-    factors_dir = Path(artifacts) / "factors" / inputs.model_name / f"{influence.strategy}-{config_digest(influence)}"
+    factors_dir = Path(artifacts) / "factors" / inputs.model_name / f"{influence.strategy}-{config_digest(numbers)}"
     settings = OmegaConf.merge(influence, {"per_token": False})
     run = run_influence(inputs.model, inputs.tokenizer, inputs.encoded, core_queries, settings, factors_dir,
                         data_fingerprint=inputs.fingerprint)

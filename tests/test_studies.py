@@ -90,3 +90,17 @@ def test_figures_mode_recomputes_nothing(micro_zoo, tmp_path):  # noqa: F811
                             env={**os.environ, "OMP_NUM_THREADS": "1", "INFLUENCE_LAB_FIGURES_ONLY": "1"})
     assert result.returncode != 0
     assert "only redraws saved results" in result.stderr
+
+
+def test_score_cache_key_ignores_progress_bars():
+    from omegaconf import OmegaConf
+
+    from experiments.common import config_digest
+    from experiments.study import numerical_settings
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="experiment/sparsity")
+    quiet = OmegaConf.merge(cfg.influence, {"progress": False})
+    assert config_digest(numerical_settings(cfg.influence)) == config_digest(numerical_settings(quiet))
+    damped = OmegaConf.merge(cfg.influence, {"damping_factor": 1.0})
+    assert config_digest(numerical_settings(cfg.influence)) != config_digest(numerical_settings(damped))
