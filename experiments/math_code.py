@@ -58,6 +58,7 @@ def run(cfg: DictConfig, run_dir) -> None:
                          normalize="index").reindex(columns=list(CATEGORIES), fill_value=0.0).reset_index()
     sizes = model_sizes(all_inputs)
     shares.insert(1, "parameters", shares["model"].map(sizes))
+    shares = shares.sort_values(["study", "parameters"]).reset_index(drop=True)  # smallest model first
     numbers = per_sequence[per_sequence["study"] == "math"].groupby("model", sort=False)["shares_numbers"].mean()
     out.table("top_sequence_categories", per_sequence)
     out.table("category_shares", shares)
