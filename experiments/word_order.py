@@ -225,8 +225,8 @@ def run(cfg: DictConfig, run_dir) -> None:
     out.table("group_influence", summary)
     out.table("flipped_over_same_order", ratios)
     out.figure("group_influence", group_figure(summary))
-    accuracy_summary = accuracy.groupby(["model", "training data states the fact"])[["correct", "log_p"]].mean() \
-        .reset_index()
+    accuracy_summary = accuracy.groupby(["model", "training data states the fact"], sort=False)[["correct", "log_p"]] \
+        .mean().reset_index()
     out.table("completion_accuracy", accuracy_summary)
 
     rows = []
@@ -243,12 +243,14 @@ def run(cfg: DictConfig, run_dir) -> None:
         for model, table in finetune.groupby("model", sort=False):
             trained = table[table["order"] == "trained order"]["margin_change"]
             flipped = table[table["order"] == "flipped order"]["margin_change"]
+            difference = float(trained.mean() - flipped.mean())
+            error = float(np.sqrt(trained.var() / len(trained) + flipped.var() / len(flipped)))
             rows.append(verdict("extension (not in the paper): training on one order teaches the fact in that order "
                                 "far more than in the flipped order",
                                 f"{model}: mean change of the log p margin over the other new facts' completions, "
-                                "trained order (flipped order)", float(trained.mean()),
-                                f"flipped {flipped.mean():.3f} +- {flipped.sem():.3f}",
-                                bool(trained.mean() > 0 and trained.mean() > 3 * abs(flipped.mean()))))
+                                "trained order minus flipped order", difference,
+                                f"+- {error:.3f} (standard error); trained {trained.mean():.3f}, flipped "
+                                f"{flipped.mean():.3f}", None if abs(difference) < 2 * error else difference > 0))
     verdicts = pd.DataFrame(rows)
     out.table("verdicts", verdicts)
     out.table("top_sequences", pd.concat(tops))
