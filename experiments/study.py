@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -207,12 +206,6 @@ def verdict(claim: str, statistic: str, value: float, uncertainty: str, holds: b
     """One row of a study's verdict table: the paper's claim and what we measured."""
     return {"paper claim": claim, "statistic": statistic, "measured": value, "uncertainty": uncertainty,
             "holds at our scale": {True: "yes", False: "no", None: "inconclusive"}[holds]}
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
 
 
 def world_queries(data: DictConfig) -> list[WorldQuery]:

@@ -18,7 +18,6 @@ averaged over test points, as in the paper. Timings: IHVP wall time of all queri
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

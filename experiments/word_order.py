@@ -34,7 +34,8 @@ from experiments.common import config_digest, run_influence, training_batches
 from experiments.loading import tokenize_sequences
 from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, verdict
 from experiments.zoo import world as W
-from influence_core import CausalLMTask, Query, encode_queries
+from experiments.zoo.train import completion_logprob
+from influence_core import CausalLMTask, Query
 
 GROUPS = ("same fact, same order", "same fact, flipped order", "other facts, same templates", "unrelated filler")
 
@@ -48,18 +49,6 @@ def document_group(query, doc: pd.Series) -> str | None:
     if set(query.fact_ids) & set(doc["fact_ids"]):
         return GROUPS[0] if doc["word_order"] == query.word_order else GROUPS[1]
     return GROUPS[2]
-
-
-@torch.no_grad()
-def completion_log_probs(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
-    """log p(completion | prompt) summed over completion tokens, for each candidate completion."""
-    queries = [Query(f"c{i}", prompt, c) for i, c in enumerate(completions)]
-    batch = encode_queries(tokenizer, queries)
-    losses = []
-    for i in range(len(queries)):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        losses.append(-float(CausalLMTask().query_loss(model, one)))
-    return losses
 
 
 def bootstrap_interval(values: np.ndarray, statistic=np.median, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -127,7 +116,7 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
             flipped = (W.CANONICAL_FLIPPED_PROMPTS["president"][0].format(**fact.slots), f" {fact.subject}",
                        [f" {f.subject}" for f in others])
             for order, (prompt, completion, alternatives) in (("trained order", forward), ("flipped order", flipped)):
-                log_probs = completion_log_probs(model, inputs.tokenizer, prompt, [completion] + alternatives)
+                log_probs = completion_logprob(model, inputs.tokenizer, prompt, [completion] + alternatives)
                 rows.append({"fact": fact.fact_id, "order": order, "prompt": prompt, "completion": completion,
                              "log_p": log_probs[0], "margin": log_probs[0] - float(np.mean(log_probs[1:]))})
         return rows
@@ -207,7 +196,7 @@ def run(cfg: DictConfig, run_dir) -> None:
                 ratio_rows.append({"model": inputs.model_name, "query": query.name,
                                    "flipped_over_same_order": means[GROUPS[1]] / means[GROUPS[0]]})
             if query.distractors:
-                log_probs = completion_log_probs(inputs.model, inputs.tokenizer, query.prompt,
+                log_probs = completion_logprob(inputs.model, inputs.tokenizer, query.prompt,
                                                  [query.completion] + [f" {d}" for d in query.distractors])
                 accuracy_rows.append({"model": inputs.model_name, "query": query.name,
                                       "training data states the fact": "only flipped" if query.held_out == "order"

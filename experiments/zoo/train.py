@@ -281,6 +281,7 @@ def _write_curve(path: Path, log: list[dict]) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
     """log p(completion | prompt), summed over the completion's tokens, for each completion."""
     model.eval()
