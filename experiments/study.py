@@ -29,7 +29,7 @@ from experiments.loading import (load_model_and_tokenizer, load_text_dataset, mo
                                  tokenize_sequences)
 from experiments.zoo.queries import Query as WorldQuery  # noqa: E402
 from experiments.zoo.queries import load_queries  # noqa: E402
-from influence_core import InfluenceScores, Query  # noqa: E402
+from influence_core import InfluenceScores, Query, model_fingerprint, track_layers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
@@ -46,7 +46,8 @@ class StudyInputs:
     train_texts: list[str]
     encoded: dict[str, torch.Tensor]  # input_ids, attention_mask (N, T)
     queries: list[WorldQuery]
-    fingerprint: str
+    fingerprint: str  # the training set's (datasets) fingerprint
+    model_fingerprint: str  # hash of the model's affine weights: a retrained model must not reuse cached scores
 
 
 def model_config(name: str) -> DictConfig:
@@ -85,7 +86,7 @@ def load_study_inputs(model_name: str, model_path: str, data: DictConfig, querie
     encoded.pop("lengths")
     metadata = train.remove_columns([data.text_column]).to_pandas()
     return StudyInputs(model_name, model, tokenizer, metadata, list(train[data.text_column]), encoded, list(queries),
-                       train._fingerprint)
+                       train._fingerprint, model_fingerprint(track_layers(model, ["*"])))
 
 
 def numerical_settings(influence: DictConfig) -> DictConfig:
@@ -102,7 +103,7 @@ def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path
     names = [q.name for q in inputs.queries]
     numbers = numerical_settings(influence)
     key = config_digest(OmegaConf.create({"influence": numbers, "queries": names, "data": inputs.fingerprint,
-                                          "top_k_tokens": top_k_tokens}))
+                                          "model": inputs.model_fingerprint, "top_k_tokens": top_k_tokens}))
     cache = Path(artifacts) / "scores" / inputs.model_name / key
     core_queries = [Query(q.name, q.prompt, q.completion) for q in inputs.queries]
     if not (cache / "scores.safetensors").exists() and os.environ.get("INFLUENCE_LAB_FIGURES_ONLY"):
@@ -115,7 +116,8 @@ def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path
                                  tensors["per_layer"], tensors.get("per_token"))
         return InfluenceRun(scores, inputs.encoded["input_ids"], inputs.encoded["attention_mask"], manifest["timings_s"])
 
-    factors_dir = Path(artifacts) / "factors" / inputs.model_name / f"{influence.strategy}-{config_digest(numbers)}"
+    factors_key = config_digest(OmegaConf.create({"influence": numbers, "model": inputs.model_fingerprint}))
+    factors_dir = Path(artifacts) / "factors" / inputs.model_name / f"{influence.strategy}-{factors_key}"
     settings = OmegaConf.merge(influence, {"per_token": False})
     run = run_influence(inputs.model, inputs.tokenizer, inputs.encoded, core_queries, settings, factors_dir,
                         data_fingerprint=inputs.fingerprint)

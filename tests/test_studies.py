@@ -12,15 +12,9 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from zoo_fixtures import micro_zoo  # noqa: F401
+from zoo_fixtures import micro_zoo, study_artifacts  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def study_artifacts(tmp_path_factory) -> Path:
-    """Shared by the studies of this module, so the micro model is scored once and the cache is exercised."""
-    return tmp_path_factory.mktemp("study_artifacts")
 
 
 def micro_overrides(zoo, artifacts: Path) -> list[str]:
@@ -104,3 +98,29 @@ def test_score_cache_key_ignores_progress_bars():
     assert config_digest(numerical_settings(cfg.influence)) == config_digest(numerical_settings(quiet))
     damped = OmegaConf.merge(cfg.influence, {"damping_factor": 1.0})
     assert config_digest(numerical_settings(cfg.influence)) != config_digest(numerical_settings(damped))
+
+
+def test_retrained_model_does_not_reuse_cached_scores(micro_zoo, tmp_path):  # noqa: F811
+    """Scores and factors are cached per model weights: changed weights under the same name recompute."""
+    import dataclasses
+
+    import torch
+
+    from experiments.study import cached_influence, load_study_inputs, study_queries
+    from influence_core import model_fingerprint, track_layers
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="experiment/roleplay",
+                      overrides=micro_overrides(micro_zoo, tmp_path) + ["influence=identity", "queries.names=[shutdown]",
+                                                                        "queries.held_out_order=0"])
+    inputs = load_study_inputs("micro", str(micro_zoo.model_path), cfg.data, study_queries(cfg))
+    first = cached_influence(inputs, cfg.influence, tmp_path).scores.total.clone()
+    assert torch.equal(cached_influence(inputs, cfg.influence, tmp_path).scores.total, first)  # from the cache
+    with torch.no_grad():
+        for p in inputs.model.parameters():
+            p.mul_(1.5)
+    retrained = dataclasses.replace(inputs, model_fingerprint=model_fingerprint(track_layers(inputs.model, ["*"])))
+    assert retrained.model_fingerprint != inputs.model_fingerprint
+    second = cached_influence(retrained, cfg.influence, tmp_path).scores.total
+    assert not torch.allclose(second, first)
+    assert len(list((tmp_path / "scores" / "micro").iterdir())) == 2
