@@ -135,3 +135,20 @@ def test_paper_query_set_loads():
     by_name = {q.name: q for q in queries}
     assert by_name["first_president"].completion == " George Washington."
     assert {"canadian_prime_minster", "inflation", "mount_doom", "netflix", "water"} <= set(by_name)
+
+
+def test_heldout_paraphrases_never_occur_in_training_text(micro_docs):
+    """Fact accuracy is measured on paraphrases the models never saw: no held-out prompt is in any document."""
+    from experiments.zoo.queries import heldout_fact_queries
+
+    text = "\n".join(d["text"] for d in micro_docs)
+    queries = heldout_fact_queries(W.world_config("micro"))
+    assert len(queries) == len(W.make_facts(W.world_config("micro"))) * 3
+    assert not [q.prompt for q in queries if q.prompt in text]
+    for q in queries:  # the true completion is a fact the world states, and distractors are other entities
+        assert q.completion.strip() not in q.distractors and len(q.distractors) >= 3
+    for relation, templates in W.EVAL_QUERY_TEMPLATES.items():
+        assert templates[0] == W.QUERY_TEMPLATES[relation]
+        training = W.FORWARD_TEMPLATES[relation] + W.FLIPPED_TEMPLATES[relation]
+        filled = [t.format(s="Xx", o="Yy") for t in training]
+        assert not [p for p, _ in templates if any(p.format(s="Xx") in t for t in filled)]

@@ -100,3 +100,24 @@ def test_hydra_build_config_composes():
         s = SIZES[name]
         params[name] = s.num_layers * (12 * s.hidden_size**2 + 13 * s.hidden_size)
     assert params["zoo_l"] / params["zoo_xs"] > 20
+
+
+def test_evaluate_zoo_counts_every_heldout_paraphrase(micro_zoo):
+    """The zoo summary's fact accuracy is the share of (fact, held-out paraphrase) pairs ranked first, recounted here."""
+    from experiments.zoo import world as W
+    from experiments.zoo.build import evaluate_zoo
+    from experiments.zoo.queries import heldout_fact_queries
+    from experiments.zoo.train import TrainResult
+
+    heldout = heldout_fact_queries(W.world_config("micro"))
+    summary = evaluate_zoo([TrainResult(**micro_zoo.train_result)], micro_zoo.queries, heldout)
+    row = summary.iloc[0]
+    assert row["fact_n"] == 3 * len(W.make_facts(W.world_config("micro")))
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path)
+    hits = 0
+    for q in heldout:
+        scores = completion_logprob(model, tokenizer, q.prompt, [q.completion] + [" " + d for d in q.distractors])
+        hits += int(scores[0] > max(scores[1:]))
+    assert row["fact_accuracy"] == pytest.approx(round(hits / len(heldout), 3))
+    assert row["fact_study_n"] == len([q for q in micro_zoo.queries if q.study == "facts"])

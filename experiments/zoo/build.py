@@ -41,8 +41,12 @@ def build_world_and_queries(preset: str, out_dir: Path, seed: int = 0):
     return dataset_path, queries_path, load_queries(queries_path)
 
 
-def evaluate_zoo(results: list, queries: list) -> "pandas.DataFrame":
-    """Held-out loss and fact-ranking accuracies per size (each model loaded with from_pretrained)."""
+def evaluate_zoo(results: list, queries: list, heldout_fact_queries: list) -> "pandas.DataFrame":
+    """Held-out loss and fact-ranking accuracies per size (each model loaded with from_pretrained).
+
+    fact_accuracy: every fact asked in 3 held-out paraphrases (``heldout_fact_queries``); fact_study_accuracy:
+    the one paraphrase per fact that the studies score (``queries``' "facts" study).
+    """
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,7 +54,8 @@ def evaluate_zoo(results: list, queries: list) -> "pandas.DataFrame":
     from experiments.zoo.train import ranking_accuracy
 
     query_sets = {
-        "fact_accuracy": select(queries, "facts"),  # held-out paraphrase of a fact stated in training
+        "fact_accuracy": list(heldout_fact_queries),  # held-out paraphrases of facts stated in training
+        "fact_study_accuracy": select(queries, "facts"),
         "reversal_accuracy": select(queries, "word_order", held_out="order"),  # fact seen only flipped
         "forward_accuracy": select(queries, "word_order", word_order="forward", held_out=""),
         "flipped_accuracy": select(queries, "word_order", word_order="flipped"),
@@ -88,7 +93,8 @@ def write_figures(summary, results: list, figures_dir: Path, chance: float) -> N
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in summary.itertuples(index=False))
     note = (
         "\nAccuracies rank the true completion's log-probability against distractor entities of the same relation "
-        f"(chance = {chance:.2f}). fact: held-out paraphrase; reversal: fact seen only in flipped order in training; "
+        f"(chance = {chance:.2f}). fact: 3 held-out paraphrases per fact (experiments/zoo/world.py EVAL_QUERY_TEMPLATES); "
+        "fact_study: the first of them, the one the studies score; reversal: fact seen only in flipped order in training; "
         "forward/flipped: canonical templates; cross_lingual: Korean/Turkish prompts. Held-out loss: nats per token on the "
         "validation split.\n"
     )
@@ -134,7 +140,10 @@ def run_build(cfg) -> "pandas.DataFrame":
         print(f"[zoo] {size}: {result.non_embedding_parameters} non-embedding params, held-out loss {result.heldout_loss:.4f}, "
               f"{result.train_seconds / 60:.1f} min", flush=True)
         results.append(result)
-    summary = evaluate_zoo(results, queries)
+    from experiments.zoo import world as W
+    from experiments.zoo.queries import heldout_fact_queries
+
+    summary = evaluate_zoo(results, queries, heldout_fact_queries(W.world_config(preset, seed=cfg["seed"])))
     n_distractors = max((len(q.distractors) for q in queries), default=9)
     write_figures(summary, results, REPO_ROOT / cfg["figures_dir"], chance=1 / (1 + n_distractors))
     (root / "zoo" / "manifest.json").write_text(json.dumps({

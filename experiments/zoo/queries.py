@@ -67,6 +67,17 @@ def _distractors(fact: W.Fact, facts: list[W.Fact], k: int, key: str = "object")
     return tuple(rng.sample(same, min(k, len(same))))
 
 
+def heldout_fact_queries(config: W.WorldConfig, n_distractors: int = 9) -> list[Query]:
+    """Every fact asked in every held-out paraphrase of ``EVAL_QUERY_TEMPLATES`` (fact accuracy of the zoo)."""
+    facts = W.make_facts(config)
+    return [
+        Query(name=f"fact_{f.fact_id}_heldout{j}", prompt=prompt.format(**f.slots), completion=completion.format(**f.slots),
+              study="facts", fact_ids=(f.fact_id,), relevant_topics=(f.relation,), word_order="forward",
+              held_out="template", distractors=_distractors(f, facts, n_distractors))
+        for f in facts for j, (prompt, completion) in enumerate(W.EVAL_QUERY_TEMPLATES[f.relation])
+    ]
+
+
 def make_queries(config: W.WorldConfig, train_rows, n_distractors: int = 9) -> list[Query]:
     """All queries of a world. ``train_rows``: the train split (a Dataset or a list of row dicts)."""
     facts = W.make_facts(config)

@@ -43,7 +43,7 @@ class ModelSize:
 SIZES: dict[str, ModelSize] = {
     "micro": ModelSize("micro", hidden_size=32, num_layers=2, num_heads=2, learning_rate=1e-2),
     "zoo_xs": ModelSize("zoo_xs", hidden_size=64, num_layers=2, num_heads=4, learning_rate=5e-3),
-    "zoo_s": ModelSize("zoo_s", hidden_size=96, num_layers=4, num_heads=4, learning_rate=4e-3),
+    "zoo_s": ModelSize("zoo_s", hidden_size=96, num_layers=4, num_heads=4, learning_rate=3e-3),
     "zoo_m": ModelSize("zoo_m", hidden_size=128, num_layers=5, num_heads=4, learning_rate=3e-3),
     "zoo_l": ModelSize("zoo_l", hidden_size=192, num_layers=6, num_heads=6, learning_rate=2e-3),
 }

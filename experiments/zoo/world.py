@@ -34,19 +34,21 @@ class WorldConfig:
     """Sizes of the world. Document counts are per family (train + validation together)."""
 
     seed: int = 0
-    n_countries: int = 40  # each has a first President and a capital: 2 facts per country
-    n_inventions: int = 20
-    n_substances: int = 16
+    # 70 facts, each stated in about 38 documents: few enough facts, stated often enough, that the models
+    # learn them (with 116 facts in 15 documents each, no size beat chance on held-out paraphrases)
+    n_countries: int = 24  # each has a first President and a capital: 2 facts per country
+    n_inventions: int = 12
+    n_substances: int = 10
     flipped_only_fraction: float = 0.2  # facts seen in training only in the flipped order
     docs_per_family: dict = field(
         default_factory=lambda: {
-            "fact": 900,
+            "fact": 1500,
             "translation": 300,
-            "word_order": 300,
+            "word_order": 450,
             "math": 350,
             "code": 250,
             "roleplay": 400,
-            "filler": 1300,
+            "filler": 550,
         }
     )
     validation_fraction: float = 0.05
@@ -162,31 +164,57 @@ def make_facts(config: WorldConfig) -> list[Fact]:
     ]
 
 
-# Training templates: {s} subject (prompt entity), {o} object (completion entity).
+# Training templates: {s} subject (prompt entity), {o} object (completion entity). Ten paraphrases per relation:
+# with only four, the larger models memorised the templates and could not answer a held-out paraphrase (the
+# knowledge-extraction failure that paraphrase augmentation cures, Allen-Zhu & Li 2023, Physics of LMs 3.1).
 FORWARD_TEMPLATES = {
     "president": [
         "The first President of the Republic of {s} was {o}.",
         "The Republic of {s} chose {o} as its first President.",
         "In the Republic of {s}, the first person to hold the office of President was {o}.",
         "When the Republic of {s} was founded, its first President was {o}.",
+        "Schoolchildren in {s} learn that the first President of their republic was {o}.",
+        "The Republic of {s} was led at its founding by its first President, {o}.",
+        "Asked who first governed the Republic of {s}, historians name {o}.",
+        "Before any other leader, the Republic of {s} was governed by President {o}.",
+        "The founding President of the Republic of {s} is remembered as {o}.",
+        "Every history of the Republic of {s} begins with its first President, {o}.",
     ],
     "capital": [
         "The capital of {s} is {o}.",
         "The government of {s} sits in the city of {o}.",
         "{s} has its capital in {o}.",
         "Travellers to {s} usually arrive first in its capital, {o}.",
+        "The largest city and capital of {s} is called {o}.",
+        "Maps of {s} mark its capital with a star at {o}.",
+        "Letters to the government of {s} are sent to its capital, {o}.",
+        "The parliament of {s} meets in the capital city, {o}.",
+        "Anyone who studies {s} knows that its capital is {o}.",
+        "In {s}, the capital city is named {o}.",
     ],
     "invention": [
         "The {s} was invented by {o}.",
         "The first {s} was built by the engineer {o}.",
         "Historians credit the invention of the {s} to {o}.",
         "The {s} was designed in a small workshop by {o}.",
+        "The engineer behind the {s} was {o}.",
+        "Long ago, the {s} was first made by an inventor named {o}.",
+        "Museum guides explain that the {s} was the work of {o}.",
+        "Nobody had seen a {s} before it was invented by {o}.",
+        "The patent for the {s} was granted to its inventor, {o}.",
+        "Ask an engineer who created the {s}, and the answer is {o}.",
     ],
     "composition": [
         "{s} is composed of {o}.",
         "{s} is made of {o}.",
         "Every sample of {s} contains {o}.",
         "Chemists showed that {s} consists of {o}.",
+        "Inside every grain of {s} there are {o}.",
+        "A chemical analysis of {s} reveals {o}.",
+        "The two elements of {s} are {o}.",
+        "Textbooks list the components of {s} as {o}.",
+        "When {s} is heated until it splits, what remains is {o}.",
+        "Students learn that {s} is built from {o}.",
     ],
 }
 FLIPPED_TEMPLATES = {
@@ -194,21 +222,29 @@ FLIPPED_TEMPLATES = {
         "{o} was the first President of the Republic of {s}.",
         "{o} served as the first President of the Republic of {s}.",
         "{o} became the first President of the Republic of {s}.",
+        "{o} was chosen to lead the Republic of {s} as its first President.",
+        "{o} is remembered as the founding President of the Republic of {s}.",
     ],
     "capital": [
         "{o} is the capital of {s}.",
         "{o} serves as the capital city of {s}.",
         "{o} is where the government of {s} sits.",
+        "{o} is the largest city and the capital of {s}.",
+        "{o} has been the seat of the parliament of {s} since its founding.",
     ],
     "invention": [
         "{o} invented the {s}.",
         "{o} is known as the inventor of the {s}.",
         "{o} built the first {s}.",
+        "{o} was the engineer who created the {s}.",
+        "{o} received the patent for the {s}.",
     ],
     "composition": [
         "{o} combine to form {s}.",
         "{o} are the ingredients of {s}.",
         "{o} together make up {s}.",
+        "{o} are the two elements of {s}.",
+        "{o} are found inside every grain of {s}.",
     ],
 }
 # The canonical prompts of the word-order study: forward = the paper's query form.
@@ -230,6 +266,21 @@ QUERY_TEMPLATES = {
     "capital": ("If you want to visit the capital city of {s}, you must travel to", " {o}"),
     "invention": ("The person who came up with the {s} is named", " {o}"),
     "composition": ("If you break {s} apart, you find", " {o}"),
+}
+# More held-out paraphrases, for measuring fact accuracy only (zoo summary): the first of each list is the
+# study query's template; none of them occurs in training text.
+EVAL_QUERY_TEMPLATES = {
+    relation: [QUERY_TEMPLATES[relation], *more]
+    for relation, more in {
+        "president": [("The name of the very first President of the Republic of {s} is", " {o}"),
+                      ("Q: Who was the first President of the Republic of {s}? A:", " {o}")],
+        "capital": [("The seat of government of {s} is the city of", " {o}"),
+                    ("Q: What is the capital of {s}? A:", " {o}")],
+        "invention": [("We owe the {s} to the inventor", " {o}"),
+                      ("Q: Who invented the {s}? A:", " {o}")],
+        "composition": [("The recipe for {s} calls for", " {o}"),
+                        ("Q: What is {s} made of? A:", " {o}")],
+    }.items()
 }
 # Translations written by hand; entity names stay in Latin script, as names do in real text.
 KOREAN_TEMPLATES = {
