@@ -155,7 +155,8 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
 
 def cached_finetune(inputs, cfg: DictConfig) -> pd.DataFrame:
     """The fine-tuning extension's table, computed once per (model, settings) and kept under artifacts/."""
-    key = config_digest(OmegaConf.create({"finetune": cfg.finetune, "influence": cfg.influence, "data": inputs.fingerprint}))
+    key = config_digest(OmegaConf.create({"finetune": cfg.finetune, "influence": cfg.influence, "data": inputs.fingerprint,
+                                          "model": inputs.model_fingerprint}))
     path = Path(cfg.artifacts) / "finetune" / inputs.model_name / f"{key}.csv"
     if path.exists():
         return pd.read_csv(path)
