@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench validate
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench validate report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -44,6 +44,9 @@ all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per mo
 
 figures:  ## redraw every study's tables and figures from saved scores, recomputing nothing
 	for study in $(STUDIES); do INFLUENCE_LAB_FIGURES_ONLY=1 $(PYTHON) -m experiments.$$study || exit 1; done
+
+report:  ## browsable HTML of every study's top sequences, tokens coloured by influence -> outputs/report/ (+ figures/report/)
+	$(PYTHON) -m experiments.report
 
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
 	$(PYTHON) -m experiments.score
