@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .task import IGNORE_INDEX, Batch, Task
+from .task import IGNORE_INDEX, Batch, Task, sampled_label_surrogate, trim_padding
 from .tracking import LayerCapture, TrackedLayer, model_fingerprint, tracked_parameters_require_grad
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
@@ -280,7 +280,10 @@ def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch
     """
     capture.clear()
     if args.fisher == "sampled":
-        loss = task.pseudo_loss(model, batch, generator)
+        if type(task).pseudo_loss is Task.pseudo_loss:  # the default definition: its cheaper twin, same gradient
+            loss = sampled_label_surrogate(*task.forward(model, batch), generator)
+        else:
+            loss = task.pseudo_loss(model, batch, generator)
         check_finite(loss, "pseudo loss")
         return [capture.output_gradients(loss)]
     logits, labels = task.forward(model, batch)
@@ -306,6 +309,28 @@ def token_weights(task: Task, batch: Batch, activation: torch.Tensor) -> torch.T
     return mask.to(activation.device, activation.dtype).reshape(*activation.shape[:2], 1)
 
 
+def real_token_activations(task: Task, batch: Batch, activation: torch.Tensor) -> torch.Tensor:
+    """a (B, T, d_in) with padding tokens zeroed; a itself, not a masked copy, when every token is real."""
+    mask = task.token_mask(batch)
+    if mask is None or bool(mask.all()):
+        return activation
+    return activation * token_weights(task, batch, activation)
+
+
+def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+    """D_n = sum_t g_t a_t^T: a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in).
+
+    One batched matmul on the strided g^T (torch.einsum copied its operands into another layout first).
+    """
+    return torch.bmm(output_gradients.transpose(1, 2), activations)
+
+
+def rotate_tokens_first(tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether Q_S^T D_n Q_A is cheaper as (g_t Q_S)(a_t Q_A) summed over tokens, T (d_in^2 + d_out^2) multiply-adds
+    per sequence, than by rotating D_n itself, d_out d_in (d_out + d_in): short sequences rotate tokens."""
+    return tokens * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_out + d_in)
+
+
 def _covariance_pass(model, layers, task, batches, args: FactorArguments,
                      checkpoint: "PassCheckpoint | None" = None) -> dict[str, torch.Tensor]:
     dtype = args.torch_dtype
@@ -315,18 +340,16 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
-            batch = to_device(batch, model)
+            batch = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index))
             for layer in layers:
-                a = capture.activations[layer.name].to(dtype)
-                mask = token_weights(task, batch, a)
-                a = (a * mask).reshape(-1, a.shape[-1])
-                _add_gram(sums[f"{layer.name}.activation"], a)
+                a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
+                _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
                 for grads in draws:
                     g = grads[layer.name].to(dtype).reshape(-1, layer.out_features)
                     check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
                     _add_gram(sums[f"{layer.name}.gradient"], g)
-            sums["num_tokens"] += float(mask.sum())
+            sums["num_tokens"] += float(token_weights(task, batch, a).sum())
             sums["num_sequences"] += capture.activations[layers[-1].name].shape[0]
             if checkpoint is not None:
                 checkpoint.step(index, sums)
@@ -365,19 +388,26 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
-            batch = to_device(batch, model)
+            batch = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index))
             for layer in layers:
-                a = capture.activations[layer.name].to(dtype)
-                a = a * token_weights(task, batch, a)
+                a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
+                q_a = q_s = None
                 if eig is not None:
-                    a = a @ eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
+                    q_a = eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
+                    q_s = eig[f"{layer.name}.gradient_eigenvectors"].to(a.device)
+                tokens_first = q_a is not None and rotate_tokens_first(a.shape[1], layer.out_features, layer.input_dim)
+                if tokens_first:
+                    a = a @ q_a
                 for grads in draws:
                     g = grads[layer.name].to(dtype)
-                    if eig is not None:
-                        g = g @ eig[f"{layer.name}.gradient_eigenvectors"].to(g.device)
-                    per_sequence = torch.einsum("bto,bti->boi", g, a)  # rotated D_n, (B, d_out, d_in)
-                    sums[layer.name] += per_sequence.square().sum(dim=0).cpu()
+                    if tokens_first:
+                        per_sequence = per_sequence_gradients(a, g @ q_s)  # rotated D_n, (B, d_out, d_in)
+                    else:
+                        per_sequence = per_sequence_gradients(a, g)
+                        if q_a is not None:
+                            per_sequence = q_s.T @ per_sequence @ q_a
+                    sums[layer.name] += per_sequence.square_().sum(dim=0).cpu()
             sums["num_sequences"] += a.shape[0]
             if checkpoint is not None:
                 checkpoint.step(index, sums)

@@ -51,6 +51,24 @@ class Task:
         return summed_cross_entropy(logits, torch.where(valid, sampled, IGNORE_INDEX))
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """The batch without the trailing columns that are padding in every row (attention_mask 0 throughout).
+
+    Sequences right-padded to the longest of a whole data set (or query set) make every pass pay for that width in
+    every batch; dropping the columns no row uses changes no real token's activations or gradients (right padding
+    sits after the real tokens). Batches without a 2-D attention_mask, or without such columns, are returned as is.
+    """
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return batch
+    used = mask.any(dim=0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    if width == mask.shape[1]:
+        return batch
+    return {k: v[:, :width] if isinstance(v, torch.Tensor) and v.shape[:2] == mask.shape else v
+            for k, v in batch.items()}
+
+
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sum over positions with label != IGNORE_INDEX of -log softmax(logits)[label]; logits (B,T,C)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -66,10 +84,31 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     on the device. (Gumbel-max drew |positions| x |vocabulary| uniforms and torch.multinomial was no faster:
     either took most of a fitting pass.)
     """
-    cdf = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1]).cumsum_(dim=-1)
+    return _inverse_cdf_sample(torch.softmax(logits.detach().float(), dim=-1), generator)
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """y ~ Categorical(probs) per position, one uniform per position: probs (..., C) -> (...)."""
+    cdf = probs.reshape(-1, probs.shape[-1]).cumsum(dim=-1)
     uniform = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
-    labels = torch.searchsorted(cdf, uniform, right=True).clamp_max_(logits.shape[-1] - 1)
-    return labels.reshape(logits.shape[:-1])
+    labels = torch.searchsorted(cdf, uniform, right=True).clamp_max_(probs.shape[-1] - 1)
+    return labels.reshape(probs.shape[:-1])
+
+
+def sampled_label_surrogate(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A scalar with the gradient of the default `Task.pseudo_loss`: sum_t (p_t - e_{y_t})^T logits_t, p detached.
+
+    d CE(logits_t, y_t) / d logits_t = p_t - e_{y_t}, so this is the true-Fisher pseudo-gradient with the labels
+    `sample_labels` draws (same generator, same draws), without the cross-entropy's second pass over the vocabulary
+    (log-softmax forward and backward, and a copy of the shifted logits). logits (B, T, C), labels (B, T).
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    sampled = _inverse_cdf_sample(probs, generator)  # the draws of sample_labels, from float32 probabilities
+    if logits.dtype == torch.float64:  # the cross-entropy it replaces is float64 there: so is p in p - e_y
+        probs = torch.softmax(logits.detach(), dim=-1)
+    residual = probs.scatter_add_(-1, sampled.unsqueeze(-1), probs.new_full((*sampled.shape, 1), -1.0))  # p - e_y
+    residual.mul_((labels != IGNORE_INDEX).unsqueeze(-1))
+    return (logits * residual.to(logits.dtype)).sum()
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -1,0 +1,95 @@
+"""The engine's shortcuts (issue 8's speed-ups) give the same numbers as the plain definitions they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_models import gpt2, gpt_neox, query_batches, token_batches
+from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
+                            iterate_batches, precondition_queries, query_gradients, track_layers)
+from influence_core import factors as factors_module
+from influence_core.task import IGNORE_INDEX, sampled_label_surrogate, trim_padding
+from test_factors import FixedLabelTask
+
+ARGS = dict(dtype="float64", progress=False)
+
+
+@pytest.mark.parametrize("make_model", [gpt_neox, gpt2], ids=["gpt_neox", "gpt2_conv1d"])
+def test_sampled_label_surrogate_has_the_pseudo_loss_gradient(make_model):
+    """sum_t (p_t - e_{y_t})^T logits_t has the gradient of sum_t CE(logits_t, y_t), with the same draws y_t."""
+    model = make_model()
+    task = CausalLMTask()
+    batch = token_batches(4, length=7)[0]  # the first row is right-padded: its last labels are ignored
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(task.pseudo_loss(model, batch, torch.Generator().manual_seed(7)), params)
+    logits, labels = task.forward(model, batch)
+    surrogate = sampled_label_surrogate(logits, labels, torch.Generator().manual_seed(7))
+    for got, want in zip(torch.autograd.grad(surrogate, params), expected):
+        torch.testing.assert_close(got, want)
+    # a different draw gives a different gradient: the test would notice labels that ignore the generator
+    other = sampled_label_surrogate(*task.forward(model, batch), torch.Generator().manual_seed(8))
+    assert not torch.allclose(torch.autograd.grad(other, params)[0], expected[0])
+
+
+@pytest.mark.parametrize("make_model", [gpt_neox, gpt2], ids=["gpt_neox", "gpt2_conv1d"])
+def test_eigenvalue_correction_is_the_same_in_either_rotation_order(make_model, monkeypatch):
+    """Q_S^T (sum_t g_t a_t^T) Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T: the cost-based choice changes no eigenvalue."""
+    model = make_model()
+    layers = track_layers(model)
+    fitted = {}
+    for tokens_first in (True, False):
+        monkeypatch.setattr(factors_module, "rotate_tokens_first", lambda *shape, choice=tokens_first: choice)
+        fitted[tokens_first] = fit_factors(model, layers, FixedLabelTask(), token_batches(10), FactorArguments(**ARGS))
+    for layer in layers:
+        torch.testing.assert_close(fitted[True].layers[layer.name].eigenvalues,
+                                   fitted[False].layers[layer.name].eigenvalues, rtol=1e-10, atol=1e-14)
+
+
+def padded_columns(batches, extra: int):
+    """The same batches with `extra` all-padding columns appended (every row right-padded further)."""
+    out = []
+    for batch in batches:
+        rows = batch["input_ids"].shape[0]
+        out.append({"input_ids": torch.cat([batch["input_ids"], torch.zeros(rows, extra, dtype=torch.long)], 1),
+                    "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(rows, extra, dtype=torch.long)], 1),
+                    "labels": torch.cat([batch["labels"], torch.full((rows, extra), IGNORE_INDEX)], 1)})
+    return out
+
+
+def test_trim_padding_drops_only_columns_that_every_row_pads():
+    ids = torch.arange(12).reshape(2, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    trimmed = trim_padding({"input_ids": ids, "attention_mask": mask, "labels": ids, "note": "kept"})
+    assert trimmed["input_ids"].shape == (2, 4) and trimmed["attention_mask"].shape == (2, 4)
+    assert torch.equal(trimmed["labels"], ids[:, :4]) and trimmed["note"] == "kept"
+    left_padded = {"input_ids": ids, "attention_mask": mask.flip(1)}
+    assert trim_padding(left_padded) is left_padded  # no trailing column is padding in every row
+
+
+def test_trailing_padding_columns_change_no_factor_and_no_score():
+    """Fitting and scoring on batches padded 5 columns wider gives the same factors and scores; token-wise scores
+    keep the padded width, with zeros on the padding."""
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    fit, train, queries = token_batches(8, seed=4), token_batches(6), query_batches()
+
+    def run(fit, train, queries):
+        factors = fit_factors(model, layers, task, fit, FactorArguments(**ARGS))
+        q = precondition_queries(query_gradients(model, layers, task, queries, progress=False), factors)
+        return factors, compute_scores(model, layers, task, train, q, args=ScoreArguments(per_token=True, progress=False))
+
+    plain_factors, plain = run(fit, train, queries)
+    # queries carry no attention padding of their own: give them some, with the labels ignored there
+    padded_queries = padded_columns(queries, 3)
+    padded_factors, padded = run(padded_columns(fit, 5), padded_columns(train, 5), padded_queries)
+    for layer in layers:
+        torch.testing.assert_close(padded_factors.layers[layer.name].eigenvalues,
+                                   plain_factors.layers[layer.name].eigenvalues)
+    torch.testing.assert_close(padded.total, plain.total)
+    torch.testing.assert_close(padded.per_layer, plain.per_layer)
+    width = plain.per_token.shape[-1]
+    assert padded.per_token.shape[-1] == width + 5
+    torch.testing.assert_close(padded.per_token[..., :width], plain.per_token)
+    assert bool((padded.per_token[..., width:] == 0).all())
