@@ -57,6 +57,29 @@ def test_conjugate_gradient_equals_exact_ihvp():
         float(torch.linalg.eigvalsh(gnh)[-1]), rel=1e-3)
 
 
+def test_preconditioned_conjugate_gradient_equals_exact_ihvp():
+    """A preconditioner changes the path, not the solution: a poor one (Jacobi) still reaches the dense solve, the
+    exact inverse reaches it in one step."""
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    batches = token_batches(6, seed=3)
+    gnh = exact_gauss_newton(model, layers, task, batches)
+    damping = layer_damping_vector(layers, {l.name: 1e-3 * (i + 1) for i, l in enumerate(layers)})
+    rhs = torch.randn(2, gnh.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = exact_ihvp(gnh, rhs, damping)
+    jacobi = 1.0 / (torch.diagonal(gnh) + damping)
+    x, info = conjugate_gradient(lambda v: v @ gnh, rhs, damping, tolerance=1e-9, max_iterations=3000,
+                                 preconditioner=lambda v: v * jacobi)
+    torch.testing.assert_close(x, exact, rtol=1e-6, atol=1e-5)
+    assert info["preconditioned"] and max(info["relative_residual"]) < 1e-9
+    inverse = torch.linalg.inv(gnh + torch.diag(damping))
+    x, info = conjugate_gradient(lambda v: v @ gnh, rhs, damping, tolerance=1e-9, max_iterations=3000,
+                                 preconditioner=lambda v: v @ inverse)
+    torch.testing.assert_close(x, exact, rtol=1e-6, atol=1e-5)
+    assert info["iterations"] <= 2, info
+
+
 def test_lissa_converges_to_exact_ihvp():
     """Full-batch LiSSA (batch = all data) with enough depth is the Neumann series: it equals the dense solve."""
     model = mlp_classifier()
