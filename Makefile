@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench validate report
+.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -51,8 +51,13 @@ report:  ## browsable HTML of every study's top sequences, tokens coloured by in
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
 	$(PYTHON) -m experiments.score
 
-bench:  ## cost cutting: throughput ratio, low-rank accuracy, TF-IDF recall -> figures/bench/
+bench-setup:  ## the bench extra, then kronfluence without its torchvision requirement (figures/bench/README.md says why)
+	$(PYTHON) -m pip install -e ".[dev,bench]"
+	$(PYTHON) -m pip install --no-deps kronfluence==1.0.1
+
+bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall) and ours vs kronfluence (PEERS_ARGS="--grid full") -> figures/bench/
 	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall
+	$(PYTHON) -m benchmarks.peers $(PEERS_ARGS)
 
 validate:  ## EK-FAC, K-FAC, diagonal, identity, LiSSA vs exact damped-GNH influence and the PBRF (figures/validate/)
 	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate

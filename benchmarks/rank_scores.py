@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.setup import ARTIFACTS, as_engine_queries, diverse_queries, load_bench
 from influence_core import ScoreArguments, encode_queries, iterate_batches, precondition_queries, query_gradients
+from influence_core import model_fingerprint
 from influence_core.lowrank import compress_query
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards, scores_matrix
 
@@ -32,7 +33,8 @@ def rank_variant_scores(model_choice: str = "auto", num_queries: int = 16, pool:
     total = len(bench.encoded["input_ids"])
     rows = np.sort(np.random.default_rng(seed).permutation(total)[: min(pool, total)])
     train = {k: v[torch.as_tensor(rows)] for k, v in bench.encoded.items()}
-    out = ARTIFACTS / "bench" / f"rank-scores-{bench.name}-{num_queries}q-{len(rows)}-seed{seed}"
+    model = model_fingerprint(bench.layers)  # a retrained model gets fresh shards
+    out = ARTIFACTS / "bench" / f"rank-scores-{bench.name}-{model}-{num_queries}q-{len(rows)}-seed{seed}"
     score_in_shards(bench.model, bench.layers, bench.task, train, variants, variant_names, out,
                     ShardArguments(shard_size=100, batch_size=8, top_k_tokens=0), ScoreArguments(progress=True))
     matrix = scores_matrix(read_scores(out), variant_names, len(rows))

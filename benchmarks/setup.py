@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from experiments.loading import load_model_and_tokenizer, load_text_dataset, model_max_length, tokenize_sequences
-from influence_core import CausalLMTask, FactorArguments, Query, fit_factors, iterate_batches, track_layers
+from influence_core import (CausalLMTask, FactorArguments, Query, fit_factors, iterate_batches, model_fingerprint,
+                            track_layers)
 from influence_core.task import IGNORE_INDEX
 
 ARTIFACTS = Path(os.environ.get("INFLUENCE_LAB_ARTIFACTS", "artifacts"))
@@ -50,8 +51,9 @@ def load_bench(model_choice: str = "auto", num_fit_sequences: int = 256) -> Benc
     layers = track_layers(model)
     task = CausalLMTask()
     fit = {k: v[:num_fit_sequences] for k, v in encoded.items()}
+    factor_dir = ARTIFACTS / "bench" / f"factors-{name}-{num_fit_sequences}-{model_fingerprint(layers)}"  # per model
     factors = fit_factors(model, layers, task, iterate_batches(fit, 8), FactorArguments(progress=False),
-                          output_dir=ARTIFACTS / "bench" / f"factors-{name}-{num_fit_sequences}",
+                          output_dir=factor_dir,
                           data_fingerprint=f"{train._fingerprint}:{num_fit_sequences}")
     return Bench(name, model, tokenizer, layers, task, encoded, list(train["text"]), load_queries(queries_path), factors)
 

@@ -1,0 +1,328 @@
+"""One system on one workload, in its own process: fit EK-FAC factors, then score Q queries for each Q.
+
+    python -m benchmarks.peer_systems --system ours --model zoo --sequences 1000 --queries 1 32 128 --out DIR
+
+Every process first measures the floor, one plain forward + backward pass over the N sequences (every parameter
+gradient, as in training), then runs its system (`--system floor` measures only the floor). Systems:
+- `ours`: influence_core (fit_factors, query_gradients, precondition_queries, compute_scores), full-rank queries.
+- `kronfluence`: kronfluence's Analyzer with the same settings (below); pseudo-labels drawn by our sampler from a
+  generator of its own, so independent of ours.
+- `kronfluence_shared`: kronfluence fed our sampled labels (same generator per batch and pass as ours), so the
+  Fisher estimates are the same draw and the scores must agree to float precision: a test of the definitions.
+
+Same settings for every system: tracked modules = the MLP linear layers (`track_layers` default "*mlp*"; GPT-2
+Conv1D layers are swapped for the equivalent nn.Linear for kronfluence, which tracks only nn.Linear / Conv2d),
+the same N sequences for fitting and scoring, batch size, float32 everywhere (no AMP; eigendecomposition in
+float64 in both), true Fisher (labels sampled from the model) for the covariances and the eigenvalue correction,
+damping 0.1 x mean(Lambda) per layer (kronfluence: damping_factor=None), training loss summed over tokens.
+
+Sign: ours is I = -grad f^T (G + lambda I)^-1 grad L with f = log p(completion) (paper Eq 24-25). kronfluence's
+pairwise score is grad m^T (G + lambda I)^-1 grad L for its measurement m, with no minus sign; we give it
+m = log p(completion) (the paper's f) and report -score, which is then the same quantity
+(tests/test_bench_peers.py checks the sign).
+
+Timings, wall and CPU time of the process: fit = covariance + eigendecomposition + correction (each stage's wall
+time also reported); score = query gradients + preconditioning + the pass over the N training sequences, per Q.
+Peak memory per phase: peak RSS (VmHWM, reset before each phase through /proc/self/clear_refs) and, on a GPU,
+torch.cuda.max_memory_allocated.
+Writes DIR/result.json and DIR/scores_q<Q>.npy ((Q, N) float32, in our sign convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.workloads import LoadedWorkload, Workload, describe, load_workload
+from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors, iterate_batches,
+                            precondition_queries, query_gradients, track_layers)
+from influence_core.factors import batch_generator
+from influence_core.task import IGNORE_INDEX, sample_labels
+
+SYSTEMS = ("floor", "ours", "kronfluence", "kronfluence_shared")
+QUERY_BATCH = 32  # queries per forward/backward of their gradients in every system; all Q share one training pass
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process since the last reset (Linux VmHWM), in MiB."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def reset_peaks() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+@contextmanager
+def phase(record: dict, name: str):
+    """Time a phase and record its peak memory: record[name + '_s' (wall), '_cpu_s' (this process's CPU time, all
+    threads), '_peak_rss_mb', and on a GPU '_peak_gpu_mb']. On a CPU shared with other jobs the CPU time of a
+    one-thread process is what the phase costs; the wall time also counts the time other processes held the cores."""
+    reset_peaks()
+    record[f"{name}_start_rss_mb"] = peak_rss_mb()  # right after the reset: the resident size at the start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        record[f"{name}_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    record[f"{name}_s"] = time.perf_counter() - start
+    record[f"{name}_cpu_s"] = time.process_time() - start_cpu
+    record[f"{name}_peak_rss_mb"] = peak_rss_mb()
+
+
+def warm_up(loaded: LoadedWorkload) -> None:
+    """One untimed forward + backward, so no system pays for lazy library initialisation."""
+    batch = {k: v[: loaded.workload.batch_size] for k, v in loaded.train.items()}
+    params = list(loaded.model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    torch.autograd.grad(CausalLMTask().training_loss(loaded.model, batch), params)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------------------------ systems
+
+
+def run_floor(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int,
+              max_sequences: int | None = None) -> dict:
+    """One plain forward + backward over the data: every parameter's gradient, as a training step computes it.
+
+    With max_sequences < N, the pass runs over the first max_sequences and its times are scaled by N / max_sequences
+    (every batch has the same shape, so the cost per batch is constant): it keeps the 10k-sequence cells affordable.
+    """
+    model, task = loaded.model, CausalLMTask()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    sequences = loaded.workload.sequences
+    measured = min(sequences, max_sequences or sequences)
+    record: dict = {"floor_measured_sequences": measured}
+    with phase(record, "floor"):
+        for batch in iterate_batches({k: v[:measured] for k, v in loaded.train.items()}, loaded.workload.batch_size):
+            model.zero_grad(set_to_none=True)
+            task.training_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    for key in ("floor_s", "floor_cpu_s"):
+        record[key] *= sequences / measured
+    return record
+
+
+def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int) -> dict:
+    model, task = loaded.model, CausalLMTask()
+    layers = track_layers(model)
+    batches = iterate_batches(loaded.train, loaded.workload.batch_size)
+    factor_dir = out / "factors"
+    shutil.rmtree(factor_dir, ignore_errors=True)
+    record: dict = {"tracked_layers": [l.name for l in layers]}
+    with phase(record, "fit"):
+        factors = fit_factors(model, layers, task, batches, FactorArguments(strategy="ekfac", damping_factor=0.1,
+                              seed=seed, progress=False), output_dir=factor_dir)
+    record["fit_stages_s"] = dict(factors.manifest["timings_s"])
+    record["scores"] = []
+    for count in queries:
+        names, encoded = loaded.encoded_queries(count)
+        entry: dict = {"queries": count}
+        with phase(entry, "score"):
+            gradients = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH), progress=False)
+            preconditioned = precondition_queries(gradients, factors)
+            del gradients  # as in README's one-liner: only the preconditioned queries stay while scoring
+            scores = compute_scores(model, layers, task, batches, preconditioned, names, ScoreArguments(progress=False))
+            del preconditioned
+        np.save(out / f"scores_q{count}.npy", scores.total.numpy().astype(np.float32))
+        record["scores"].append(entry)
+    return record
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of a dict of (N, ...) tensors, as kronfluence's DataLoader wants them."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def kronfluence_task(module_names: list[str], shared_labels: tuple[int, int] | None = None,
+                     independent_seed: int = 1234567):
+    """kronfluence Task for a causal LM with our definitions (summed CE training loss, f = log p(completion)).
+
+    Pseudo-labels come from our inverse-CDF sampler (`sample_labels`), so sampling costs the two engines the same:
+    by default from one generator of its own (draws independent of ours); with shared_labels = (seed, batches per
+    pass) the k-th sampled batch uses the generator ours uses for batch k mod n of pass k // n (covariance pass 0,
+    correction pass 1): the same draws as ours. (kronfluence's examples sample with torch.multinomial, which cost
+    it ~11 s more per 1k-sequence fit on zoo_s, vocabulary 4096; figures/bench/README.md.)
+    """
+    from kronfluence.task import Task
+
+    def logits_and_labels(batch, model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    def summed_ce(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+
+    class CausalLMKronfluenceTask(Task):
+        sampled_batches = 0
+        independent = torch.Generator().manual_seed(independent_seed)
+
+        def compute_train_loss(self, batch, model, sample=False):
+            logits, labels = logits_and_labels(batch, model)
+            if sample:
+                if shared_labels is None:
+                    generator = self.independent
+                else:
+                    seed, per_pass = shared_labels
+                    k = self.sampled_batches
+                    generator = batch_generator(seed, k // per_pass, k % per_pass)
+                    self.sampled_batches += 1
+                sampled = sample_labels(logits, generator)
+                labels = torch.where(labels != IGNORE_INDEX, sampled, IGNORE_INDEX)
+            return summed_ce(logits, labels)
+
+        def compute_measurement(self, batch, model):
+            logits, labels = logits_and_labels(batch, model)
+            return -summed_ce(logits, labels)  # f = sum of log p(completion tokens); prompt labels are ignored
+
+        def get_influence_tracked_modules(self):
+            return list(module_names)
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return CausalLMKronfluenceTask()
+
+
+def conv1d_as_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace each transformers Conv1D (y = x W + b, W (d_in, d_out)) by the same map as nn.Linear, in place."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D":
+            continue
+        d_in, d_out = module.weight.shape
+        linear = torch.nn.Linear(d_in, d_out, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model
+
+
+def run_kronfluence(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, shared: bool = False) -> dict:
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments as KronFactorArguments
+    from kronfluence.arguments import ScoreArguments as KronScoreArguments
+
+    names = [l.name for l in track_layers(loaded.model)]
+    batch_size = loaded.workload.batch_size
+    per_pass = -(-loaded.workload.sequences // batch_size)
+    task = kronfluence_task(names, (seed, per_pass) if shared else None, independent_seed=seed + 1234567)
+    model = prepare_model(conv1d_as_linear(loaded.model), task)
+    root = out / "kronfluence"
+    shutil.rmtree(root, ignore_errors=True)
+    analyzer = Analyzer("bench", model, task, cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                        output_dir=str(root), log_level=logging.WARNING)
+    train = _Rows(loaded.train)
+    float32 = torch.float32
+    factor_args = KronFactorArguments(
+        strategy="ekfac", use_empirical_fisher=False, amp_dtype=None, covariance_max_examples=None,
+        lambda_max_examples=None, activation_covariance_dtype=float32, gradient_covariance_dtype=float32,
+        eigendecomposition_dtype=torch.float64, per_sample_gradient_dtype=float32, lambda_dtype=float32)
+    score_args = KronScoreArguments(damping_factor=None, amp_dtype=None, per_sample_gradient_dtype=float32,
+                                    precondition_dtype=float32, score_dtype=float32)
+    record: dict = {"tracked_layers": names, "label_sampling": "ours' draws" if shared else "own generator"}
+    stages = {}
+    with phase(record, "fit"):
+        start = time.perf_counter()
+        analyzer.fit_covariance_matrices("ekfac", train, per_device_batch_size=batch_size, factor_args=factor_args,
+                                         overwrite_output_dir=True)
+        stages["covariance"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.perform_eigendecomposition("ekfac", factor_args=factor_args, overwrite_output_dir=True)
+        stages["eigendecomposition"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.fit_lambda_matrices("ekfac", train, per_device_batch_size=batch_size, factor_args=factor_args,
+                                     overwrite_output_dir=True)
+        stages["eigenvalue_correction"] = time.perf_counter() - start
+    record["fit_stages_s"] = stages
+    record["scores"] = []
+    for count in queries:
+        _, encoded = loaded.encoded_queries(count)
+        entry: dict = {"queries": count}
+        with phase(entry, "score"):
+            query_batch = min(count, QUERY_BATCH)  # accumulating every query batch first: one training pass
+            args = dataclasses.replace(score_args, query_gradient_accumulation_steps=-(-count // query_batch))
+            analyzer.compute_pairwise_scores(
+                f"q{count}", "ekfac", _Rows(encoded), train, per_device_query_batch_size=query_batch,
+                per_device_train_batch_size=batch_size, score_args=args, overwrite_output_dir=True)
+            scores = analyzer.load_pairwise_scores(f"q{count}")
+        np.save(out / f"scores_q{count}.npy", (-scores["all_modules"]).numpy().astype(np.float32))  # our sign
+        record["scores"].append(entry)
+    return record
+
+
+RUNNERS = {"floor": run_floor, "ours": run_ours, "kronfluence": run_kronfluence,
+           "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", required=True, choices=SYSTEMS)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sequences", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--queries", type=int, nargs="*", default=[])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--floor-sequences", type=int, default=2000, help="measure the floor on at most this many")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = Workload(args.model, args.sequences, args.seq_len, args.batch_size)
+    start = time.perf_counter()
+    loaded = load_workload(workload)
+    record = {"system": args.system, "workload": describe(loaded), "seed": args.seed, "threads": args.threads,
+              "torch": torch.__version__, "load_s": time.perf_counter() - start, "rss_after_load_mb": peak_rss_mb()}
+    if args.system.startswith("kronfluence"):
+        import kronfluence
+
+        record["kronfluence"] = kronfluence.__version__
+    warm_up(loaded)
+    if args.system != "floor":  # the floor in the same process, just before: machine load shifts both alike
+        record.update(run_floor(loaded, [], args.out, args.seed, args.floor_sequences))
+    record.update(RUNNERS[args.system](loaded, args.queries, args.out, args.seed))
+    (args.out / "result.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The peer benchmark's adapters: ours through the harness equals influence_core called directly, and kronfluence
+fed the same sampled labels gives the same scores, sign included (skipped when kronfluence is not installed)."""
+
+import importlib.util
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from benchmarks.peer_systems import conv1d_as_linear, peak_rss_mb, run_kronfluence, run_ours
+from benchmarks.peers import agreement
+from benchmarks.workloads import LoadedWorkload, Workload
+from influence_core import (CausalLMTask, FactorArguments, Query, compute_scores, encode_queries, fit_factors,
+                            iterate_batches, precondition_queries, query_gradients, track_layers)
+
+VOCAB, SEQUENCES, SEQ_LEN, BATCH = 40, 24, 10, 8
+WorldQuery = namedtuple("WorldQuery", "name prompt completion")
+
+
+class CharTokenizer:
+    """One token per character: enough for encode_queries."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+    def __len__(self):
+        return VOCAB
+
+
+def tiny_workload() -> LoadedWorkload:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()  # Conv1D MLP layers
+    ids = torch.randint(1, VOCAB, (SEQUENCES, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    train = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    queries = [WorldQuery("a", "the cat", " sat"), WorldQuery("b", "a dog", " ran far"),
+               WorldQuery("c", "one two", " three")]
+    return LoadedWorkload(Workload("gpt2_s", SEQUENCES, SEQ_LEN, BATCH), "tiny", model, CharTokenizer(), train,
+                          queries)
+
+
+def test_harness_runs_influence_core_with_the_stated_settings(tmp_path):
+    loaded = tiny_workload()
+    record = run_ours(loaded, [3], tmp_path, seed=0)
+    harness = np.load(tmp_path / "scores_q3.npy")
+
+    model, task, layers = loaded.model, CausalLMTask(), track_layers(loaded.model)
+    assert [l.name for l in layers] == record["tracked_layers"] and all(l.transposed_weight for l in layers)
+    batches = iterate_batches(loaded.train, BATCH)
+    factors = fit_factors(model, layers, task, batches, FactorArguments(progress=False))
+    encoded = encode_queries(CharTokenizer(), [Query(q.name, q.prompt, q.completion) for q in loaded.queries])
+    q = precondition_queries(query_gradients(model, layers, task, iterate_batches(encoded, 3), progress=False), factors)
+    direct = compute_scores(model, layers, task, batches, q).total.numpy()
+    np.testing.assert_allclose(harness, direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
+    assert record["fit_s"] > 0 and record["scores"][0]["score_s"] > 0
+
+
+def test_conv1d_as_linear_keeps_the_function():
+    loaded = tiny_workload()
+    ids = loaded.train["input_ids"][:2]
+    before = loaded.model(input_ids=ids).logits
+    after = conv1d_as_linear(loaded.model)(input_ids=ids).logits
+    assert not any(type(m).__name__ == "Conv1D" for m in loaded.model.modules())
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
+
+
+def test_agreement_and_memory_helpers():
+    a = np.random.default_rng(0).normal(size=(2, 300))
+    assert agreement(a, a) == pytest.approx({"pearson": 1.0, "pearson_min": 1.0, "spearman": 1.0,
+                                             "top100_overlap": 1.0})
+    assert agreement(a, -a)["pearson"] == pytest.approx(-1.0)
+    assert peak_rss_mb() is None or peak_rss_mb() > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None,
+                    reason="kronfluence not installed (see figures/bench/README.md)")
+def test_kronfluence_with_our_sampled_labels_gives_our_scores(tmp_path):
+    """Same model, data, MLP layers (GPT-2 Conv1D), damping heuristic and pseudo-label draw: the two engines compute
+    the same EK-FAC influence, and kronfluence's score of f = log p, negated, is ours (paper Eq 24 sign)."""
+    for name in ("ours", "kron"):
+        (tmp_path / name).mkdir()
+    run_ours(tiny_workload(), [3], tmp_path / "ours", seed=0)
+    ours = np.load(tmp_path / "ours" / "scores_q3.npy")
+    record = run_kronfluence(tiny_workload(), [3], tmp_path / "kron", seed=0, shared=True)
+    peer = np.load(tmp_path / "kron" / "scores_q3.npy")
+    assert record["tracked_layers"] == [l.name for l in track_layers(tiny_workload().model)]
+    assert agreement(ours, peer, k=5)["pearson_min"] > 0.9999
+    np.testing.assert_allclose(peer, ours, rtol=1e-3, atol=1e-4 * np.abs(ours).max())
