@@ -271,9 +271,18 @@ def fit_factors(
     return result
 
 
+def _trim(batch: Batch) -> tuple[Batch, int]:
+    """trim_padding(batch) and the number of columns it dropped."""
+    trimmed = trim_padding(batch)
+    if trimmed is batch:
+        return batch, 0
+    return trimmed, batch["attention_mask"].shape[1] - trimmed["attention_mask"].shape[1]
+
+
 def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch: Batch, args: FactorArguments,
-                      generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
-    """Output pseudo-gradients g (B, T, d_out) per layer; one dict per pseudo-label draw.
+                      generator: torch.Generator, dropped_columns: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Output pseudo-gradients g (B, T, d_out) per layer; one dict per pseudo-label draw. dropped_columns: padding
+    columns trim_padding removed from the batch (the default sampler then draws the labels of the untrimmed batch).
 
     "sampled": one draw y ~ p per position (paper). "expected": C weighted draws whose outer products sum to
     the exact expectation, using H = diag(p) - p p^T = R R^T with R[:, c] = sqrt(p_c) (e_c - p).
@@ -281,7 +290,7 @@ def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch
     capture.clear()
     if args.fisher == "sampled":
         if type(task).pseudo_loss is Task.pseudo_loss:  # the default definition: its cheaper twin, same gradient
-            loss = sampled_label_surrogate(*task.forward(model, batch), generator)
+            loss = sampled_label_surrogate(*task.forward(model, batch), generator, dropped_columns)
         else:
             loss = task.pseudo_loss(model, batch, generator)
         check_finite(loss, "pseudo loss")
@@ -340,8 +349,9 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
-            batch = trim_padding(to_device(batch, model))
-            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index))
+            batch, dropped = _trim(to_device(batch, model))
+            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index),
+                                      dropped)
             for layer in layers:
                 a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
                 _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
@@ -388,8 +398,9 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
-            batch = trim_padding(to_device(batch, model))
-            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index))
+            batch, dropped = _trim(to_device(batch, model))
+            draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index),
+                                      dropped)
             for layer in layers:
                 a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
                 q_a = q_s = None

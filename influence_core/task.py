@@ -87,23 +87,35 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return _inverse_cdf_sample(torch.softmax(logits.detach().float(), dim=-1), generator)
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """y ~ Categorical(probs) per position, one uniform per position: probs (..., C) -> (...)."""
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator, dropped_positions: int = 0) -> torch.Tensor:
+    """y ~ Categorical(probs) per position, one uniform per position, row-major: probs (..., C) -> (...).
+
+    dropped_positions > 0 (probs (B, T, C)): uniforms are drawn for (B, T + dropped_positions) and the last
+    dropped_positions of each row discarded, as if the rows were that much longer.
+    """
     cdf = probs.reshape(-1, probs.shape[-1]).cumsum(dim=-1)
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
+    if dropped_positions:
+        rows, positions = probs.shape[0], probs.shape[1]
+        uniform = torch.rand(rows, positions + dropped_positions, generator=generator)[:, :positions].reshape(-1, 1)
+    else:
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator)
+    uniform = uniform.to(cdf.device) * cdf[:, -1:]
     labels = torch.searchsorted(cdf, uniform, right=True).clamp_max_(probs.shape[-1] - 1)
     return labels.reshape(probs.shape[:-1])
 
 
-def sampled_label_surrogate(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sampled_label_surrogate(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                            dropped_positions: int = 0) -> torch.Tensor:
     """A scalar with the gradient of the default `Task.pseudo_loss`: sum_t (p_t - e_{y_t})^T logits_t, p detached.
 
     d CE(logits_t, y_t) / d logits_t = p_t - e_{y_t}, so this is the true-Fisher pseudo-gradient with the labels
     `sample_labels` draws (same generator, same draws), without the cross-entropy's second pass over the vocabulary
     (log-softmax forward and backward, and a copy of the shifted logits). logits (B, T, C), labels (B, T).
+    dropped_positions: positions per row that `trim_padding` removed; their uniforms are drawn and discarded, so the
+    labels are exactly those of the untrimmed batch (and a trimmed fit reproduces an untrimmed one).
     """
     probs = torch.softmax(logits.detach().float(), dim=-1)
-    sampled = _inverse_cdf_sample(probs, generator)  # the draws of sample_labels, from float32 probabilities
+    sampled = _inverse_cdf_sample(probs, generator, dropped_positions)  # the draws of sample_labels, from float32 probabilities
     if logits.dtype == torch.float64:  # the cross-entropy it replaces is float64 there: so is p in p - e_y
         probs = torch.softmax(logits.detach(), dim=-1)
     residual = probs.scatter_add_(-1, sampled.unsqueeze(-1), probs.new_full((*sampled.shape, 1), -1.0))  # p - e_y

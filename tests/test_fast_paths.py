@@ -10,7 +10,7 @@ from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compu
                             iterate_batches, precondition_queries, query_gradients, track_layers)
 from influence_core import factors as factors_module
 from influence_core.task import IGNORE_INDEX, sampled_label_surrogate, trim_padding
-from test_factors import FixedLabelTask
+from test_factors import FixedLabelTask, dense_layer_curvature
 
 ARGS = dict(dtype="float64", progress=False)
 
@@ -67,26 +67,40 @@ def test_trim_padding_drops_only_columns_that_every_row_pads():
     assert trim_padding(left_padded) is left_padded  # no trailing column is padding in every row
 
 
-def test_trailing_padding_columns_change_no_factor_and_no_score():
-    """Fitting and scoring on batches padded 5 columns wider gives the same factors and scores; token-wise scores
-    keep the padded width, with zeros on the padding."""
+def test_trimmed_padding_columns_change_no_factor(monkeypatch):
+    """A fit on batches padded 5 columns wider, which trim_padding narrows, equals the untrimmed fit: same
+    covariances and eigenvalues, sampled labels included (the dropped columns' uniforms are drawn and discarded)."""
+    model = gpt_neox()
+    layers = track_layers(model)
+    fit = padded_columns(token_batches(8, seed=4), 5)
+    trimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
+    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: batch)
+    untrimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
+    for layer in layers:
+        torch.testing.assert_close(trimmed.layers[layer.name].eigenvalues, untrimmed.layers[layer.name].eigenvalues)
+        torch.testing.assert_close(dense_layer_curvature(trimmed, layer.name), dense_layer_curvature(untrimmed, layer.name))
+    # the guard: without discarding the dropped columns' uniforms the labels, and so the eigenvalues, differ
+    monkeypatch.setattr(factors_module, "trim_padding", trim_padding)
+    monkeypatch.setattr(factors_module, "_trim", lambda batch: (trim_padding(batch), 0))
+    narrow_draws = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
+    assert not torch.allclose(narrow_draws.layers[layers[0].name].eigenvalues, trimmed.layers[layers[0].name].eigenvalues)
+
+
+def test_trailing_padding_columns_change_no_score():
+    """Scoring batches padded 5 columns wider (queries 3) gives the same scores; token-wise scores keep the padded
+    width, with zeros on the padding."""
     model = gpt_neox()
     layers = track_layers(model)
     task = CausalLMTask()
-    fit, train, queries = token_batches(8, seed=4), token_batches(6), query_batches()
+    factors = fit_factors(model, layers, task, token_batches(8, seed=4), FactorArguments(**ARGS))
 
-    def run(fit, train, queries):
-        factors = fit_factors(model, layers, task, fit, FactorArguments(**ARGS))
+    def run(train, queries):
         q = precondition_queries(query_gradients(model, layers, task, queries, progress=False), factors)
-        return factors, compute_scores(model, layers, task, train, q, args=ScoreArguments(per_token=True, progress=False))
+        return compute_scores(model, layers, task, train, q, args=ScoreArguments(per_token=True, progress=False))
 
-    plain_factors, plain = run(fit, train, queries)
-    # queries carry no attention padding of their own: give them some, with the labels ignored there
-    padded_queries = padded_columns(queries, 3)
-    padded_factors, padded = run(padded_columns(fit, 5), padded_columns(train, 5), padded_queries)
-    for layer in layers:
-        torch.testing.assert_close(padded_factors.layers[layer.name].eigenvalues,
-                                   plain_factors.layers[layer.name].eigenvalues)
+    train, queries = token_batches(6), query_batches()
+    plain = run(train, queries)
+    padded = run(padded_columns(train, 5), padded_columns(queries, 3))
     torch.testing.assert_close(padded.total, plain.total)
     torch.testing.assert_close(padded.per_layer, plain.per_layer)
     width = plain.per_token.shape[-1]
