@@ -704,7 +704,7 @@ def write_outputs(results: dict, table: pd.DataFrame, ablation: pd.DataFrame, ou
                       "||R - diag(R)||_F / ||R||_F (what EK-FAC drops within the layer):", "",
                       markdown_table(eigenbasis), ""]
         lines += ["![validation](validation.png)", "",
-                  "What the numbers mean, and the investigation behind them: [FINDINGS.md](FINDINGS.md).", ""]
+                  "What the numbers mean, and the investigation behind them: `figures/validate/FINDINGS.md`.", ""]
         (out / "README.md").write_text("\n".join(lines))
         (out / "manifest.json").write_text(json.dumps(
             {"config": OmegaConf.to_container(cfg, resolve=True), "command": command,
