@@ -121,3 +121,38 @@ def test_evaluate_zoo_counts_every_heldout_paraphrase(micro_zoo):
         hits += int(scores[0] > max(scores[1:]))
     assert row["fact_accuracy"] == pytest.approx(round(hits / len(heldout), 3))
     assert row["fact_study_n"] == len([q for q in micro_zoo.queries if q.study == "facts"])
+
+
+def test_an_edited_world_generator_rebuilds_the_world_tokenizer_and_model(tmp_path, monkeypatch):
+    """The caches are keyed by content, not by config alone: an edit of the document generator (same WorldConfig)
+    rebuilds the world, retrains the tokenizer and the model; without an edit everything is reused."""
+    import dataclasses
+    import json
+
+    from experiments.zoo import world as W
+    from experiments.zoo.build import build_world_and_queries
+    from experiments.zoo.micro import MICRO_VOCAB_SIZE
+    from experiments.zoo.tokenizer import build_tokenizer
+
+    config = dataclasses.replace(micro_train_config(), epochs=0.1, warmup_steps=1)
+
+    def build():
+        dataset, _, _ = build_world_and_queries("micro", tmp_path / "world")
+        tokenizer = build_tokenizer(dataset, tmp_path / "tokenizer", vocab_size=MICRO_VOCAB_SIZE)
+        model = train_model(SIZES["micro"], tokenizer, dataset, tmp_path / "model", config)
+        done = json.loads((tmp_path / "model" / "DONE.json").read_text())["config_hash"]
+        return W.dataset_digest(dataset), (tokenizer / "tokenizer.json").stat().st_mtime_ns, done, model
+
+    digest, tokenizer_time, model_hash, model = build()
+    assert build() == (digest, tokenizer_time, model_hash, model)  # nothing changed: all cached
+
+    original = W.generate_documents
+
+    def edited(world_config):
+        documents = original(world_config)
+        documents[0] = {**documents[0], "text": documents[0]["text"] + " An edited template."}
+        return documents
+
+    monkeypatch.setattr(W, "generate_documents", edited)
+    new_digest, new_tokenizer_time, new_model_hash, _ = build()
+    assert new_digest != digest and new_tokenizer_time != tokenizer_time and new_model_hash != model_hash

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_world_and_queries(preset: str, out_dir: Path, seed: int = 0):
-    """Generate and save the world (cached by its config), and its queries. Returns (dataset_path, queries_path, queries)."""
+    """Generate and save the world, and its queries; cached by its config and a digest of the generated documents (an
+    edited generator rebuilds it). Returns (dataset_path, queries_path, queries)."""
     import datasets
 
     from experiments.zoo import world as W
@@ -29,7 +30,9 @@ def build_world_and_queries(preset: str, out_dir: Path, seed: int = 0):
     config_file = out_dir / "world_config.json"
     dataset_path = out_dir / "dataset"
     queries_path = out_dir / "queries.json"
-    fresh = config_file.exists() and json.loads(config_file.read_text()) == json.loads(json.dumps(config.as_dict()))
+    digest_file = out_dir / "documents_sha256.txt"
+    fresh = (config_file.exists() and json.loads(config_file.read_text()) == json.loads(json.dumps(config.as_dict()))
+             and digest_file.exists() and digest_file.read_text() == W.documents_digest(W.generate_documents(config)))
     if not (fresh and dataset_path.exists() and queries_path.exists()):
         if dataset_path.exists():
             import shutil

@@ -6,6 +6,8 @@ for ``EleutherAI/pythia-*`` tokenizers works unchanged. ``AutoTokenizer.from_pre
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -39,13 +41,19 @@ def train_tokenizer(texts, vocab_size: int = 4096, min_frequency: int = 2):
 
 
 def build_tokenizer(dataset_path: Path, out_path: Path, vocab_size: int = 4096) -> Path:
-    """Train on ``dataset_path``'s train split and ``save_pretrained`` to ``out_path`` (cached)."""
+    """Train on ``dataset_path``'s train split and ``save_pretrained`` to ``out_path``; cached by the data's digest and
+    the vocabulary size (a rebuilt world retrains it)."""
     import datasets
 
+    from experiments.zoo.world import dataset_digest
+
     out_path = Path(out_path)
-    if (out_path / "tokenizer.json").exists():
+    source = {"dataset_sha256": dataset_digest(dataset_path), "vocab_size": vocab_size}
+    source_file = out_path / "trained_on.json"
+    if (out_path / "tokenizer.json").exists() and source_file.exists() and json.loads(source_file.read_text()) == source:
         return out_path
     train = datasets.load_from_disk(str(dataset_path))["train"]
     tokenizer = train_tokenizer(train["text"], vocab_size=vocab_size)
     tokenizer.save_pretrained(str(out_path))
+    source_file.write_text(json.dumps(source, indent=1))
     return out_path

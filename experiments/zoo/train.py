@@ -172,7 +172,11 @@ def train_model(
 
     out_dir = Path(out_dir)
     done_file = out_dir / "DONE.json"
-    digest = config_hash(size, dataclasses.replace(train, progress=True, threads=0), str(Path(dataset_path).resolve()))
+    from experiments.zoo.world import dataset_digest
+
+    # the data by content, and the tokenizer's vocabulary: a rebuilt world or tokenizer retrains the model
+    vocabulary = hashlib.sha256((Path(tokenizer_path) / "tokenizer.json").read_bytes()).hexdigest()
+    digest = config_hash(size, dataclasses.replace(train, progress=True, threads=0), dataset_digest(dataset_path), vocabulary)
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done.get("config_hash") == digest:

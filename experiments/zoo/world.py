@@ -21,6 +21,8 @@ Generation is pure Python with one ``random.Random(seed)``: the same config give
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -690,6 +692,27 @@ def build_world(config: WorldConfig):
     )
 
 
+def documents_digest(documents: list[dict]) -> str:
+    """sha256 of the generated documents (text and metadata): what a built world is checked against, so an edit of
+    the templates or generators here rebuilds it even when the WorldConfig is unchanged."""
+    return hashlib.sha256(json.dumps(documents, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_digest(dataset_path: Path) -> str:
+    """sha256 of every split's texts of a saved DatasetDict (splits in name order): the identity of the data a
+    tokenizer or model was trained on, whatever folder it sits in."""
+    import datasets
+
+    world = datasets.load_from_disk(str(dataset_path))
+    digest = hashlib.sha256()
+    for split in sorted(world):
+        digest.update(split.encode())
+        for text in world[split]["text"]:
+            digest.update(text.encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()
+
+
 def save_world(config: WorldConfig, path: Path) -> Path:
     """Build and ``save_to_disk`` the world, plus facts.json and world_config.json beside it."""
     import json
@@ -700,4 +723,5 @@ def save_world(config: WorldConfig, path: Path) -> Path:
     world.save_to_disk(str(path / "dataset"))
     (path / "facts.json").write_text(json.dumps([dataclasses.asdict(f) for f in make_facts(config)], indent=1))
     (path / "world_config.json").write_text(json.dumps(config.as_dict(), indent=1, sort_keys=True))
+    (path / "documents_sha256.txt").write_text(documents_digest(generate_documents(config)))
     return path / "dataset"
