@@ -4,7 +4,7 @@
 
 Every process first measures the floor, one plain forward + backward pass over the N sequences (every parameter
 gradient, as in training), then runs its system (`--system floor` measures only the floor). Systems:
-- `ours`: influence_core (fit_factors, query_gradients, precondition_queries, compute_scores), full-rank queries.
+- `ours`: influence_core (fit_factors, query_gradients preconditioning batch by batch, compute_scores), full-rank queries.
 - `kronfluence`: kronfluence's Analyzer with the same settings (below); pseudo-labels drawn by our sampler from a
   generator of its own, so independent of ours.
 - `kronfluence_shared`: kronfluence fed our sampled labels (same generator per batch and pass as ours), so the
@@ -44,7 +44,7 @@ import torch
 
 from benchmarks.workloads import LoadedWorkload, Workload, describe, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors, iterate_batches,
-                            precondition_queries, query_gradients, track_layers)
+                            query_gradients, track_layers)
 from influence_core.factors import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
@@ -143,9 +143,9 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int) -
         names, encoded = loaded.encoded_queries(count)
         entry: dict = {"queries": count}
         with phase(entry, "score"):
-            gradients = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH), progress=False)
-            preconditioned = precondition_queries(gradients, factors)
-            del gradients  # as in README's one-liner: only the preconditioned queries stay while scoring
+            # preconditioned batch by batch: the raw gradients of all Q queries are never held beside them
+            preconditioned = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH), progress=False,
+                                             factors=factors)
             scores = compute_scores(model, layers, task, batches, preconditioned, names, ScoreArguments(progress=False))
             del preconditioned
         np.save(out / f"scores_q{count}.npy", scores.total.numpy().astype(np.float32))

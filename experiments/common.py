@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, Query, ScoreArguments, compute_scores,
-                            encode_queries, fit_factors, iterate_batches, precondition_queries, query_gradients,
-                            track_layers)
+                            encode_queries, fit_factors, iterate_batches, query_gradients, track_layers)
 from influence_core.task import IGNORE_INDEX
 
 
@@ -64,9 +63,8 @@ def run_influence(model, tokenizer, train_encoded: dict[str, torch.Tensor], quer
 
     start = time.perf_counter()
     encoded_queries = encode_queries(tokenizer, queries, max_length=cfg.get("max_length"))
-    gradients = query_gradients(model, layers, task, iterate_batches(encoded_queries, cfg.query_batch_size),
-                                progress=cfg.progress)
-    preconditioned = precondition_queries(gradients, factors)
+    preconditioned = query_gradients(model, layers, task, iterate_batches(encoded_queries, cfg.query_batch_size),
+                                     progress=cfg.progress, factors=factors)
     timings["queries"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.common import config_digest, factor_arguments
 from experiments.loading import load_model_and_tokenizer, load_text_dataset, model_max_length, tokenize_sequences
 from influence_core import (CausalLMTask, Query, ScoreArguments, encode_queries, fit_factors, iterate_batches,
-                            precondition_queries, query_gradients, track_layers)
+                            query_gradients, track_layers)
 from influence_core import distributed
 from influence_core.lowrank import check_rank, compress_queries, query_nbytes
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards
@@ -91,10 +91,9 @@ def main(cfg: DictConfig) -> None:
     timings["factors"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    gradients = query_gradients(model, layers, task, iterate_batches(encode_queries(tokenizer, queries),
-                                                                     influence.query_batch_size),
-                                progress=influence.progress and main_rank)
-    preconditioned = precondition_queries(gradients, factors)
+    preconditioned = query_gradients(model, layers, task, iterate_batches(encode_queries(tokenizer, queries),
+                                                                          influence.query_batch_size),
+                                     progress=influence.progress and main_rank, factors=factors)
     stored = compress_queries(preconditioned, cfg.query_rank) if cfg.query_rank is not None else preconditioned
     timings["queries"] = time.perf_counter() - start
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine_models import gpt2, gpt_neox, query_batches, token_batches
-from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
+from influence_core import (CausalLMTask, FactorArguments, Factors, ScoreArguments, compute_scores, fit_factors,
                             iterate_batches, precondition_queries, query_gradients, track_layers)
 from influence_core import factors as factors_module
 from influence_core.task import IGNORE_INDEX, sampled_label_surrogate, trim_padding
@@ -107,3 +107,22 @@ def test_trailing_padding_columns_change_no_score():
     assert padded.per_token.shape[-1] == width + 5
     torch.testing.assert_close(padded.per_token[..., :width], plain.per_token)
     assert bool((padded.per_token[..., width:] == 0).all())
+
+
+def test_query_gradients_preconditioned_batch_by_batch_equal_preconditioning_after():
+    """query_gradients(..., factors=f) = precondition_queries(query_gradients(...), f), over several query batches."""
+    model = gpt2()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(8, seed=4), FactorArguments(**ARGS))
+    queries = query_batches(n=5)
+    split = iterate_batches(queries[0], 2)  # 3 batches: 2 + 2 + 1 queries
+    after = precondition_queries(query_gradients(model, layers, task, split, progress=False), factors)
+    during = query_gradients(model, layers, task, split, progress=False, factors=factors)
+    assert list(during) == list(after)
+    for name in after:
+        assert during[name].shape[0] == 5
+        torch.testing.assert_close(during[name], after[name])
+    partial = Factors(factors.strategy, {n: f for n, f in factors.layers.items() if n != layers[0].name})
+    with pytest.raises(ValueError, match="no factors for layers"):
+        query_gradients(model, layers, task, split, progress=False, factors=partial)
