@@ -630,6 +630,25 @@ def run_models(cfg: DictConfig) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return results, table, ablation
 
 
+def ground_truth_warnings(results: dict, table: pd.DataFrame, cfg: DictConfig) -> list[str]:
+    """One line per ground truth that is not trustworthy as run: a CG solve stopped above its tolerance, or a PBRF
+    ground truth for which fewer than half of the training points converged."""
+    warnings = []
+    for name, r in results.items():
+        info = r.get("exact_info") or {}
+        residual = max(info.get("relative_residual") or [0.0])
+        if residual > cfg.exact.cg_tolerance:
+            warnings.append(f"{name}: the CG solve behind `exact` stopped after {info.get('iterations')} iterations at "
+                            f"relative residual {residual:.1e} > {cfg.exact.cg_tolerance:g}: `exact` is approximate.")
+    pbrf_rows = table[table.ground_truth.str.startswith("pbrf")].drop_duplicates(["model", "ground_truth"])
+    for row in pbrf_rows.itertuples():
+        total = int(row.points) + int(row.excluded)
+        if 2 * int(row.points) < total:
+            warnings.append(f"{row.model}: only {int(row.points)} of {total} training points converged for "
+                            f"`{row.ground_truth}`: its correlations rest on those points alone (or are missing).")
+    return warnings
+
+
 def write_outputs(results: dict, table: pd.DataFrame, ablation: pd.DataFrame, out_dirs: Sequence[Path],
                   cfg: DictConfig, command: str) -> pd.DataFrame:
     summary = summary_table(table)
@@ -651,6 +670,9 @@ def write_outputs(results: dict, table: pd.DataFrame, ablation: pd.DataFrame, ou
                                          values="pearson").reset_index()
     residuals = ablation.groupby(["model", "damping_factor"]).exact_cg_residual.max().reset_index()
     residuals = residuals[residuals.exact_cg_residual > 0]
+    warnings = ground_truth_warnings(results, table, cfg)
+    for line in warnings:
+        print(f"warning: {line}")
     for out in out_dirs:
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "correlations_long.csv", index=False)
@@ -667,6 +689,7 @@ def write_outputs(results: dict, table: pd.DataFrame, ablation: pd.DataFrame, ou
         plt.close(fig)
         lines = ["# Validation: estimators against exact damped-GNH influence and the PBRF", "",
                  f"Produced by: `{command}`", "",
+                 *(["## Warnings: ground truth not converged", "", *[f"- {w}" for w in warnings], ""] if warnings else []),
                  "Pearson / Spearman: per test point (query) over the scored training points, mean over test points "
                  "(the figure's error bars: std over test points). Columns `*_pbrf`: only the training points whose "
                  "PBRF solves converged (`pbrf_excluded` = points left out). `lissa` = depth N (number of data points, "

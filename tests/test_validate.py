@@ -118,3 +118,25 @@ def test_ekfac_eigenvalues_are_the_exact_gnh_diagonal_in_their_eigenbasis():
     assert [r["layer"] for r in rows] == [l.name for l in layers]
     assert max(r["correction_error"] for r in rows) < 1e-10
     assert all(0.01 < r["offdiagonal"] < 1 for r in rows)
+
+
+def test_unconverged_ground_truths_are_flagged():
+    """A CG solve above its tolerance, or a PBRF with fewer than half its points converged, is named in a warning."""
+    from omegaconf import OmegaConf
+
+    from experiments.validate import ground_truth_warnings
+
+    cfg = OmegaConf.create({"exact": {"cg_tolerance": 1e-4}})
+    table = pd.DataFrame([
+        {"model": "a", "estimator": "ekfac", "ground_truth": "pbrf", "points": 9, "excluded": 1},
+        {"model": "b", "estimator": "ekfac", "ground_truth": "pbrf", "points": 1, "excluded": 9},
+        {"model": "b", "estimator": "kfac", "ground_truth": "pbrf", "points": 1, "excluded": 9},
+        {"model": "b", "estimator": "ekfac", "ground_truth": "exact", "points": 10, "excluded": 0},
+    ])
+    results = {"a": {"exact_info": {"iterations": 40, "relative_residual": [5e-5, 9e-5]}},
+               "b": {"exact_info": {"iterations": 1000, "relative_residual": [2e-3, 8e-3]}}}
+    warnings = ground_truth_warnings(results, table, cfg)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("b: the CG solve") and "8.0e-03" in warnings[0]
+    assert warnings[1].startswith("b: only 1 of 10 training points converged for `pbrf`")
+    assert ground_truth_warnings({"a": {"exact_info": None}}, table[table.model == "a"], cfg) == []
