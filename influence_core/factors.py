@@ -271,14 +271,6 @@ def fit_factors(
     return result
 
 
-def _trim(batch: Batch) -> tuple[Batch, int]:
-    """trim_padding(batch) and the number of columns it dropped."""
-    trimmed = trim_padding(batch)
-    if trimmed is batch:
-        return batch, 0
-    return trimmed, batch["attention_mask"].shape[1] - trimmed["attention_mask"].shape[1]
-
-
 def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch: Batch, args: FactorArguments,
                       generator: torch.Generator, dropped_columns: int = 0) -> list[dict[str, torch.Tensor]]:
     """Output pseudo-gradients g (B, T, d_out) per layer; one dict per pseudo-label draw. dropped_columns: padding
@@ -349,7 +341,7 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
-            batch, dropped = _trim(to_device(batch, model))
+            batch, dropped = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index),
                                       dropped)
             for layer in layers:
@@ -398,7 +390,7 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
-            batch, dropped = _trim(to_device(batch, model))
+            batch, dropped = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index),
                                       dropped)
             for layer in layers:

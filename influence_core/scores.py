@@ -96,7 +96,7 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     try:
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
             for batch in tqdm(batches, desc="query gradients", disable=not progress, leave=False):
-                batch = trim_padding(to_device(batch, model))
+                batch, _ = trim_padding(to_device(batch, model))
                 capture.clear()
                 loss = task.query_loss(model, batch)
                 check_finite(loss, "query loss")
@@ -164,10 +164,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     try:
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
             for batch in tqdm(batches, desc="scores", disable=not args.progress, leave=False):
-                batch = to_device(batch, model)
-                mask = batch.get("attention_mask")
-                width = mask.shape[1] if isinstance(mask, torch.Tensor) else None  # per-token scores keep this width
-                batch = trim_padding(batch)
+                batch, dropped = trim_padding(to_device(batch, model))  # per-token scores get the dropped columns back
                 capture.clear()
                 loss = task.training_loss(model, batch)
                 check_finite(loss, "training loss")
@@ -195,8 +192,8 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                 check_finite(stacked, "influence scores")
                 per_layer_parts.append(stacked.cpu())
                 if args.per_token:
-                    if width is not None and width > token_scores.shape[-1]:  # zeros on the trimmed padding columns
-                        token_scores = torch.nn.functional.pad(token_scores, (0, width - token_scores.shape[-1]))
+                    if dropped:  # zeros on the trimmed padding columns
+                        token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
                     per_token_parts.append(token_scores.cpu())
     finally:
         model.train(was_training)

@@ -51,22 +51,24 @@ class Task:
         return summed_cross_entropy(logits, torch.where(valid, sampled, IGNORE_INDEX))
 
 
-def trim_padding(batch: Batch) -> Batch:
-    """The batch without the trailing columns that are padding in every row (attention_mask 0 throughout).
+def trim_padding(batch: Batch) -> tuple[Batch, int]:
+    """(the batch without the trailing columns that are padding in every row (attention_mask 0 throughout), the number
+    of columns dropped).
 
     Sequences right-padded to the longest of a whole data set (or query set) make every pass pay for that width in
     every batch; dropping the columns no row uses changes no real token's activations or gradients (right padding
-    sits after the real tokens). Batches without a 2-D attention_mask, or without such columns, are returned as is.
+    sits after the real tokens). Batches without a 2-D attention_mask, or without such columns, are returned as is,
+    with 0.
     """
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return batch
+        return batch, 0
     used = mask.any(dim=0).nonzero()
     width = int(used[-1]) + 1 if len(used) else 1
     if width == mask.shape[1]:
-        return batch
-    return {k: v[:, :width] if isinstance(v, torch.Tensor) and v.shape[:2] == mask.shape else v
-            for k, v in batch.items()}
+        return batch, 0
+    return ({k: v[:, :width] if isinstance(v, torch.Tensor) and v.shape[:2] == mask.shape else v
+             for k, v in batch.items()}, mask.shape[1] - width)
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -60,11 +60,13 @@ def padded_columns(batches, extra: int):
 def test_trim_padding_drops_only_columns_that_every_row_pads():
     ids = torch.arange(12).reshape(2, 6)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
-    trimmed = trim_padding({"input_ids": ids, "attention_mask": mask, "labels": ids, "note": "kept"})
+    trimmed, dropped = trim_padding({"input_ids": ids, "attention_mask": mask, "labels": ids, "note": "kept"})
+    assert dropped == 2
     assert trimmed["input_ids"].shape == (2, 4) and trimmed["attention_mask"].shape == (2, 4)
     assert torch.equal(trimmed["labels"], ids[:, :4]) and trimmed["note"] == "kept"
     left_padded = {"input_ids": ids, "attention_mask": mask.flip(1)}
-    assert trim_padding(left_padded) is left_padded  # no trailing column is padding in every row
+    unchanged, dropped = trim_padding(left_padded)
+    assert unchanged is left_padded and dropped == 0  # no trailing column is padding in every row
 
 
 def test_trimmed_padding_columns_change_no_factor(monkeypatch):
@@ -74,14 +76,13 @@ def test_trimmed_padding_columns_change_no_factor(monkeypatch):
     layers = track_layers(model)
     fit = padded_columns(token_batches(8, seed=4), 5)
     trimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
-    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: batch)
+    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: (batch, 0))
     untrimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
     for layer in layers:
         torch.testing.assert_close(trimmed.layers[layer.name].eigenvalues, untrimmed.layers[layer.name].eigenvalues)
         torch.testing.assert_close(dense_layer_curvature(trimmed, layer.name), dense_layer_curvature(untrimmed, layer.name))
     # the guard: without discarding the dropped columns' uniforms the labels, and so the eigenvalues, differ
-    monkeypatch.setattr(factors_module, "trim_padding", trim_padding)
-    monkeypatch.setattr(factors_module, "_trim", lambda batch: (trim_padding(batch), 0))
+    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: (trim_padding(batch)[0], 0))
     narrow_draws = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
     assert not torch.allclose(narrow_draws.layers[layers[0].name].eigenvalues, trimmed.layers[layers[0].name].eigenvalues)
 
