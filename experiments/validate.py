@@ -182,19 +182,8 @@ def factor_operator(factors, layers, damping_by_layer: dict[str, float], power: 
     Q_S [(Q_S^T V Q_A) / (Lambda + lambda)^power] Q_A^T. power 1: the IHVP; 1/2: a symmetric square root."""
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        out = {}
-        for name, block in unflatten_layers(layers, v.double()).items():
-            lf = factors.layers[name]
-            if lf.eigenvalues is None:
-                out[name] = block
-                continue
-            scale = (lf.eigenvalues.double() + damping_by_layer[name]) ** power
-            if lf.activation_eigenvectors is None:
-                out[name] = block / scale
-                continue
-            q_a, q_s = lf.activation_eigenvectors.double(), lf.gradient_eigenvectors.double()
-            out[name] = q_s @ ((q_s.T @ block @ q_a) / scale) @ q_a.T
-        return flatten_layers(layers, out)
+        return flatten_layers(layers, {name: factors.layers[name].precondition(block, damping_by_layer[name], power)
+                                       for name, block in unflatten_layers(layers, v.double()).items()})
 
     return apply
 

@@ -98,15 +98,19 @@ class LayerFactors:
             return 0.0
         return float(damping) if damping is not None else damping_factor * float(self.eigenvalues.mean())
 
-    def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        """(G_l + damping I)^{-1} v for v of shape (..., d_out, d_in); identity strategy returns v."""
+    def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
+        """(G_l + damping I)^{-power} v for v of shape (..., d_out, d_in); identity strategy returns v.
+
+        Q_S [(Q_S^T V Q_A) / (Lambda + damping)^power] Q_A^T (Eq 21); power 1: the IHVP, 1/2: a symmetric square root.
+        """
         if self.eigenvalues is None:
             return v
         dtype = v.dtype
         v = v.to(self.eigenvalues.dtype)
         q_a, q_s = self.activation_eigenvectors, self.gradient_eigenvectors
         rotated = q_s.T @ v @ q_a if q_a is not None else v
-        rotated = rotated / (self.eigenvalues + damping)
+        scale = self.eigenvalues + damping
+        rotated = rotated / (scale if power == 1.0 else scale ** power)
         out = q_s @ rotated @ q_a.T if q_a is not None else rotated
         return out.to(dtype)
 
