@@ -43,7 +43,7 @@ STUDIES := sparsity layerwise word_order scale crosslingual math_code roleplay
 all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per model and cached)
 
 figures:  ## redraw every study's tables and figures from saved scores, recomputing nothing
-	for study in $(STUDIES); do INFLUENCE_LAB_FIGURES_ONLY=1 $(PYTHON) -m experiments.$$study || exit 1; done
+	for study in $(STUDIES); do $(PYTHON) -m experiments.$$study compute=false || exit 1; done
 
 report:  ## browsable HTML of every study's top sequences, tokens coloured by influence -> outputs/report/ (+ figures/report/)
 	$(PYTHON) -m experiments.report

@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("crosslingual", run_dir, cfg.figures_dir)
     rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         all_inputs.append(inputs)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         meta = inputs.train_metadata.reset_index(drop=True)
@@ -104,8 +104,8 @@ def run(cfg: DictConfig, run_dir) -> None:
                         float(translated.iloc[0]), f"sem ko {summary['ko_over_en_sem'].iloc[0]:.3f}",
                         bool(abs(translated.iloc[0]) < 0.2)))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Influence of the same fact's Korean and Turkish documents on English queries, relative to its English "
                "documents, per model size (paper Figs 15-16), and the verdict table.", cfg)
     print(summary.to_markdown(index=False, floatfmt=".3g"))

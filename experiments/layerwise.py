@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     out = StudyOutput("layerwise", run_dir, cfg.figures_dir)
     share_rows, centre_rows, band_rows, panels = [], [], [], []
     tops = []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
         depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
@@ -130,8 +130,8 @@ def run(cfg: DictConfig, run_dir) -> None:
         rows.append(verdict("the middle third of the layers gives the most abstract top sequences",
                             "needs at least 3 layers", float("nan"), "", None))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Layer-wise influence per model size (paper Figs 17-21): per-layer shares of the top sequences' "
                "influence, heat maps sorted by centre of mass, band-restricted rankings and the verdict table.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))

@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("math_code", run_dir, cfg.figures_dir)
     rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         all_inputs.append(inputs)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         for q_index, query in enumerate(inputs.queries):
@@ -91,8 +91,8 @@ def run(cfg: DictConfig, run_dir) -> None:
             rows.append(verdict(f"larger models' top {study} sequences are related solutions of the same kind",
                                 "needs at least two model sizes", float(mine["same topic"].iloc[0]), "", None))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("What the top influential sequences of math and code queries are (same problem type or algorithm, "
                "same family, other), per model size, and the verdict table.", cfg)
     print(shares.to_markdown(index=False, floatfmt=".3g"))

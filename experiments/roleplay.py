@@ -32,7 +32,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("roleplay", run_dir, cfg.figures_dir)
     rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         all_inputs.append(inputs)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         for q_index, query in enumerate(inputs.queries):
@@ -79,8 +79,8 @@ def run(cfg: DictConfig, run_dir) -> None:
             rows.append(verdict("this grows with model size", "Spearman(size, AI-shutdown + AI-fiction share)", rho,
                                 f"{similar.iloc[0]:.2f} -> {similar.iloc[-1]:.2f}", bool(rho > 0)))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Share of the shutdown query's top influence held by AI-shutdown dialogues, AI fiction and ordinary "
                "dialogues, per model size (paper Sec 5.3.5), with an ordinary-dialogue control.", cfg)
     print(shares.to_markdown(index=False, floatfmt=".3g"))

@@ -48,7 +48,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("scale", run_dir, cfg.figures_dir)
     rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         all_inputs.append(inputs)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         for q_index, query in enumerate(inputs.queries):
@@ -94,8 +94,8 @@ def run(cfg: DictConfig, run_dir) -> None:
         rows.append(verdict("larger models' top sequences are more abstract", "needs at least two model sizes",
                             float("nan"), "", None))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Token overlap and relation (by construction) of each query's top influential sequences, per model "
                "size (paper Sec 5.3.1), and the verdict table.", cfg)
     print(summary.to_markdown(index=False, floatfmt=".3g"))

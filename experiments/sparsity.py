@@ -66,7 +66,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     out = StudyOutput("sparsity", run_dir, cfg.figures_dir)
     fits, shares, panels, raw = [], [], [], []
     tops = []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         frame = scores_frame(run, inputs)
         raw.append(frame.assign(model=inputs.model_name))
@@ -102,8 +102,8 @@ def run(cfg: DictConfig, run_dir) -> None:
         verdict("a handful of sequences does not dominate", f"median share in the top {min(cfg.top_fractions):.1%}",
                 float(top01.median()), f"range {top01.min():.2f}-{top01.max():.2f}", bool(top01.median() < 0.5)),
     ])
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Power-law fits of each query's positive influences (paper Figs 8-9, Table 1), the share held by "
                "the top sequences, and the verdict table.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))

@@ -1,15 +1,14 @@
-"""Shared plumbing of the studies: load a model and the world, score a query set once per model, save outputs.
+"""Shared plumbing of the studies: load a model and a corpus, score a query set once per model, save outputs.
 
-Every study follows one line: study config -> StudyInputs per model -> cached InfluenceRun -> analysis ->
-tables (csv + md), figures (png + pdf) and a verdict table, in the Hydra run folder and in figures/<study>/.
-Scores are cached under artifacts/scores/ by model, query set and influence config, so `make figures` and the
-other studies reuse them instead of recomputing.
+Every study follows one line: study config -> StudyInputs per model -> scores from the one pipeline
+(experiments/pipeline.py: cached, resumable shards) -> analysis -> tables (csv + md), figures (png + pdf),
+verdicts and study.json (experiments/results.py), in the Hydra run folder and in figures/<study>/.
+Studies on the same model, corpus and queries share the cached scores; `compute=false` (`make figures`) only
+reads them and refuses to compute.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,14 +21,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from experiments.common import InfluenceRun, config_digest, run_influence, save_run, top_sequences_table  # noqa: E402
-from experiments.loading import (load_model_and_tokenizer, load_text_dataset, model_max_length,  # noqa: E402
-                                 tokenize_sequences)
-from experiments.zoo.queries import Query as WorldQuery  # noqa: E402
-from experiments.zoo.queries import load_queries  # noqa: E402
-from influence_core import InfluenceScores, Query, model_fingerprint, track_layers  # noqa: E402
+from experiments import pipeline  # noqa: E402
+from experiments.common import InfluenceRun  # noqa: E402
+from experiments.loading import model_max_length  # noqa: E402
+from experiments.queries import Query as WorldQuery  # noqa: E402
+from experiments.queries import load_query_file  # noqa: E402
+from experiments.results import StudyRecord, verdict_row, write_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
@@ -37,17 +35,37 @@ CONFIG_DIR = str(REPO / "configs")
 
 @dataclass
 class StudyInputs:
-    """One model with the training set and the queries it is studied on."""
+    """One model with the corpus and the queries it is studied on, and its scores from the pipeline."""
 
-    model_name: str
-    model: torch.nn.Module
-    tokenizer: object
-    train_metadata: pd.DataFrame  # one row per training sequence: doc_id, family, topic, language, fact_ids, ...
-    train_texts: list[str]
-    encoded: dict[str, torch.Tensor]  # input_ids, attention_mask (N, T)
+    loaded: pipeline.LoadedModel
+    corpus: pipeline.Corpus
     queries: list[WorldQuery]
-    fingerprint: str  # the training set's (datasets) fingerprint
-    model_fingerprint: str  # hash of the model's affine weights: a retrained model must not reuse cached scores
+    model_scores: pipeline.ModelScores | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def train_metadata(self) -> pd.DataFrame:
+        """Every corpus column but the text; empty of columns for a plain corpus."""
+        return self.corpus.metadata
+
+    @property
+    def train_texts(self) -> list[str]:
+        return self.corpus.texts
+
+    @property
+    def encoded(self) -> dict[str, torch.Tensor]:
+        return self.corpus.encoded
 
 
 def model_config(name: str) -> DictConfig:
@@ -66,7 +84,7 @@ def select_queries(all_queries: Sequence[WorldQuery], names: Sequence[str] | Non
     chosen = []
     for name in names or []:
         if name not in by_name:
-            raise KeyError(f"query '{name}' is not in the world's query set (e.g. {list(by_name)[:5]})")
+            raise KeyError(f"query '{name}' is not in the query set (e.g. {list(by_name)[:5]}); set queries.names")
         chosen.append(by_name[name])
     for q in all_queries:
         if studies and q.study in studies and q not in chosen:
@@ -76,67 +94,38 @@ def select_queries(all_queries: Sequence[WorldQuery], names: Sequence[str] | Non
     return chosen
 
 
-def load_study_inputs(model_name: str, model_path: str, data: DictConfig, queries: Sequence[WorldQuery],
-                      device: str = "cpu") -> StudyInputs:
-    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
-    train = load_text_dataset(data.path, split=data.split, text_column=data.text_column)
-    max_length = min(int(data.max_length), model_max_length(model))
-    encoded = tokenize_sequences(train, tokenizer, max_length=max_length, text_column=data.text_column,
-                                 truncation=bool(data.truncation))
-    encoded.pop("lengths")
-    metadata = train.remove_columns([data.text_column]).to_pandas()
-    return StudyInputs(model_name, model, tokenizer, metadata, list(train[data.text_column]), encoded, list(queries),
-                       train._fingerprint, model_fingerprint(track_layers(model, ["*"])))
+def load_study_inputs(model_name: str, model: DictConfig, data: DictConfig, queries: Sequence[WorldQuery]) -> StudyInputs:
+    """The model (its path, dtype, device and seed from configs/model) and the corpus, tokenized for it."""
+    loaded = pipeline.load_model(model_name, model.name_or_path, dtype=model.get("dtype", "float32"),
+                                 device=model.get("device", "cpu"), seed=model.get("seed"))
+    context = model_max_length(loaded.model)
+    max_length = min(int(data.max_length), context) if data.get("max_length") else context
+    corpus = pipeline.load_corpus(data.path, loaded.tokenizer, max_length, split=data.split,
+                                  text_column=data.text_column, truncation=bool(data.truncation))
+    return StudyInputs(loaded, corpus, list(queries))
 
 
-def numerical_settings(influence: DictConfig) -> DictConfig:
-    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars."""
-    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(influence, resolve=True).items() if k != "progress"})
-
-
-def cached_influence(inputs: StudyInputs, influence: DictConfig, artifacts: Path, top_k_tokens: int = 0) -> InfluenceRun:
-    """Scores of every query over every training sequence, computed once per (model, queries, config).
-
-    Token-wise influence is costly for all sequences (Q x N x T x d_out x d_in), so it is computed in a second
-    pass over only the top `top_k_tokens` sequences of each query and stored densely with zeros elsewhere.
-    """
-    names = [q.name for q in inputs.queries]
-    numbers = numerical_settings(influence)
-    key = config_digest(OmegaConf.create({"influence": numbers, "queries": names, "data": inputs.fingerprint,
-                                          "model": inputs.model_fingerprint, "top_k_tokens": top_k_tokens}))
-    cache = Path(artifacts) / "scores" / inputs.model_name / key
-    core_queries = [Query(q.name, q.prompt, q.completion) for q in inputs.queries]
-    if not (cache / "scores.safetensors").exists() and os.environ.get("INFLUENCE_LAB_FIGURES_ONLY"):
-        raise FileNotFoundError(f"no saved scores for {inputs.model_name} in {cache}; `make figures` only redraws "
-                                "saved results: run the study's own make target first")
-    if (cache / "scores.safetensors").exists():
-        tensors = load_file(cache / "scores.safetensors")
-        manifest = json.loads((cache / "manifest.json").read_text())
-        scores = InfluenceScores(manifest["query_names"], manifest["layer_names"], tensors["total"],
-                                 tensors["per_layer"], tensors.get("per_token"))
-        return InfluenceRun(scores, inputs.encoded["input_ids"], inputs.encoded["attention_mask"], manifest["timings_s"])
-
-    factors_key = config_digest(OmegaConf.create({"influence": numbers, "model": inputs.model_fingerprint}))
-    factors_dir = Path(artifacts) / "factors" / inputs.model_name / f"{influence.strategy}-{factors_key}"
-    settings = OmegaConf.merge(influence, {"per_token": False})
-    run = run_influence(inputs.model, inputs.tokenizer, inputs.encoded, core_queries, settings, factors_dir,
-                        data_fingerprint=inputs.fingerprint)
-    if top_k_tokens > 0:
-        top = sorted({i for q in range(len(names)) for i, _ in run.scores.top(q, top_k_tokens)})
-        token_run = run_influence(inputs.model, inputs.tokenizer, inputs.encoded, core_queries,
-                                  OmegaConf.merge(influence, {"per_token": True}), factors_dir,
-                                  data_fingerprint=inputs.fingerprint, score_indices=top)
-        per_token = torch.zeros(len(names), len(inputs.encoded["input_ids"]), token_run.scores.per_token.shape[-1])
-        per_token[:, top] = token_run.scores.per_token
-        run.scores.per_token = per_token
-        run.timings_s["token_scores"] = sum(token_run.timings_s.values())
-    save_run(run, cache, OmegaConf.create({"influence": influence, "queries": names}),
-             extra={"model": inputs.model_name})
-    return run
+def cached_influence(inputs: StudyInputs, cfg: DictConfig) -> InfluenceRun:
+    """Scores of every query over every training sequence through the one pipeline (cached and resumable shards);
+    token-wise influence kept for each query's top `top_k_tokens` sequences of each shard."""
+    scoring = pipeline.ScoringSettings.from_config(OmegaConf.merge(
+        {"query_rank": None, "tfidf": {"top_k": None}}, cfg.get("scoring") or {},
+        {"top_k_tokens": int(cfg.get("top_k_tokens", 0))}))
+    if cfg.get("compute", True) is False:
+        scores = pipeline.saved_model_scores(inputs.loaded, inputs.corpus, inputs.queries, cfg.influence, scoring,
+                                             cfg.artifacts)
+    else:
+        scores = pipeline.score_model(inputs.loaded, inputs.corpus, inputs.queries, cfg.influence, scoring,
+                                      cfg.artifacts)
+    inputs.model_scores = scores
+    width = inputs.encoded["input_ids"].shape[1]
+    return InfluenceRun(scores.influence_scores(width), inputs.encoded["input_ids"], inputs.encoded["attention_mask"],
+                        scores.timings_s)
 
 
 def scores_frame(run: InfluenceRun, inputs: StudyInputs) -> pd.DataFrame:
-    """Long table: one row per (query, training sequence) with its influence, per-layer split and metadata."""
+    """Long table: one row per (query, training sequence) with its influence, per-layer split and whichever of the
+    corpus's metadata columns exist (none for a plain corpus)."""
     scores = run.scores
     num_queries, num_train = scores.total.shape
     frame = pd.DataFrame({"query": [n for n in scores.query_names for _ in range(num_train)],
@@ -145,8 +134,8 @@ def scores_frame(run: InfluenceRun, inputs: StudyInputs) -> pd.DataFrame:
     per_layer = scores.per_layer.reshape(num_queries * num_train, -1).numpy()
     for j, layer in enumerate(scores.layer_names):
         frame[f"layer:{layer}"] = per_layer[:, j]
-    meta = inputs.train_metadata[["doc_id", "family", "topic", "language", "word_order"]].reset_index(drop=True)
-    return frame.join(meta, on="train_index")
+    columns = [c for c in ("doc_id", "family", "topic", "language", "word_order") if c in inputs.train_metadata]
+    return frame.join(inputs.train_metadata[columns].reset_index(drop=True), on="train_index") if columns else frame
 
 
 def token_overlap(query: WorldQuery, text: str, tokenizer) -> float:
@@ -164,14 +153,19 @@ def is_relevant(query: WorldQuery, doc: pd.Series) -> bool:
 
 
 class StudyOutput:
-    """Writes tables and figures to the run folder and to figures/<study>/, with the command that made them."""
+    """Writes tables and figures to the run folder and to figures/<study>/, then study.json (the result contract)
+    and a README with the command that made them."""
 
     def __init__(self, study: str, run_dir: Path, figures_dir: Path | None):
         self.study, self.run_dir = study, Path(run_dir)
         self.dirs = [self.run_dir] + ([Path(figures_dir)] if figures_dir else [])
         for d in self.dirs:
             d.mkdir(parents=True, exist_ok=True)
-        self.written: list[str] = []
+        self.tables: dict[str, str] = {}
+        self.figures: dict[str, str] = {}
+        self.inputs: list[StudyInputs] = []
+        self.paper: dict[str, str] = {}
+        self.verdict_rows: list[dict] = []
 
     def table(self, name: str, frame: pd.DataFrame, raw: bool = False) -> None:
         """csv + markdown; raw tables (large) go to the run folder only, as parquet."""
@@ -181,62 +175,104 @@ class StudyOutput:
         for d in self.dirs:
             frame.to_csv(d / f"{name}.csv", index=False)
             (d / f"{name}.md").write_text(frame.to_markdown(index=False, floatfmt=".4g"))
-        self.written.append(f"{name}.csv / {name}.md")
+        self.tables[name] = f"{name}.csv"
 
-    def figure(self, name: str, fig: plt.Figure) -> None:
+    def top_sequences(self, frame: pd.DataFrame) -> None:
+        """The contract's top_sequences table: parquet (with tokens and token scores) + a csv/md without them."""
+        for d in self.dirs:
+            frame.to_parquet(d / "top_sequences.parquet", index=False)
+        readable = frame.drop(columns=["tokens", "token_scores"]).assign(text=frame["text"].str.slice(0, 160)
+                                                                          .str.replace("\n", " "))
+        self.table("top_sequences_readable", readable)
+        self.tables["top_sequences"] = "top_sequences.parquet"
+
+    def verdicts(self, verdicts: pd.DataFrame | Sequence[dict], n_seeds: int = 1) -> pd.DataFrame:
+        """The verdict table in the contract's shape: n_models is the number of models this study scored, n_seeds
+        the training seeds per model (one for the zoo v1 and the plain models)."""
+        rows = verdicts.to_dict("records") if isinstance(verdicts, pd.DataFrame) else list(verdicts)
+        self.verdict_rows = [verdict_row(**{**row, "n_models": len(self.inputs), "n_seeds": n_seeds}) for row in rows]
+        frame = pd.DataFrame(self.verdict_rows)
+        self.table("verdicts", frame)
+        return frame
+
+    def figure(self, name: str, fig: plt.Figure, paper: str | None = None) -> None:
+        """png + pdf; `paper`: the paper's figure it mirrors (recorded in study.json)."""
         for d in self.dirs:
             fig.savefig(d / f"{name}.png", dpi=130, bbox_inches="tight")
             fig.savefig(d / f"{name}.pdf", bbox_inches="tight")
         plt.close(fig)
-        self.written.append(f"{name}.png / {name}.pdf")
+        self.figures[name] = f"{name}.png"
+        if paper:
+            self.paper[name] = paper
 
     def readme(self, description: str, cfg: DictConfig) -> None:
-        """figures/<study>/README.md: what each file is and the command that regenerates it."""
+        """figures/<study>/README.md and study.json: what each file is, the command, the verdicts."""
         try:
             overrides = " ".join(HydraConfig.get().overrides.task)
         except ValueError:  # composed outside a Hydra app (tests)
             overrides = ""
         command = f"python -m experiments.{self.study} {overrides}".strip()
+        if self.inputs:
+            queries = [q for inputs in self.inputs[:1] for q in inputs.queries]
+            self.table("queries", pipeline.queries_table(queries))
+        files = [f"- {f}" for f in [*self.tables.values(), *self.figures.values()]]
         text = [f"# {self.study}", "", description, "", "Regenerate with:", "", "```bash", command, "```", "",
-                "Files:", ""] + [f"- {w}" for w in self.written] + ["", "Resolved config:", "", "```yaml",
-                OmegaConf.to_yaml(cfg).strip(), "```", ""]
+                "Files (study.json lists them with the models, corpus, settings and verdicts):", ""] + files + [
+                "", "Resolved config:", "", "```yaml", OmegaConf.to_yaml(cfg).strip(), "```", ""]
         for d in self.dirs:
             (d / "README.md").write_text("\n".join(text))
+        if not self.inputs:
+            return
+        first = self.inputs[0]
+        record = StudyRecord(
+            study=self.study, models=[i.loaded.record() for i in self.inputs], corpus=first.corpus.record(),
+            queries=[q.name for q in first.queries], settings=OmegaConf.to_container(cfg, resolve=True),
+            tables=dict(self.tables), figures=dict(self.figures), verdicts=list(self.verdict_rows), paper=dict(self.paper),
+            command=command,
+            artifacts={i.model_name: {"factors": str(i.model_scores.factors_dir),
+                                      "scores": str(i.model_scores.scores_dir)} for i in self.inputs if i.model_scores})
+        for d in self.dirs:
+            write_study(d, record)
 
 
-def verdict(claim: str, statistic: str, value: float, uncertainty: str, holds: bool | None) -> dict:
-    """One row of a study's verdict table: the paper's claim and what we measured."""
-    return {"paper claim": claim, "statistic": statistic, "measured": value, "uncertainty": uncertainty,
-            "holds at our scale": {True: "yes", False: "no", None: "inconclusive"}[holds]}
-
-
-def world_queries(data: DictConfig) -> list[WorldQuery]:
-    return load_queries(Path(data.queries))
+def verdict(claim: str, statistic: str, value: float, uncertainty: str, holds: bool | None, *,
+            ci: tuple[float, float] | None = None, p_value: float | None = None) -> dict:
+    """One verdict of a study; StudyOutput.verdicts completes it into the contract's row. Without a CI or p-value
+    the point decision (`holds`) makes no verdict: the row says 'inconclusive' and keeps it as `point_decision`."""
+    decided = ci is not None or p_value is not None
+    word = "inconclusive" if holds is None or not decided else ("holds" if holds else "does not hold")
+    return {"claim": claim, "statistic": statistic, "estimate": value, "ci_low": ci[0] if ci else None,
+            "ci_high": ci[1] if ci else None, "p_value": p_value, "verdict": word, "uncertainty": uncertainty,
+            "point_decision": {True: "yes", False: "no", None: "none"}[holds]}
 
 
 def study_queries(cfg: DictConfig) -> list[WorldQuery]:
-    """The configured query names, plus the first `held_out_order` forward queries whose order is held out."""
-    all_queries = world_queries(cfg.data)
-    chosen = select_queries(all_queries, list(cfg.queries.names))
+    """The configured query names (all queries of the file when none are named), plus the first `held_out_order`
+    forward queries whose order is held out (synthetic world only)."""
+    all_queries = load_query_file(cfg.data.queries)
+    names = list(cfg.queries.get("names") or [])
+    chosen = select_queries(all_queries, names) if names else list(all_queries)
     extra = [q for q in all_queries if q.held_out == "order" and q not in chosen][: int(cfg.queries.get("held_out_order", 0))]
     return chosen + extra
 
 
-def scored_models(cfg: DictConfig):
-    """For each configured model: (StudyInputs, InfluenceRun), scores from the cache when present."""
+def scored_models(cfg: DictConfig, out: StudyOutput | None = None):
+    """For each configured model: (StudyInputs, InfluenceRun), scores from the pipeline's cache when present.
+    With `out`, each model is recorded for the study's study.json."""
     queries = study_queries(cfg)
     for name in cfg.models:
-        path = cfg.model_paths.get(name) or model_config(name).name_or_path
-        inputs = load_study_inputs(name, path, cfg.data, queries)
-        yield inputs, cached_influence(inputs, cfg.influence, Path(cfg.artifacts), int(cfg.get("top_k_tokens", 0)))
+        model = model_config(name) if name not in (cfg.get("model_paths") or {}) else OmegaConf.create(
+            {"name_or_path": cfg.model_paths[name]})
+        inputs = load_study_inputs(name, model, cfg.data, queries)
+        run = cached_influence(inputs, cfg)
+        if out is not None:
+            out.inputs.append(inputs)
+        yield inputs, run
 
 
-def top_sequences(inputs: StudyInputs, run: InfluenceRun, k: int, snippet_chars: int = 160) -> pd.DataFrame:
-    """The k most influential training sequences of every query, with scores, metadata and a text snippet."""
-    metadata = inputs.train_metadata[["doc_id", "family", "topic", "language"]].reset_index(drop=True)
-    table = top_sequences_table(run, metadata, inputs.tokenizer, k)
-    table["text"] = [inputs.train_texts[i][:snippet_chars].replace("\n", " ") for i in table["train_index"]]
-    return table.assign(model=inputs.model_name)
+def top_sequences(inputs: StudyInputs, run: InfluenceRun, k: int) -> pd.DataFrame:
+    """The k most influential training sequences of every query (the contract's columns, see pipeline)."""
+    return pipeline.top_sequences(inputs.model_scores, inputs.corpus, k)
 
 
 RELATIONS = ("same fact, same language", "same fact, other language", "same topic", "unrelated")
@@ -253,10 +289,4 @@ def relation(query: WorldQuery, doc: pd.Series) -> str:
 
 def model_sizes(inputs_list: Sequence[StudyInputs]) -> dict[str, int]:
     """Non-embedding parameters of each model (sizes for the x axis of the scale figures)."""
-    sizes = {}
-    for inputs in inputs_list:
-        embeddings = {id(p) for m in inputs.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        head = inputs.model.get_output_embeddings()
-        embeddings |= {id(p) for p in head.parameters()} if head is not None else set()
-        sizes[inputs.model_name] = sum(p.numel() for p in inputs.model.parameters() if id(p) not in embeddings)
-    return sizes
+    return {inputs.model_name: pipeline.non_embedding_parameters(inputs.model) for inputs in inputs_list}

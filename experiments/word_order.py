@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import random
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.common import config_digest, run_influence, training_batches
+from experiments.common import run_influence, training_batches
+from experiments.pipeline import cache_key, numerical_settings
 from experiments.loading import tokenize_sequences
 from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, verdict
 from experiments.zoo import world as W
@@ -155,13 +155,14 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
 
 def cached_finetune(inputs, cfg: DictConfig) -> pd.DataFrame:
     """The fine-tuning extension's table, computed once per (model, settings) and kept under artifacts/."""
-    key = config_digest(OmegaConf.create({"finetune": cfg.finetune, "influence": cfg.influence, "data": inputs.fingerprint,
-                                          "model": inputs.model_fingerprint}))
+    key = cache_key({"finetune": OmegaConf.to_container(cfg.finetune), "influence": numerical_settings(cfg.influence),
+                     "data": inputs.corpus.fingerprint, "model": inputs.loaded.fingerprint})
     path = Path(cfg.artifacts) / "finetune" / inputs.model_name / f"{key}.csv"
     if path.exists():
         return pd.read_csv(path)
-    if os.environ.get("INFLUENCE_LAB_FIGURES_ONLY"):
-        raise FileNotFoundError(f"no saved fine-tuning results in {path}; run `make word_order` first")
+    if cfg.get("compute", True) is False:
+        raise FileNotFoundError(f"no saved fine-tuning results in {path}; compute=false only reads saved results: "
+                                "run `make word_order` first")
     table, info = finetune_extension(inputs, cfg)
     table = table.assign(model=inputs.model_name, **info)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     out = StudyOutput("word_order", run_dir, cfg.figures_dir)
     group_rows, ratio_rows, accuracy_rows, finetune_tables = [], [], [], []
     tops = []
-    for inputs, run in scored_models(cfg):
+    for inputs, run in scored_models(cfg, out):
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         for q_index, query in enumerate(inputs.queries):
             if query.study != "word_order":
@@ -226,7 +227,8 @@ def run(cfg: DictConfig, run_dir) -> None:
             low, high = bootstrap_interval(mine)
             rows.append(verdict("flipping the word order sharply reduces influence (near zero)",
                                 f"{model}: median over queries of mean influence (flipped) / (same order)",
-                                float(np.median(mine)), f"95% CI {low:.3f} to {high:.3f}", bool(high < 0.5)))
+                                float(np.median(mine)), f"95% CI {low:.3f} to {high:.3f}", bool(high < 0.5),
+                                ci=(low, high)))
     if finetune_tables:
         finetune = pd.concat(finetune_tables)
         out.table("finetune_extension", finetune)
@@ -242,8 +244,8 @@ def run(cfg: DictConfig, run_dir) -> None:
                                 f"+- {error:.3f} (standard error); trained {trained.mean():.3f}, flipped "
                                 f"{flipped.mean():.3f}", None if abs(difference) < 2 * error else difference > 0))
     verdicts = pd.DataFrame(rows)
-    out.table("verdicts", verdicts)
-    out.table("top_sequences", pd.concat(tops))
+    verdicts = out.verdicts(verdicts)
+    out.top_sequences(pd.concat(tops))
     out.readme("Influence of same-order, flipped-order, other-fact and unrelated documents on word-order queries "
                "(paper Figs 23-27), completion accuracy for facts seen only flipped, the fine-tuning extension "
                "(not in the paper), and the verdict table.", cfg)

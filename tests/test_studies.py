@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+from experiments.results import VERDICTS, read_study
 from zoo_fixtures import micro_zoo, study_artifacts  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,24 @@ def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert len(fits) >= 25 and fits["alpha"].between(1, 10).all()
     assert set(pd.read_csv(tmp_path / "top_shares.csv")["top_fraction"]) == {0.001, 0.01, 0.1}
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
-    assert verdicts["holds at our scale"].isin(["yes", "no", "inconclusive"]).all()
+    assert verdicts["verdict"].isin(VERDICTS).all()
     assert (tmp_path / "influence_tails.png").exists() and (tmp_path / "README.md").exists()
     scores = pd.read_parquet(tmp_path / "scores.parquet")
     layer_columns = [c for c in scores.columns if c.startswith("layer:")]
     assert len(layer_columns) == 4  # two MLP matrices in each of two layers
     assert (scores[layer_columns].sum(axis=1) - scores["influence"]).abs().max() < 1e-3 * scores["influence"].abs().max()
 
+    record = read_study(tmp_path)  # the result contract: every table and figure it names exists
+    assert record.study == "sparsity" and [m.name for m in record.models] == ["micro"]
+    assert record.models[0].architecture == "GPTNeoXForCausalLM" and record.models[0].non_embedding_parameters > 0
+    assert record.corpus.num_sequences == len(scores) // len(record.queries)
+    assert {"queries", "top_sequences", "verdicts", "power_law_fits"} <= set(record.tables)
+    assert all(row["n_models"] == 1 and row["n_seeds"] == 1 for row in record.verdicts)
+    top = pd.read_parquet(tmp_path / record.tables["top_sequences"])
+    assert {"model", "query", "rank", "train_id", "influence", "text", "tokens", "token_scores", "spurious"} <= set(top)
+    first = top.iloc[0]
+    assert "".join(first["tokens"]) == first["text"][: len("".join(first["tokens"]))]
+    assert abs(sum(first["token_scores"]) - first["influence"]) < 1e-3 * abs(first["influence"]) + 1e-6
 
 def test_layerwise(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     run_study("layerwise", micro_zoo, study_artifacts, tmp_path)
@@ -63,7 +75,7 @@ def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     finetune = pd.read_csv(tmp_path / "finetune_extension.csv")
     assert len(finetune) == 3 * 2 and set(finetune["order"]) == {"trained order", "flipped order"}
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
-    assert any("extension (not in the paper)" in claim for claim in verdicts["paper claim"])
+    assert any("extension (not in the paper)" in claim for claim in verdicts["claim"])
 
 
 @pytest.mark.parametrize("study", ["scale", "crosslingual", "math_code", "roleplay"])
@@ -72,39 +84,38 @@ def test_studies_across_sizes(study, micro_zoo, study_artifacts, tmp_path):  # n
     run_study(study, micro_zoo, study_artifacts, tmp_path)
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert len(verdicts) >= 1
-    assert (tmp_path / "top_sequences.csv").exists() and (tmp_path / "README.md").exists()
+    assert (tmp_path / "top_sequences.parquet").exists() and (tmp_path / "README.md").exists()
     assert list(tmp_path.glob("*.png"))
+    assert read_study(tmp_path).study == study
 
 
 def test_figures_mode_recomputes_nothing(micro_zoo, tmp_path):  # noqa: F811
-    """With INFLUENCE_LAB_FIGURES_ONLY set and no saved scores, a study refuses instead of computing."""
+    """With compute=false and no saved scores, a study refuses instead of computing."""
     command = [sys.executable, "-m", "experiments.roleplay", *micro_overrides(micro_zoo, tmp_path / "empty"),
-               f"hydra.run.dir={tmp_path / 'run'}"]
+               f"hydra.run.dir={tmp_path / 'run'}", "compute=false"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "INFLUENCE_LAB_FIGURES_ONLY": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert "only redraws saved results" in result.stderr
+    assert "compute=false only reads saved results" in result.stderr
 
 
 def test_score_cache_key_ignores_progress_bars():
     from omegaconf import OmegaConf
 
-    from experiments.common import config_digest
-    from experiments.study import numerical_settings
+    from experiments.pipeline import cache_key, numerical_settings
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="experiment/sparsity")
     quiet = OmegaConf.merge(cfg.influence, {"progress": False})
-    assert config_digest(numerical_settings(cfg.influence)) == config_digest(numerical_settings(quiet))
+    assert cache_key(numerical_settings(cfg.influence)) == cache_key(numerical_settings(quiet))
     damped = OmegaConf.merge(cfg.influence, {"damping_factor": 1.0})
-    assert config_digest(numerical_settings(cfg.influence)) != config_digest(numerical_settings(damped))
+    assert cache_key(numerical_settings(cfg.influence)) != cache_key(numerical_settings(damped))
 
 
 def test_retrained_model_does_not_reuse_cached_scores(micro_zoo, tmp_path):  # noqa: F811
     """Scores and factors are cached per model weights: changed weights under the same name recompute."""
-    import dataclasses
-
     import torch
+    from omegaconf import OmegaConf
 
     from experiments.study import cached_influence, load_study_inputs, study_queries
     from influence_core import model_fingerprint, track_layers
@@ -113,14 +124,16 @@ def test_retrained_model_does_not_reuse_cached_scores(micro_zoo, tmp_path):  # n
         cfg = compose(config_name="experiment/roleplay",
                       overrides=micro_overrides(micro_zoo, tmp_path) + ["influence=identity", "queries.names=[shutdown]",
                                                                         "queries.held_out_order=0"])
-    inputs = load_study_inputs("micro", str(micro_zoo.model_path), cfg.data, study_queries(cfg))
-    first = cached_influence(inputs, cfg.influence, tmp_path).scores.total.clone()
-    assert torch.equal(cached_influence(inputs, cfg.influence, tmp_path).scores.total, first)  # from the cache
+    model = OmegaConf.create({"name_or_path": str(micro_zoo.model_path)})
+    inputs = load_study_inputs("micro", model, cfg.data, study_queries(cfg))
+    first = cached_influence(inputs, cfg).scores.total.clone()
+    assert torch.equal(cached_influence(inputs, cfg).scores.total, first)  # from the cache
     with torch.no_grad():
         for p in inputs.model.parameters():
             p.mul_(1.5)
-    retrained = dataclasses.replace(inputs, model_fingerprint=model_fingerprint(track_layers(inputs.model, ["*"])))
-    assert retrained.model_fingerprint != inputs.model_fingerprint
-    second = cached_influence(retrained, cfg.influence, tmp_path).scores.total
+    before = inputs.loaded.fingerprint
+    inputs.loaded.fingerprint = model_fingerprint(track_layers(inputs.model, ["*"]))
+    assert inputs.loaded.fingerprint != before
+    second = cached_influence(inputs, cfg).scores.total
     assert not torch.allclose(second, first)
     assert len(list((tmp_path / "scores" / "micro").iterdir())) == 2

@@ -8,53 +8,15 @@ sequences against ground truth instead of reading them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.zoo import world as W
 
+from experiments.queries import Query, load_query_file  # noqa: F401  (the one query type)
+
 STUDIES = ("facts", "word_order", "cross_lingual", "math", "code", "roleplay")
-
-
-@dataclass(frozen=True)
-class Query:
-    """One influence query.
-
-    name: unique, e.g. "fact_F0003_heldout".
-    prompt, completion: text; completion starts with a space and only its tokens are measured.
-    study: one of STUDIES.
-    fact_ids: facts the query asks about (empty for math/code/roleplay).
-    relevant_doc_ids: training documents related by construction (same fact or same topic).
-    relevant_topics: the ``topic`` values that define relevance for non-fact queries.
-    language: "en", "ko" or "tr" (the prompt's language).
-    word_order: "forward", "flipped" or "none" (order of subject and object in prompt + completion).
-    held_out: what the training data never contains: "template" (this phrasing), "order" (the fact
-        only occurs flipped in training), "numbers", "names", or "" (the query text can occur).
-    distractors: alternative completions (other entities of the same relation) for ranking accuracy.
-    """
-
-    name: str
-    prompt: str
-    completion: str
-    study: str
-    fact_ids: tuple[str, ...] = ()
-    relevant_doc_ids: tuple[str, ...] = ()
-    relevant_topics: tuple[str, ...] = ()
-    language: str = "en"
-    word_order: str = "none"
-    held_out: str = ""
-    distractors: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Query":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
 
 
 KOREAN_QUERY_PROMPTS = {"president": "{s} 공화국의 초대 대통령은", "capital": "{s}의 수도는"}
@@ -195,21 +157,8 @@ def save_queries(queries: list[Query], path: Path) -> Path:
 
 
 def load_queries(path: Path) -> list[Query]:
-    """Queries from a JSON file written by ``save_queries`` or a YAML file like configs/queries/paper.yaml."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"query file {path} does not exist; build the world first (make zoo) or give a YAML query set")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(path.read_text())["queries"]
-    else:
-        raw = json.loads(path.read_text())
-    queries = [Query.from_dict(d) for d in raw]
-    for q in queries:
-        if not q.completion.strip():
-            raise ValueError(f"query {q.name!r} has an empty completion; give at least one token")
-    return queries
+    """The world's queries (queries.json written by ``save_queries``); any query file works, see load_query_file."""
+    return load_query_file(path)
 
 
 def select(queries: list[Query], study: str | None = None, **where) -> list[Query]:
