@@ -88,7 +88,7 @@ def cluster_bootstrap(table: pd.DataFrame, statistic: Callable = np.mean, seed_c
     values = table[value_column].to_numpy(dtype=np.float64)
     if not np.isfinite(values).all():
         bad = table.index[~np.isfinite(values)][0]
-        raise ValueError(f"row {bad!r}: value is not finite")
+        raise ValueError(f"row {bad.item() if isinstance(bad, np.generic) else bad!r}: value is not finite")
     # seeds -> list of units -> value arrays
     clusters = [[group[value_column].to_numpy(dtype=np.float64) for _, group in by_seed.groupby(unit_column, sort=True)]
                 for _, by_seed in table.groupby(seed_column, sort=True)]
@@ -122,7 +122,7 @@ def paired_log_ratios(numerator, denominator, labels=None) -> np.ndarray:
     b = np.asarray(denominator, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"numerator and denominator must be 1-D of one length, got {a.shape} and {b.shape}")
-    names = list(labels) if labels is not None else list(range(len(a)))
+    names = list(range(len(a))) if labels is None else [n.item() if isinstance(n, np.generic) else n for n in labels]
     for i in range(len(a)):
         if not (np.isfinite(a[i]) and np.isfinite(b[i])):
             raise ValueError(f"row {names[i]!r}: non-finite value (numerator {a[i]}, denominator {b[i]})")

@@ -78,7 +78,8 @@ def _candidate_starts(n: int, min_tail: int, max_candidates: int) -> np.ndarray:
     return n - sizes
 
 
-def scan_x_min(sorted_positive: np.ndarray, min_tail: int = 20, max_candidates: int = 200) -> tuple[float, float, float]:
+def scan_x_min(sorted_positive: np.ndarray, min_tail: int = 20,
+               max_candidates: int = 200) -> tuple[float, float, float]:
     """Clauset's x_min: the candidate minimising the KS distance of the fitted tail. Input sorted ascending, > 0.
 
     Returns (x_min, alpha, D). For each candidate start i, tail x[i:] of size m: alpha_i = 1 + m / (sum ln x[i:]
