@@ -10,7 +10,8 @@ Model: a continuous power law above x_min, p(x) = (alpha - 1) / x_min * (x / x_m
   * x_min="ks" (default, Clauset Sec 3.3): the candidate minimising the KS distance
     D = max_x |S(x) - P(x)| between the empirical and fitted CDFs of the tail. Candidates are the observed
     values whose tail holds at least `min_tail` points; when there are more than `max_candidates`, tail sizes
-    are taken geometrically spaced between min_tail and the number of positives (dense where tails are short).
+    are taken geometrically spaced between min_tail and the number of positives (dense where tails are short);
+    max_tail caps the tail sizes scanned (for millions of values).
   * tail_fraction=f (the paper's choice: the top 0.01%): x_min is the smallest of the top round(f * n)
     positives (at least min_tail of them).
   * x_min=<number>: fixed.
@@ -108,22 +109,27 @@ def scan_x_min(sorted_positive: np.ndarray, min_tail: int = 20,
     return best[1], best[2], float(best[0])
 
 
-def _fit_rule(x: np.ndarray, rule: str, fixed: float | None, tail_fraction: float | None, min_tail: int,
+def _fit_rule(top: np.ndarray, n: int, rule: str, fixed: float | None, tail_fraction: float | None, min_tail: int,
               max_candidates: int) -> tuple[float, float, float, int]:
-    """(x_min, alpha, D, m) of sorted positives x under one x_min rule."""
+    """(x_min, alpha, D, m) under one x_min rule. top: the largest of n positives, ascending: all of them, or
+    at least the ones the rule can reach (the top max_tail for "ks", the top m for "tail_fraction", every
+    value >= x_min for "fixed")."""
     if rule == "ks":
-        x_min, alpha, distance = scan_x_min(x, min_tail, max_candidates)
-        return x_min, alpha, distance, int(np.sum(x >= x_min))
+        x_min, alpha, distance = scan_x_min(top, min_tail, max_candidates)
+        return x_min, alpha, distance, int(np.sum(top >= x_min))
     if rule == "tail_fraction":
-        m = min(len(x), max(min_tail, int(round(tail_fraction * len(x)))))
-        x_min = float(x[len(x) - m])
+        x_min = float(top[len(top) - _fraction_size(n, tail_fraction, min_tail)])
     else:
         x_min = float(fixed)
-    tail = x[x >= x_min]
+    tail = top[top >= x_min]
     if len(tail) < 2 or np.all(tail == tail[0]):
         raise ValueError(f"the tail above x_min={x_min:g} has {len(tail)} points; too few distinct values to fit")
     alpha, _ = power_law_mle(tail, x_min)
     return x_min, alpha, ks_distance(tail, x_min, alpha), len(tail)
+
+
+def _fraction_size(n: int, tail_fraction: float, min_tail: int) -> int:
+    return min(n, max(min_tail, int(round(tail_fraction * n))))
 
 
 def compare_alternatives(tail: np.ndarray, x_min: float, alternatives=ALTERNATIVES) -> dict[str, tuple[float, float]]:
@@ -147,11 +153,13 @@ def compare_alternatives(tail: np.ndarray, x_min: float, alternatives=ALTERNATIV
 
 def fit_tail(influences, x_min: float | str = "ks", tail_fraction: float | None = None, min_tail: int = 20,
              bootstrap_samples: int = 200, alternatives=ALTERNATIVES, max_candidates: int = 200,
-             seed: int = 0) -> TailFit:
+             max_tail: int | None = None, seed: int = 0) -> TailFit:
     """Power-law fit of the positive influences' tail, bootstrap KS p-value and likelihood-ratio tests.
 
     influences: (N,) any sign, positives used. x_min: "ks" (Clauset's scan) or a number; tail_fraction: the top
-    fraction of positives instead (the paper's 0.01% is 1e-4). See the module docstring for every formula.
+    fraction of positives instead (the paper's 0.01% is 1e-4). max_tail: with "ks", scan only tails of at most
+    this many points (needed for millions of values: each scan and each bootstrap replicate then touches only
+    the top max_tail). See the module docstring for every formula.
     """
     x = _positives(influences)
     if tail_fraction is not None:
@@ -170,24 +178,37 @@ def fit_tail(influences, x_min: float | str = "ks", tail_fraction: float | None 
         rule, fixed = "fixed", float(x_min)
     if len(x) < min_tail:
         raise ValueError(f"only {len(x)} positive influences; need at least {min_tail} to fit a tail")
-    found_x_min, alpha, distance, m = _fit_rule(x, rule, fixed, tail_fraction, min_tail, max_candidates)
-    tail = x[x >= found_x_min]
-    body = x[x < found_x_min]
     n = len(x)
+    if rule == "ks":
+        if max_tail is not None and max_tail < min_tail:
+            raise ValueError(f"max_tail {max_tail} is below min_tail {min_tail}")
+        reach = n if max_tail is None else min(n, max_tail)  # how many of the largest values the rule looks at
+    elif rule == "tail_fraction":
+        reach = _fraction_size(n, tail_fraction, min_tail)
+    else:
+        reach = int(np.sum(x >= fixed))
+    found_x_min, alpha, distance, m = _fit_rule(x[n - reach:], n, rule, fixed, tail_fraction, min_tail,
+                                                max_candidates)
+    tail = x[n - reach:][x[n - reach:] >= found_x_min]  # the values the rule saw (ties below them excluded)
+    body = x[x < found_x_min]  # ascending
 
     rng = np.random.default_rng(seed)
     exceed = 0
     for _ in range(bootstrap_samples):
         if rule == "fixed" or len(body) == 0:
             size = m
-            synthetic_body = np.empty(0)
         else:
             size = rng.binomial(n, m / n)
-            synthetic_body = rng.choice(body, n - size, replace=True)
         synthetic_tail = found_x_min * (1.0 - rng.random(size)) ** (-1.0 / (alpha - 1.0))
-        synthetic = np.sort(np.concatenate([synthetic_body, synthetic_tail]))
+        if size >= reach:  # the rule only sees power-law draws (all >= x_min > any body value)
+            top = np.sort(synthetic_tail)[size - reach:]
+        else:  # plus the largest (reach - size) of the n - size body draws; body is sorted, so largest index
+            picks = rng.integers(0, len(body), n - size)
+            need = min(reach - size, n - size)
+            largest = np.partition(picks, len(picks) - need)[len(picks) - need:] if need > 0 else picks[:0]
+            top = np.sort(np.concatenate([body[largest], synthetic_tail]))
         try:
-            replicate = _fit_rule(synthetic, rule, fixed, tail_fraction, min_tail, max_candidates)[2]
+            replicate = _fit_rule(top, n, rule, fixed, tail_fraction, min_tail, max_candidates)[2]
         except ValueError:  # a degenerate replicate (too small a tail) counts as a worse fit
             replicate = np.inf
         exceed += replicate >= distance

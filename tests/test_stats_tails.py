@@ -46,6 +46,17 @@ def test_ks_scan_finds_where_the_power_law_starts():
     assert abs(alpha - 2.5) < 0.2 and distance < 0.05
 
 
+def test_max_tail_limits_the_scan_for_large_inputs():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(0.0, 0.5, 20000), rng.pareto(1.5, 2000) + 1])
+    fit = fit_tail(x, max_tail=400, bootstrap_samples=20, alternatives=())
+    assert fit.tail_size <= 400 and fit.x_min > 1.0
+    assert fit.alpha == pytest.approx(2.5, abs=3 * fit.alpha_standard_error)
+    assert fit.ks_p_value > 0.1
+    full = fit_tail(x[-3000:], bootstrap_samples=5, alternatives=(), seed=1)
+    assert fit_tail(x[-3000:], bootstrap_samples=5, alternatives=(), seed=1, max_tail=3000) == full
+
+
 def test_fixed_x_min_matches_the_closed_form():
     tail = np.array([1.0, 1.5, 2.0, 4.0, 9.0])
     fit = fit_tail(np.concatenate([tail, [0.5, -2.0, 0.0]]), x_min=1.0, min_tail=5, bootstrap_samples=0,
