@@ -290,6 +290,8 @@ def sequence_row(record: dict, layer_columns: Sequence[str], labels: Sequence[st
     layers = [(label, record[c]) for label, c in zip(labels, layer_columns) if not missing(record[c])]
     dominance = record.get("single_token_dominance")
     spurious = record.get("spurious")
+    if "spurious" not in record and not missing(dominance):  # a table without the flag: the paper's rule
+        spurious = float(dominance) > SPURIOUS_THRESHOLD
     return SequenceRow(
         rank=int(record["rank"]), train_id=int(record["train_id"]), influence=float(record["influence"]), text=text,
         layers=shades([label for label, _ in layers], [v for _, v in layers]), tokens=tokens, rest=rest,
@@ -373,8 +375,12 @@ def run_files(run: Run) -> tuple[list[dict], list[dict]]:
             continue  # shown with its csv
         html = None
         if file.endswith(".csv"):
-            frame = pd.read_csv(run.run_dir / file)
-            if len(frame) <= INLINE_TABLE_ROWS:
+            try:
+                frame = pd.read_csv(run.run_dir / file)
+            except (OSError, ValueError) as error:  # pandas' ParserError is a ValueError
+                run.messages.append(f"table {name} ({file}) is not readable csv: {error}")
+                frame = pd.DataFrame()
+            if 0 < len(frame) <= INLINE_TABLE_ROWS:
                 html = frame.to_html(index=False, escape=True, na_rep="", float_format=lambda v: format(v, ".4g"),
                                      border=0, classes="data")
         tables.append({"name": name, "file": site_file(file), "html": html,
@@ -489,13 +495,17 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str = Path("out
                 continue
             run.models.append(model)
             frame = pd.read_parquet(path, filters=[("model", "==", model)])  # one model at a time: memory stays flat
-            for page in query_pages(run, frame, model, top_k):
-                target = out_dir / page.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(render_query_page(env, page, page_size, run, context))
-                page.rows = page.rows[:page_size]  # keep the first page only: every model's pages fit in memory
-                run.links[(model, page.query.name)] = page
-                pages.append(page)
+            try:
+                for page in query_pages(run, frame, model, top_k):
+                    target = out_dir / page.path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(render_query_page(env, page, page_size, run, context))
+                    page.rows = page.rows[:page_size]  # keep the first page only: every model's pages fit in memory
+                    run.links[(model, page.query.name)] = page
+                    pages.append(page)
+            except (ResultContractError, KeyError, TypeError, ValueError) as error:
+                run.messages.append(f"{model}: query pages stopped at a row the contract does not allow "
+                                    f"({type(error).__name__}: {error}); rerun `{run.record.command or make_command(run.run_dir)}`")
             del frame
         copy_run_files(run, out_dir / "runs" / run.slug / "files")
         figures, tables = run_files(run)

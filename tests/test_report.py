@@ -349,3 +349,16 @@ def test_thousands_of_sequences_stay_light(browser, tmp_path):
     assert time.perf_counter() - start < 10
     browser.find_element("css selector", '[data-go="last"]').click()
     assert visible_ranks(browser) == list(range(3000 - 50 + 1, 3001))
+
+
+def test_a_row_off_contract_is_reported_not_fatal(tmp_path):
+    run = make_run(tmp_path / "outputs" / "score" / "broken")
+    table = top_sequences()
+    bad = table.index[table["model"] == "small"][0]
+    table.at[bad, "tokens"] = ["only one piece"]  # 1 token, 4 token scores
+    table.to_parquet(run / "top_sequences.parquet", index=False)
+    report = build_report([run], tmp_path / "site", page_size=2)
+    (line,) = report.runs[0].messages
+    assert line.startswith("small: query pages stopped") and "1 tokens but 4 token_scores" in line
+    assert len([p for p in report.pages if p.model == "tiny"]) == 2  # the other model's pages are built
+    assert line in (report.out_dir / "runs" / "broken" / "index.html").read_text().replace("&#39;", "'")
