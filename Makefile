@@ -45,7 +45,7 @@ all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per mo
 figures:  ## redraw every study's tables and figures from saved scores, recomputing nothing
 	for study in $(STUDIES); do $(PYTHON) -m experiments.$$study compute=false || exit 1; done
 
-report:  ## browsable HTML of every study's top sequences, tokens coloured by influence -> outputs/report/ (+ figures/report/)
+report:  ## browsable HTML of every run with a study.json (figures/**, outputs/**): top sequences, tokens coloured -> outputs/report/ (+ figures/report/)
 	$(PYTHON) -m experiments.report
 
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
