@@ -17,7 +17,7 @@ from pathlib import Path
 
 QUERY_FILE_TYPES = (".json", ".jsonl", ".yaml", ".yml")
 # Fields that document a query in a file (configs/queries/paper.yaml) without being part of the measurement.
-DOCUMENTARY_FIELDS = ("source", "note", "category", "text_found")
+DOCUMENTARY_FIELDS = ("source", "note", "category", "text_found", "whitespace_exact")
 
 
 @dataclass(frozen=True)

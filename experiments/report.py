@@ -177,23 +177,6 @@ def short_layer_names(names: Sequence[str]) -> list[str]:
     return [n[cut:] for n in names]
 
 
-def token_spans(ids: list[int], tokenizer) -> list[tuple[str, int, int]]:
-    """A sequence's decoded pieces with their token spans [start, end), for the pipeline that writes the
-    top_sequences table's `tokens` (a piece's score is the sum over its tokens). Byte-level tokens that split a
-    character (decoding alone to U+FFFD) are merged with the next ones; one batched decode covers the common case
-    of whole-character tokens."""
-    singles = tokenizer.batch_decode([[i] for i in ids])
-    spans, start = [], 0
-    for end in range(1, len(ids) + 1):
-        text = singles[start] if end - start == 1 else tokenizer.decode(ids[start:end])
-        if not text.endswith("\ufffd"):
-            spans.append((text, start, end))
-            start = end
-    if start < len(ids):
-        spans.append((tokenizer.decode(ids[start:]), start, len(ids)))
-    return spans
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", str(name))
 

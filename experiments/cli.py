@@ -1,0 +1,147 @@
+"""`influence-lab`: the console command over the same functions the Hydra apps call.
+
+    influence-lab score --model PATH --data PATH --queries PATH          # your model, corpus and queries
+    influence-lab score --micro-zoo                                       # the built-in micro example
+    influence-lab study sparsity --model PATH --data PATH --queries PATH  # a study on your model and corpus
+    influence-lab report RUN_DIR [RUN_DIR ...]                            # the HTML report of finished runs
+
+Anything after the options is passed on as Hydra overrides (`influence.strategy=kfac tfidf.top_k=1000`);
+the Hydra apps (`python -m experiments.score ...`, `python -m experiments.sparsity -m ...`) stay for sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose(config_name: str, overrides: Sequence[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def input_overrides(args: argparse.Namespace) -> list[str]:
+    """The shared input options -> Hydra overrides of the score config (model, data, queries groups)."""
+    out = []
+    for flag, key in (("model", "model.name_or_path"), ("data", "data.path"), ("queries", "queries.path"),
+                      ("name", "model.name"), ("text_column", "data.text_column"), ("split", "data.split"),
+                      ("max_length", "data.max_length"), ("dtype", "model.dtype"), ("device", "model.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if getattr(args, "truncate", False):
+        out.append("data.truncation=true")
+    return out
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder (save_pretrained) or a hub name in the local cache")
+    parser.add_argument("--data", help="corpus: .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a "
+                                       "save_to_disk folder; only a text column is required")
+    parser.add_argument("--queries", help=".json/.jsonl/.yaml list of {name, prompt, completion}")
+    parser.add_argument("--name", help="the model's name in tables and caches (default: its folder's name)")
+    parser.add_argument("--text-column", help="the corpus's text column (default: text)")
+    parser.add_argument("--split", help="the corpus split (default: train)")
+    parser.add_argument("--max-length", type=int, help="longest sequence in tokens (default: the model's context)")
+    parser.add_argument("--truncate", action="store_true", help="cut longer sequences instead of refusing them")
+    parser.add_argument("--dtype", help="the model's weights dtype (default: float32)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. influence.strategy=kfac tfidf.top_k=1000")
+
+
+def run_dir_for(kind: str, out: str | None) -> Path:
+    return Path(out) if out else Path("outputs") / kind / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def score_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from experiments import score
+
+    overrides = input_overrides(args) + (["micro_zoo=true"] if args.micro_zoo else []) + list(args.overrides)
+    cfg = compose("experiment/score", overrides)
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.command = "influence-lab " + " ".join(shlex.quote(a) for a in argv)
+    score.run(cfg, run_dir_for("score", args.out))
+
+
+def study_overrides(args: argparse.Namespace) -> list[str]:
+    """A study on your own model and corpus: one model, a plain text corpus, every query of the file."""
+    if not args.model:
+        return []
+    missing = [flag for flag in ("data", "queries") if getattr(args, flag) is None]
+    if missing:
+        raise SystemExit(f"influence-lab study: --model needs --{' and --'.join(missing)} too")
+    name = args.name or Path(args.model).name
+    out = [f"models=[{name}]", f"+model_paths.{name}={args.model}", "data=text_files", f"data.path={args.data}",
+           f"+queries.path={args.queries}", "queries.names=null", "queries.held_out_order=0"]
+    for flag, key in (("text_column", "data.text_column"), ("split", "data.split"), ("max_length", "data.max_length")):
+        if getattr(args, flag) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    if args.truncate:
+        out.append("data.truncation=true")
+    return out
+
+
+def study_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from omegaconf import OmegaConf
+
+    overrides = study_overrides(args) + (["figures_dir=null"] if not args.figures else []) + list(args.overrides)
+    cfg = compose(f"experiment/{args.study}", overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.command = "influence-lab " + " ".join(shlex.quote(a) for a in argv)
+    run_dir = run_dir_for(args.study, args.out)
+    importlib.import_module(f"experiments.{args.study}").run(cfg, run_dir)
+    print(f"tables, figures and study.json: {run_dir}\nreport: influence-lab report {run_dir}")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="influence-lab", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score a query set over your corpus with your model",
+                                description="Fit EK-FAC factors, score every query over the corpus in resumable "
+                                            "shards, write queries.csv, top_sequences.parquet and study.json.")
+    add_input_options(score)
+    score.add_argument("--micro-zoo", action="store_true", help="score the built-in micro example (no paths)")
+    score.add_argument("--out", help="run folder (default: outputs/score/<time>)")
+
+    study = commands.add_parser("study", help="run one of the paper's studies",
+                                description="Run a study on the zoo (its config's models) or, with --model, "
+                                            "--data and --queries, on your own model and a plain text corpus.")
+    study.add_argument("study", choices=STUDIES)
+    add_input_options(study)
+    study.add_argument("--out", help="run folder (default: outputs/<study>/<time>)")
+    study.add_argument("--figures", action="store_true", help="also write into the study's figures_dir")
+
+    report = commands.add_parser("report", help="the HTML report of finished runs (folders with study.json)",
+                                 add_help=False)
+    report.add_argument("report_args", nargs=argparse.REMAINDER)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from experiments import report
+
+        report.main(argv[1:])
+        return
+    args = parser().parse_args(argv)
+    {"score": score_command, "study": study_command}[args.command](args, argv)
+
+
+if __name__ == "__main__":
+    main()
