@@ -16,8 +16,22 @@ _DATASET_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet",
 
 
 def _looks_like_path(name_or_path: str) -> bool:
-    """Hub names are "gpt2" or "org/name"; anything else with slashes, or starting with . / ~, is a local path."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.rstrip("/").count("/") >= 2
+    """Hub names are "gpt2" or "org/name"; anything else with slashes, or starting with . / ~, is a local path, and
+    so is an "org/name" whose first part is a local folder (e.g. "artifacts/model" run where artifacts/ exists)."""
+    name = name_or_path.rstrip("/")
+    if name_or_path.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a hub name has a config in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub: not cached
+        return False
 
 
 def _resolve_dtype(dtype) -> torch.dtype | str:
@@ -34,9 +48,9 @@ def _check_exists(name_or_path: str, what: str) -> None:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return
-    if _looks_like_path(name_or_path):
+    if _looks_like_path(name_or_path) and not _in_hub_cache(name_or_path):
         raise FileNotFoundError(
-            f"{what} path {str(path)!r} does not exist. For a zoo model run `make zoo` first (models land in "
+            f"{what} path {str(path)!r} does not exist (relative to {os.getcwd()}). For a zoo model run `make zoo` first (models land in "
             f"artifacts/zoo/<size>/model); for a hub model, download it on a machine with network and copy it here."
         )
 
@@ -82,6 +96,9 @@ def load_text_dataset(path_or_name: str | Path, split: str = "train", text_colum
         loaded = datasets.load_from_disk(str(path))
     elif path.is_file() or (path.is_dir() and any(p.suffix in _DATASET_FILE_TYPES for p in path.iterdir())):
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _DATASET_FILE_TYPES)
+        if all(p.stat().st_size < 1 << 16 and not p.read_bytes().strip() for p in files):  # blank files only
+            raise ValueError(f"dataset {path_or_name!r} is empty ({', '.join(p.name for p in files)} hold no "
+                             "records); give at least one sequence")
         kinds = {_DATASET_FILE_TYPES.get(p.suffix) for p in files}
         if None in kinds or len(kinds) != 1:
             raise ValueError(f"cannot load {path}: use one kind of file among {sorted(_DATASET_FILE_TYPES)}, found {[p.name for p in files]}")
@@ -91,6 +108,8 @@ def load_text_dataset(path_or_name: str | Path, split: str = "train", text_colum
             if "corresponds to no data" in str(error):
                 raise ValueError(f"dataset {path_or_name!r} split {split!r} is empty; give at least one sequence") from error
             raise
+        except StopIteration as error:  # datasets' json builder on files without a record
+            raise ValueError(f"dataset {path_or_name!r} split {split!r} is empty; give at least one sequence") from error
     elif _looks_like_path(path_or_name):
         raise FileNotFoundError(f"dataset path {str(path)!r} does not exist; build the world with `make zoo` or point to a saved dataset")
     else:

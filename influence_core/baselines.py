@@ -92,7 +92,7 @@ def exact_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer], task: T
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
             for batch in batches:
                 batch = to_device(batch, model)
-                capture.clear()
+                capture.clear(batch)
                 logits, labels = task.forward(model, batch)  # (B, T, C)
                 valid = labels != IGNORE_INDEX
                 p = torch.softmax(logits.detach().double(), dim=-1) * valid.unsqueeze(-1)

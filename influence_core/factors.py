@@ -38,8 +38,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .batch import check_finite, check_nonempty, refuse_one_shot, row_count, to_device
 from .task import IGNORE_INDEX, Batch, Task, sampled_label_surrogate, trim_padding
-from .tracking import LayerCapture, TrackedLayer, model_fingerprint, tracked_parameters_require_grad
+from .tracking import (LayerCapture, TrackedLayer, layer_fingerprints, model_fingerprint,
+                       tracked_parameters_require_grad)
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -47,8 +49,20 @@ FORMAT_VERSION = 1
 LABEL_SAMPLING = "inverse-cdf/per-batch-generator"  # changes to how pseudo-labels are drawn invalidate saved factors
 
 
+ACCUMULATION_DTYPES = ("float32", "float64")
+
+
 class FactorMismatchError(ValueError):
     """A factor directory was fitted on another model, layer set or configuration."""
+
+
+def check_number(name: str, value, minimum: float, integer: bool = False, strict: bool = False) -> None:
+    """Refuse a field that is not a number (int for `integer`), or below `minimum` (at or below with `strict`)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value != value or (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
 @dataclass
@@ -69,10 +83,15 @@ class FactorArguments:
             raise ValueError(f"unknown strategy '{self.strategy}'; choose one of {STRATEGIES}")
         if self.fisher not in ("sampled", "expected"):
             raise ValueError(f"unknown fisher '{self.fisher}'; choose 'sampled' or 'expected'")
-        if self.damping is not None and self.damping < 0 or self.damping_factor < 0:
-            raise ValueError("damping must be non-negative")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 batches (0: off), got {self.checkpoint_every}")
+        check_number("damping_factor", self.damping_factor, 0)
+        if self.damping is not None:
+            check_number("damping", self.damping, 0)
+        check_number("seed", self.seed, float("-inf"), integer=True)
+        check_number("checkpoint_every", self.checkpoint_every, 0, integer=True)
+        if self.dtype not in ACCUMULATION_DTYPES:
+            raise ValueError(
+                f"FactorArguments.dtype={self.dtype!r} is the accumulation dtype of the factors and must be one of "
+                f"{ACCUMULATION_DTYPES}; the model's precision is set on the model (e.g. model.to(torch.bfloat16))")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,6 +154,56 @@ class Factors:
     def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
         return self.layers[name].precondition(v, self.damping_for(name))
 
+    def layer_shape(self, name: str) -> tuple[int, int] | None:
+        """(d_out, d_in [+1]) the factors of a layer were fitted for: from its tensors, else the manifest; None if unknown."""
+        lf = self.layers[name]
+        if lf.eigenvalues is not None:
+            return tuple(lf.eigenvalues.shape[-2:])
+        if lf.gradient_eigenvectors is not None and lf.activation_eigenvectors is not None:
+            return lf.gradient_eigenvectors.shape[0], lf.activation_eigenvectors.shape[0]
+        shape = self.manifest.get("layer_shapes", {}).get(name)
+        return tuple(shape) if shape is not None else None
+
+    def check_covers(self, layer_names: Iterable[str]) -> None:
+        missing = [n for n in layer_names if n not in self.layers]
+        if missing:
+            raise FactorMismatchError(f"no factors for layers {sorted(missing)}; fit factors on the same tracked layers")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse factors whose layer shapes differ from `shapes` ({name: (d_out, d_in [+1])})."""
+        self.check_covers(shapes)
+        for name, shape in shapes.items():
+            fitted = self.layer_shape(name)
+            if fitted is not None and tuple(fitted) != tuple(shape):
+                raise FactorMismatchError(
+                    f"the factors of layer '{name}' were fitted for (d_out, d_in+1) = {tuple(fitted)}, but here it is "
+                    f"{tuple(shape)}: the factors come from another model; refit them on this model or pass the "
+                    "factor directory fitted on it")
+
+    def check_fingerprints(self, fingerprints: dict[str, str], names_in_order: Sequence[str] | None = None,
+                           model_print: str | None = None) -> None:
+        """Refuse factors fitted on other weights: per-layer fingerprints (any subset of the fitted layers), or, for
+        factor files made before those were recorded, the whole-model fingerprint when the layers are the same."""
+        saved = self.manifest.get("layer_fingerprints")
+        if saved:
+            for name, value in fingerprints.items():
+                if name in saved and saved[name] != value:
+                    raise FactorMismatchError(
+                        f"the factors of layer '{name}' were fitted on a model with fingerprint {saved[name]}, this "
+                        f"model's is {value}: refit the factors on this model or pass the factor directory fitted on it")
+        elif "model_fingerprint" in self.manifest and model_print is not None and \
+                list(names_in_order or []) == list(self.manifest.get("layer_names", [])):
+            if self.manifest["model_fingerprint"] != model_print:
+                raise FactorMismatchError(
+                    f"the factors were fitted on a model with fingerprint {self.manifest['model_fingerprint']}, this "
+                    f"model's is {model_print}: refit the factors on this model or pass the factor directory fitted on it")
+
+    def check_layers(self, layers: Sequence[TrackedLayer]) -> None:
+        """Refuse factors that do not belong to these tracked layers (names, shapes, model fingerprint)."""
+        layers = list(layers)
+        self.check_shapes({l.name: (l.out_features, l.input_dim) for l in layers})
+        self.check_fingerprints(layer_fingerprints(layers), [l.name for l in layers], model_fingerprint(layers))
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -156,11 +225,11 @@ class Factors:
         manifest_path, tensor_path = directory / "manifest.json", directory / "factors.safetensors"
         if not tensor_path.exists() or not manifest_path.exists():
             raise FileNotFoundError(f"no fitted factors in {directory} (expected manifest.json and factors.safetensors)")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         if layers is not None:
             expected_args = args or FactorArguments(**manifest["arguments"])
             _check_manifest(manifest, _identity(layers, expected_args, manifest.get("data_fingerprint")), directory)
-        tensors = load_file(tensor_path)
+        tensors = read_tensors(tensor_path)
         by_layer = {}
         for name in manifest["layer_names"]:
             by_layer[name] = LayerFactors(
@@ -171,7 +240,10 @@ class Factors:
             )
         damping_factor = args.damping_factor if args else manifest["arguments"]["damping_factor"]
         damping = args.damping if args else manifest["arguments"]["damping"]
-        return cls(manifest["strategy"], by_layer, manifest, damping_factor, damping)
+        factors = cls(manifest["strategy"], by_layer, manifest, damping_factor, damping)
+        if layers is not None:
+            factors.check_layers(layers)
+        return factors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,19 +263,22 @@ def fit_factors(
 
     With `output_dir`, each stage (covariance, eigendecomposition, eigenvalue correction) is saved as it
     finishes and reused on a rerun with the same model, layers and arguments; other files are refused.
-    `batches` must be re-iterable (a list or a DataLoader).
+    `batches` must be re-iterable (a list or a DataLoader): a generator is refused.
     """
     args = args or FactorArguments()
     layers = list(layers)
+    if args.strategy != "identity":
+        refuse_one_shot(batches, "fit_factors")
     identity = _identity(layers, args, data_fingerprint)
     manifest = {**identity, "arguments": asdict(args), "layer_shapes": {l.name: [l.out_features, l.input_dim] for l in layers},
+                "layer_fingerprints": layer_fingerprints(layers),
                 "format_version": FORMAT_VERSION, "torch_version": torch.__version__, "timings_s": {}, "stages_done": []}
     directory = Path(output_dir) if output_dir is not None else None
     main = distributed.is_main()  # under torch.distributed only rank 0 writes; every rank computes the same factors
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     if directory is not None and (directory / "manifest.json").exists():
-        saved = json.loads((directory / "manifest.json").read_text())
+        saved = read_json(directory / "manifest.json")
         _check_manifest(saved, identity, directory)
         manifest.update(timings_s=saved.get("timings_s", {}), stages_done=saved.get("stages_done", []))
         if "factors" in manifest["stages_done"]:
@@ -217,7 +292,7 @@ def fit_factors(
     def stage(name: str, compute) -> dict[str, torch.Tensor]:
         path = directory / f"{name}.safetensors" if directory is not None else None
         if path is not None and name in manifest["stages_done"] and path.exists():
-            return load_file(path)
+            return read_tensors(path)
         start = time.perf_counter()
         tensors = compute()
         manifest["timings_s"][name] = round(time.perf_counter() - start, 3)
@@ -283,7 +358,7 @@ def _pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch
     "sampled": one draw y ~ p per position (paper). "expected": C weighted draws whose outer products sum to
     the exact expectation, using H = diag(p) - p p^T = R R^T with R[:, c] = sqrt(p_c) (e_c - p).
     """
-    capture.clear()
+    capture.clear(batch)
     if args.fisher == "sampled":
         if type(task).pseudo_loss is Task.pseudo_loss:  # the default definition: its cheaper twin, same gradient
             loss = sampled_label_surrogate(*task.forward(model, batch), generator, dropped_columns)
@@ -343,6 +418,7 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums.update({f"{l.name}.gradient": torch.zeros(l.out_features, l.out_features, dtype=dtype) for l in layers})
     sums["num_tokens"] = torch.zeros((), dtype=torch.float64)
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
+    sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
             batch, dropped = trim_padding(to_device(batch, model))
@@ -356,13 +432,15 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
                     check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
                     _add_gram(sums[f"{layer.name}.gradient"], g)
             sums["num_tokens"] += float(token_weights(task, batch, a).sum())
-            sums["num_sequences"] += capture.activations[layers[-1].name].shape[0]
+            sums["num_sequences"] += row_count(batch)
+            sums["num_predicted"] += _predicted(task, batch)
             if checkpoint is not None:
                 checkpoint.step(index, sums)
     distributed.all_reduce_sum(sums)
     num_tokens, num_sequences = float(sums["num_tokens"]), float(sums["num_sequences"])
     if num_sequences == 0:
         raise ValueError("the fitting data is empty: no batches to fit factors on")
+    _check_predicted(task, float(sums["num_predicted"]))
     out = {}
     for layer in layers:
         name = layer.name
@@ -392,6 +470,7 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
     dtype = args.torch_dtype
     sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
+    sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
             batch, dropped = trim_padding(to_device(batch, model))
@@ -415,13 +494,15 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
                         if q_a is not None:
                             per_sequence = q_s.T @ per_sequence @ q_a
                     sums[layer.name] += per_sequence.square_().sum(dim=0).cpu()
-            sums["num_sequences"] += a.shape[0]
+            sums["num_sequences"] += row_count(batch)
+            sums["num_predicted"] += _predicted(task, batch)
             if checkpoint is not None:
                 checkpoint.step(index, sums)
     distributed.all_reduce_sum(sums)
     num_sequences = float(sums.pop("num_sequences"))
     if num_sequences == 0:
         raise ValueError("the fitting data is empty: no batches to fit factors on")
+    _check_predicted(task, float(sums.pop("num_predicted")))
     return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
 
 
@@ -456,9 +537,13 @@ class PassCheckpoint:
             return
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata() or {}
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # a damaged file (SafetensorError)
+            raise ValueError(f"pass checkpoint {self.path} is damaged ({error}); delete it and rerun to recompute "
+                             "the pass") from error
         if int(meta.get("world_size", -1)) != distributed.world_size():
             raise FactorMismatchError(
                 f"pass checkpoint {self.path} was written by a run with world_size={meta.get('world_size')}, "
@@ -502,11 +587,25 @@ def _owned_batches(batches, checkpoint: PassCheckpoint | None, sums: dict[str, t
     for index, batch in enumerate(bar):
         if index < start or not distributed.owns(index):
             continue
+        check_nonempty(batch, index, "fitting")
         yield index, batch
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _predicted(task: Task, batch: Batch) -> float:
+    """Predicted (non-ignored) labels of a batch, 0 when the task cannot tell without a forward pass."""
+    counts = task.label_counts(batch)
+    return 0.0 if counts is None else float(counts.sum())
+
+
+def _check_predicted(task: Task, num_predicted: float) -> None:
+    """Refuse fitting data with nothing to predict (all sequences of one token): the curvature would be 0."""
+    if num_predicted == 0 and type(task).label_counts is not Task.label_counts:
+        raise ValueError("the fitting data has no predicted tokens: every sequence has fewer than 2 tokens (or all "
+                         "labels are -100), so the curvature and damping would be 0; fit on sequences of >= 2 tokens")
 
 
 def _identity(layers: Sequence[TrackedLayer], args: FactorArguments, data_fingerprint: str | None) -> dict:
@@ -525,14 +624,21 @@ def _check_manifest(saved: dict, expected: dict, directory: Path) -> None:
             )
 
 
-def check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise FloatingPointError(f"{what} contains NaN or inf; check the model's outputs and the input data")
+def read_json(path: Path) -> dict:
+    """A JSON file, or an error naming a damaged (e.g. truncated) one and how to recover."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not valid JSON: {error}); delete it and rerun to recompute") from error
 
 
-def to_device(batch: Batch, model: nn.Module) -> Batch:
-    device = next(model.parameters()).device
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or an error naming a damaged (e.g. truncated) one and how to recover."""
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise ValueError(f"{path} is damaged (cannot be read as safetensors: {error}); delete it and rerun to "
+                         "recompute") from error
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

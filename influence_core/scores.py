@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factors import Factors, check_finite, per_sequence_gradients, real_token_activations, to_device
+from .batch import check_finite, check_nonempty, row_count, to_device
+from .factors import FactorMismatchError, Factors, check_number, per_sequence_gradients, real_token_activations
 from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
 from .task import Batch, Task, trim_padding
-from .tracking import LayerCapture, TrackedLayer, tracked_parameters_require_grad
+from .tracking import LayerCapture, TrackedLayer, layer_fingerprints, tracked_parameters_require_grad
 
 
 @dataclass
@@ -45,8 +46,24 @@ class ScoreArguments:
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
 
     def __post_init__(self) -> None:
+        for name in ("per_token", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ScoreArguments.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.low_rank is not None and not isinstance(self.low_rank, bool):
+            raise TypeError(f"ScoreArguments.low_rank must be None, True or False, got {self.low_rank!r}")
         if self.query_rank is not None:
             check_rank(self.query_rank)
+        check_number("dense_query_bytes", self.dense_query_bytes, 0, integer=True)
+        check_number("low_rank_chunk", self.low_rank_chunk, 1, integer=True)
+
+
+class LayerGradients(dict):
+    """{layer name: (Q, d_out, d_in) tensor} that remembers the fingerprints of the layers it was computed on, so
+    preconditioning and scoring can refuse factors or a model other than that one."""
+
+    def __init__(self, tensors, layer_fingerprints: dict[str, str] | None = None):
+        super().__init__(tensors)
+        self.layer_fingerprints = dict(layer_fingerprints or {})
 
 
 @dataclass
@@ -87,17 +104,24 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     With `factors`, each batch of gradients is preconditioned as it comes, (G_l + lambda_l I)^{-1} q_l, the same as
     precondition_queries(query_gradients(...), factors) without ever holding the raw gradients of all Q queries
     beside the preconditioned ones (peak memory ~1x instead of ~2x the Q queries' size).
+
+    Raises ValueError for a query with no predicted label (all -100: its gradient would be 0 and it would score 0
+    everywhere), and FactorMismatchError for factors of other layers or another model.
     """
     if factors is not None:
-        _check_factors_cover(factors, [l.name for l in layers])
+        factors.check_layers(layers)
     collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-            for batch in tqdm(batches, desc="query gradients", disable=not progress, leave=False):
+            for index, batch in enumerate(tqdm(batches, desc="query gradients", disable=not progress, leave=False)):
+                check_nonempty(batch, index, "query")
+                _check_query_labels(task, batch, seen)
+                seen += row_count(batch)
                 batch, _ = trim_padding(to_device(batch, model))
-                capture.clear()
+                capture.clear(batch)
                 loss = task.query_loss(model, batch)
                 check_finite(loss, "query loss")
                 grads = capture.output_gradients(loss)
@@ -111,23 +135,53 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     if not collected[layers[0].name]:
         raise ValueError("no queries given")
     # layer by layer, each layer's parts freed once joined: peak one layer above the result, not the whole result
-    return {name: _joined(collected.pop(name)) for name in list(collected)}
+    return LayerGradients({name: _joined(collected.pop(name)) for name in list(collected)}, layer_fingerprints(layers))
+
+
+def _check_query_labels(task: Task, batch: Batch, first_index: int) -> None:
+    """Refuse queries without a predicted label: their measurement is empty, their influence 0 everywhere."""
+    counts = task.label_counts(batch)
+    if counts is None:
+        return
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        names = batch.get("names") or batch.get("query_names")
+        which = ", ".join(f"{first_index + i}" + (f" ('{names[i]}')" if names is not None else "") for i in empty)
+        raise ValueError(f"query {which} has no completion label (all labels -100 after the shift, e.g. the "
+                         "completion was truncated away): it would score 0 everywhere; give each query completion labels")
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _check_factors_cover(factors: Factors, layer_names: Iterable[str]) -> None:
-    missing = set(layer_names) - set(factors.layers)
-    if missing:
-        raise ValueError(f"no factors for layers {sorted(missing)}; fit factors on the same tracked layers")
-
-
 def precondition_queries(gradients: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:
-    """q_l' = (G_l + lambda_l I)^{-1} q_l for every layer; (Q, d_out, d_in) per layer."""
-    _check_factors_cover(factors, gradients)
-    return {name: factors.precondition(name, g) for name, g in gradients.items()}
+    """q_l' = (G_l + lambda_l I)^{-1} q_l for every layer; (Q, d_out, d_in) per layer.
+
+    Refuses (FactorMismatchError) factors missing a layer, fitted for other layer shapes, or, for gradients from
+    `query_gradients` (which remember the model's layer fingerprints), fitted on another model.
+    """
+    factors.check_shapes({name: tuple(g.shape[-2:]) for name, g in gradients.items()})
+    prints = getattr(gradients, "layer_fingerprints", {})
+    factors.check_fingerprints(prints)
+    return LayerGradients({name: factors.precondition(name, g) for name, g in gradients.items()}, prints)
+
+
+def _check_queries_match(layers: Sequence[TrackedLayer], queries: dict) -> None:
+    """Refuse preconditioned queries of other layer shapes, or (when they carry fingerprints) of another model."""
+    for layer in layers:
+        shape = tuple(queries[layer.name].shape[-2:])
+        if shape != (layer.out_features, layer.input_dim):
+            raise FactorMismatchError(
+                f"the query gradients of layer '{layer.name}' have shape (d_out, d_in+1) = {shape}, the layer is "
+                f"{(layer.out_features, layer.input_dim)}: they come from another model; recompute them on this one")
+    saved = getattr(queries, "layer_fingerprints", None)
+    if saved:
+        for name, value in layer_fingerprints(layers).items():
+            if name in saved and saved[name] != value:
+                raise FactorMismatchError(
+                    f"the query gradients of layer '{name}' were computed on a model with fingerprint {saved[name]}, "
+                    f"this model's is {value}: recompute them (and their factors) on this model")
 
 
 def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
@@ -138,6 +192,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     names = [l.name for l in layers]
     if set(names) != set(preconditioned_queries):
         raise ValueError(f"query gradients cover layers {sorted(preconditioned_queries)}, scoring tracks {sorted(names)}")
+    _check_queries_match(layers, preconditioned_queries)
     first = next(iter(preconditioned_queries.values()))
     num_queries = first.shape[0]
     query_names = list(query_names) if query_names is not None else [f"query_{i}" for i in range(num_queries)]
@@ -163,9 +218,10 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     model.eval()
     try:
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-            for batch in tqdm(batches, desc="scores", disable=not args.progress, leave=False):
+            for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
+                check_nonempty(batch, index, "training")
                 batch, dropped = trim_padding(to_device(batch, model))  # per-token scores get the dropped columns back
-                capture.clear()
+                capture.clear(batch)
                 loss = task.training_loss(model, batch)
                 check_finite(loss, "training loss")
                 grads = capture.output_gradients(loss)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .factors import read_json
 from .lowrank import LowRankQuery
 from .scores import ScoreArguments, compute_scores
 from .task import Task, iterate_batches
@@ -96,7 +97,7 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     }
     _open_folder(directory, identity, num_shards)
 
-    mine = [i for i in range(num_shards) if distributed.owns(i) and not shard_path(directory, i).exists()]
+    mine = [i for i in range(num_shards) if distributed.owns(i) and not _readable_shard(shard_path(directory, i))]
     per_token = shard_args.top_k_tokens > 0
     args = ScoreArguments(**{**asdict(score_args), "per_token": per_token, "progress": False})
     bar = tqdm(mine, desc=f"score shards (rank {distributed.rank()})", disable=not score_args.progress, leave=False)
@@ -121,13 +122,13 @@ def read_scores(output_dir: str | Path, require_complete: bool = True) -> pd.Dat
     manifest_path = directory / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no shard manifest in {directory}; run score_in_shards first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
     paths = [shard_path(directory, i) for i in range(manifest["num_shards"])]
     missing = [p.name for p in paths if not p.exists()]
     if missing and require_complete:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing in {directory} (first: {missing[0]}); "
                                 "rerun the same command to finish them")
-    frames = [pq.read_table(p).to_pandas() for p in paths if p.exists()]
+    frames = [_read_shard(p).to_pandas() for p in paths if p.exists()]
     return pd.concat(frames, ignore_index=True) if frames else _empty_table(manifest["layer_names"]).to_pandas()
 
 
@@ -150,7 +151,7 @@ def _open_folder(directory: Path, identity: dict, num_shards: int) -> None:
     """Check or write the manifest (rank 0 writes); clear temporary files a killed run left behind."""
     manifest_path = directory / "manifest.json"
     if manifest_path.exists():
-        saved = json.loads(manifest_path.read_text())
+        saved = read_json(manifest_path)
         for key, value in identity.items():
             if json.loads(json.dumps(saved.get("identity", {}).get(key), default=str)) != \
                     json.loads(json.dumps(value, default=str)):
@@ -169,6 +170,26 @@ def _open_folder(directory: Path, identity: dict, num_shards: int) -> None:
                                        "torch_version": torch.__version__}, indent=2, default=str))
             os.replace(tmp, manifest_path)
     distributed.barrier()
+
+
+def _readable_shard(path: Path) -> bool:
+    """Whether a finished shard file is there and intact; a damaged one (e.g. truncated) is reported, to be recomputed."""
+    if not path.exists():
+        return False
+    try:
+        pq.ParquetFile(path).metadata  # reads the footer: a truncated file has none
+        return True
+    except Exception as error:
+        print(f"warning: shard {path} is damaged ({error}); recomputing it", flush=True)
+        return False
+
+
+def _read_shard(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except Exception as error:
+        raise ValueError(f"shard {path} is damaged ({error}); rerun the same score_in_shards command to recompute "
+                         "it") from error
 
 
 def _candidate_mask(candidates, query_names, num_rows) -> np.ndarray | None:

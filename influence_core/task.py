@@ -34,6 +34,10 @@ class Task:
         """(B, T_in) bool, True at real input tokens (padding excluded); None if every position is real."""
         return None
 
+    def label_counts(self, batch: Batch) -> torch.Tensor | None:
+        """(B,) number of predicted (non-ignored) labels per row, without a forward pass; None if unknown."""
+        return None
+
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, labels = self.forward(model, batch)
         return summed_cross_entropy(logits, labels)
@@ -143,7 +147,13 @@ class CausalLMTask(Task):
     """
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = batch["input_ids"]
+        """(logits (B, T-1, C), labels (B, T-1)): the labels shifted, IGNORE_INDEX wherever attention_mask is 0.
+
+        Padding is masked here whatever the batch's labels say, so the loss never counts a position whose
+        activations the engine zeroes (labels = input_ids at padding would otherwise enter the loss).
+        """
+        input_ids = self._require(batch, "input_ids")
+        labels = self.predicted_labels(batch)
         limit = context_length(model)
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(
@@ -152,7 +162,25 @@ class CausalLMTask(Task):
             )
         out = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
         logits = out.logits if hasattr(out, "logits") else out
-        return logits[:, :-1], batch["labels"][:, 1:]
+        return logits[:, :-1], labels
+
+    @staticmethod
+    def _require(batch: Batch, key: str) -> torch.Tensor:
+        if key not in batch:
+            raise ValueError(f"the batch has no '{key}' (keys: {sorted(batch)}); CausalLMTask needs input_ids, "
+                             "attention_mask and labels (labels = input_ids with -100 where nothing is predicted)")
+        return batch[key]
+
+    def predicted_labels(self, batch: Batch) -> torch.Tensor:
+        """labels[:, 1:] (B, T-1) with IGNORE_INDEX where attention_mask[:, 1:] is 0."""
+        labels = self._require(batch, "labels")[:, 1:]
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            labels = labels.masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        return labels
+
+    def label_counts(self, batch: Batch) -> torch.Tensor:
+        return (self.predicted_labels(batch) != IGNORE_INDEX).sum(dim=1)
 
     def token_mask(self, batch: Batch) -> torch.Tensor | None:
         mask = batch.get("attention_mask")
@@ -205,6 +233,8 @@ def pad_sequences(rows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) 
 
 def iterate_batches(encoded: Mapping[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Split a dict of (N, ...) tensors into a list of batches of at most batch_size rows."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = len(next(iter(encoded.values())))
     if n == 0:
         raise ValueError("no sequences to batch: the data set is empty")

@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .batch import sequence_shape
+
 MLP_PATTERNS: tuple[str, ...] = ("*mlp*",)
 """Default selection, as in the paper: the MLP layers of a transformer (GPT-NeoX, GPT-2, LLaMA naming)."""
 
@@ -116,6 +118,11 @@ def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
     return digest.hexdigest()[:16]
 
 
+def layer_fingerprints(layers: Sequence[TrackedLayer]) -> dict[str, str]:
+    """{layer name: model_fingerprint([layer])}: per-layer fingerprints, so a subset of the layers can be checked."""
+    return {layer.name: model_fingerprint([layer]) for layer in layers}
+
+
 @contextmanager
 def tracked_parameters_require_grad(layers: Sequence[TrackedLayer]) -> Iterator[None]:
     """Make the tracked weights require grad (so their outputs join the graph) and restore the flags after."""
@@ -134,9 +141,12 @@ def tracked_parameters_require_grad(layers: Sequence[TrackedLayer]) -> Iterator[
 class LayerCapture:
     """Forward hooks on the tracked layers that keep, for the current forward pass:
 
-    - `activations[name]`: the input with a homogeneous 1 appended, detached, shape (B, T, d_in [+1]);
-      a 2-D input (B, d_in) is treated as one token, T = 1.
-    - `outputs[name]`: the output tensor as produced, still in the graph, (B, T, d_out) or (B, d_out).
+    - `activations[name]`: the input with a homogeneous 1 appended, detached, shape (B, T, d_in [+1]).
+      A 2-D input is either (B, d_in), one token per row (T = 1), or tokens flattened across the batch,
+      (B * T, d_in), as OPT's fc1/fc2 get them; it is reshaped to (B, T, d_in). Telling the two apart needs the
+      batch shape (B, T) of the current forward: pass the batch to `clear(batch)` before the forward (its
+      2-D input_ids give it). Without it a 2-D input is taken as (B, d_in).
+    - `outputs[name]`: the output tensor as produced, still in the graph, (B, T, d_out), (B * T, d_out) or (B, d_out).
 
     `output_gradients(loss)` then returns g = d loss / d output for every tracked layer, (B, T, d_out).
     Use as a context manager; hooks are removed on exit.
@@ -147,6 +157,7 @@ class LayerCapture:
         self.activations: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self.sequence_shape: tuple[int, int] | None = None  # (B, T) of the current forward, when known
 
     def _hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -154,15 +165,30 @@ class LayerCapture:
                 raise RuntimeError(
                     f"tracked layer '{layer.name}' ran twice in one forward pass; shared layers are not supported"
                 )
-            x = inputs[0].detach()
-            if x.dim() == 2:
-                x = x.unsqueeze(1)
+            x = self._as_sequences(layer, inputs[0].detach())
             if layer.has_bias:
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
             self.activations[layer.name] = x
             self.outputs[layer.name] = output  # as produced: the loss depends on this tensor, not on a reshaped view
 
         return hook
+
+    def _as_sequences(self, layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
+        """A layer input as (B, T, d_in): 3-D kept, 2-D (B, d_in) -> (B, 1, d_in), (B * T, d_in) -> (B, T, d_in)."""
+        if x.dim() != 2:
+            return x
+        if self.sequence_shape is None:
+            return x.unsqueeze(1)
+        rows, tokens = self.sequence_shape
+        if x.shape[0] == rows * tokens:
+            return x.reshape(rows, tokens, x.shape[-1])
+        if x.shape[0] == rows:
+            return x.unsqueeze(1)
+        raise ValueError(
+            f"tracked layer '{layer.name}' got a 2-D input of {x.shape[0]} rows for a batch of {rows} sequences of "
+            f"{tokens} tokens: neither one row per sequence ({rows}) nor one per token ({rows * tokens}); "
+            "track layers whose inputs keep the sequence and token dimensions"
+        )
 
     def __enter__(self) -> "LayerCapture":
         self._handles = [l.module.register_forward_hook(self._hook(l)) for l in self.layers]
@@ -173,9 +199,11 @@ class LayerCapture:
             h.remove()
         self._handles = []
 
-    def clear(self) -> None:
+    def clear(self, batch=None) -> None:
+        """Forget the last forward; with `batch`, the next forward is of that batch (sets its (B, T))."""
         self.activations.clear()
         self.outputs.clear()
+        self.sequence_shape = sequence_shape(batch) if batch is not None else None
 
     def output_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, torch.Tensor]:
         """g_l = d loss / d s_l for each tracked layer l, shape (B, T, d_out)."""
