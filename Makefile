@@ -49,7 +49,7 @@ report:  ## browsable HTML of every run with a study.json (figures/**, outputs/*
 	$(PYTHON) -m experiments.report
 
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
-	$(PYTHON) -m experiments.score
+	$(PYTHON) -m experiments.score micro_zoo=true
 
 bench-setup:  ## the bench extra, then kronfluence without its torchvision requirement (figures/bench/README.md says why)
 	$(PYTHON) -m pip install -e ".[dev,bench]"

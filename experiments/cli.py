@@ -85,7 +85,7 @@ def study_overrides(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"influence-lab study: --model needs --{' and --'.join(missing)} too")
     name = args.name or Path(args.model).name
     out = [f"models=[{name}]", f"+model_paths.{name}={args.model}", "data=text_files", f"data.path={args.data}",
-           f"+queries.path={args.queries}", "queries.names=null", "queries.held_out_order=0"]
+           f"queries.path={args.queries}", "queries.names=null", "queries.held_out_order=0"]
     for flag, key in (("text_column", "data.text_column"), ("split", "data.split"), ("max_length", "data.max_length")):
         if getattr(args, flag) is not None:
             out.append(f"{key}={getattr(args, flag)}")
@@ -139,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         report.main(argv[1:])
         return
-    args = parser().parse_args(argv)
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if stray:
+        top.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + unknown  # Hydra overrides may come after the options too
     {"score": score_command, "study": study_command}[args.command](args, argv)
 
 

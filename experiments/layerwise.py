@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
-from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, is_relevant, scored_models, token_overlap, verdict
+from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, scored_models,
+                              token_overlap, top_sequences, verdict)
 
 QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
               "code": "math/code", "roleplay": "role-play"}
@@ -68,17 +69,19 @@ def run(cfg: DictConfig, run_dir) -> None:
         block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
         depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
         band_map = bands(len(blocks)) if len(blocks) >= 3 else {}
+        world = WORLD_COLUMNS <= set(inputs.train_metadata.columns)  # relatedness by construction needs them
+        focus = focus_queries(cfg, inputs.queries)
         for q_index, query in enumerate(inputs.queries):
             top = [i for i, _ in run.scores.top(q_index, cfg.top_k)]
             top_blocks = block_influence[q_index, top]  # (k, B)
             for b, share in enumerate(layer_shares(top_blocks).tolist()):
-                share_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND[query.study],
+                share_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND.get(query.study, query.study or "query"),
                                    "block": blocks[b], "depth": depths[b], "share": share,
                                    "relative_share": share * len(blocks)})
             centres = centre_of_mass(top_blocks)
-            centre_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND[query.study],
+            centre_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND.get(query.study, query.study or "query"),
                                 "centre_of_mass": float(centres.mean())})
-            if query.name in cfg.focus_queries:
+            if query.name in focus:
                 order = torch.argsort(centres)
                 matrix = (top_blocks[order] / top_blocks.sum(-1, keepdim=True)[order]).T.numpy()
                 panels.append((inputs.model_name, query.name, matrix))
@@ -90,7 +93,8 @@ def run(cfg: DictConfig, run_dir) -> None:
                     "model": inputs.model_name, "query": query.name, "band": band,
                     "token_overlap": float(np.mean([token_overlap(query, inputs.train_texts[i], inputs.tokenizer)
                                                     for i in chosen])),
-                    "relevant": float(np.mean([is_relevant(query, inputs.train_metadata.iloc[i]) for i in chosen])),
+                    "relevant": float(np.mean([is_relevant(query, inputs.train_metadata.iloc[i]) for i in chosen]))
+                    if world else float("nan"),
                     "same_top_as_all": len(set(chosen) & set(torch.topk(run.scores.total[q_index], cfg.top_k_band)
                                                              .indices.tolist())) / cfg.top_k_band,
                 })

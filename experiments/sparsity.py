@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.power_law import fit_power_law_tail, survival, top_share
-from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, scores_frame, verdict
+from experiments.study import CONFIG_DIR, StudyOutput, focus_queries, scored_models, scores_frame, top_sequences, verdict
 
 
 def survival_figure(rows: list[tuple[str, str, np.ndarray, object]]) -> plt.Figure:
@@ -67,6 +67,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     fits, shares, panels, raw = [], [], [], []
     tops = []
     for inputs, run in scored_models(cfg, out):
+        focus = focus_queries(cfg, inputs.queries)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         frame = scores_frame(run, inputs)
         raw.append(frame.assign(model=inputs.model_name))
@@ -77,14 +78,14 @@ def run(cfg: DictConfig, run_dir) -> None:
                          **fit.as_row()})
             for fraction, share in top_share(values, tuple(cfg.top_fractions)).items():
                 shares.append({"model": inputs.model_name, "query": query, "top_fraction": fraction, "share": share})
-            if query in cfg.focus_queries:
+            if query in focus:
                 panels.append((inputs.model_name, query, values, fit))
     fits, shares = pd.DataFrame(fits), pd.DataFrame(shares)
     out.table("scores", pd.concat(raw), raw=True)
     out.table("power_law_fits", fits)
     out.table("top_shares", shares)
     out.figure("influence_tails", survival_figure(panels))
-    out.figure("top_shares", share_figure(shares[shares["query"].isin(cfg.focus_queries)]))
+    out.figure("top_shares", share_figure(shares[shares["query"].isin(focus)]))
 
     plausible = (fits["ks_p_value"] > 0.1) & (fits["R_vs_exponential"] > 0)
     top1 = shares[shares["top_fraction"] == 0.01]["share"]

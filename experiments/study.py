@@ -211,7 +211,7 @@ class StudyOutput:
             overrides = " ".join(HydraConfig.get().overrides.task)
         except ValueError:  # composed outside a Hydra app (tests)
             overrides = ""
-        command = f"python -m experiments.{self.study} {overrides}".strip()
+        command = cfg.get("command") or f"python -m experiments.{self.study} {overrides}".strip()
         if self.inputs:
             queries = [q for inputs in self.inputs[:1] for q in inputs.queries]
             self.table("queries", pipeline.queries_table(queries))
@@ -249,7 +249,11 @@ def verdict(claim: str, statistic: str, value: float, uncertainty: str, holds: b
 def study_queries(cfg: DictConfig) -> list[WorldQuery]:
     """The configured query names (all queries of the file when none are named), plus the first `held_out_order`
     forward queries whose order is held out (synthetic world only)."""
-    all_queries = load_query_file(cfg.data.queries)
+    path = cfg.queries.get("path") or cfg.data.get("queries")
+    if not path:
+        raise ValueError("no query file: give queries.path=FILE (a .json/.jsonl/.yaml list of {name, prompt, "
+                         "completion})")
+    all_queries = load_query_file(path)
     names = list(cfg.queries.get("names") or [])
     chosen = select_queries(all_queries, names) if names else list(all_queries)
     extra = [q for q in all_queries if q.held_out == "order" and q not in chosen][: int(cfg.queries.get("held_out_order", 0))]
@@ -273,6 +277,17 @@ def scored_models(cfg: DictConfig, out: StudyOutput | None = None):
 def top_sequences(inputs: StudyInputs, run: InfluenceRun, k: int) -> pd.DataFrame:
     """The k most influential training sequences of every query (the contract's columns, see pipeline)."""
     return pipeline.top_sequences(inputs.model_scores, inputs.corpus, k)
+
+
+WORLD_COLUMNS = {"doc_id", "fact_ids", "topic"}  # the synthetic world's metadata: relatedness by construction
+
+
+def focus_queries(cfg: DictConfig, queries: Sequence[WorldQuery], count: int = 6) -> list[str]:
+    """The config's focus queries that are in this run's query set; when none is (your own queries), the first
+    `count` queries, so a figure never comes out empty."""
+    names = [q.name for q in queries]
+    chosen = [n for n in cfg.get("focus_queries") or [] if n in names]
+    return chosen or names[:count]
 
 
 RELATIONS = ("same fact, same language", "same fact, other language", "same topic", "unrelated")
