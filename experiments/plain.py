@@ -131,8 +131,8 @@ def build_model(architecture: str, out_dir: Path, settings: PlainSettings) -> Pa
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    (target / "plain.json").write_text(json.dumps({**stamp, "final_loss": float(loss)}, indent=1))
-    print(f"plain: {architecture} trained {settings.steps} steps, last batch loss {float(loss):.3f} -> {target}")
+    (target / "plain.json").write_text(json.dumps({**stamp, "final_loss": float(loss.detach())}, indent=1))
+    print(f"plain: {architecture} trained {settings.steps} steps, last batch loss {float(loss.detach()):.3f} -> {target}")
     return target
 
 

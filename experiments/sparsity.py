@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("sparsity", run_dir, cfg.figures_dir)
-    fits, shares, panels, raw = [], [], [], []
+    fits, shares, panels, raw, skipped = [], [], [], [], []
     tops = []
     for inputs, run in scored_models(cfg, out):
         focus = focus_queries(cfg, inputs.queries)
@@ -73,16 +73,24 @@ def run(cfg: DictConfig, run_dir) -> None:
         raw.append(frame.assign(model=inputs.model_name))
         for q_index, query in enumerate(run.scores.query_names):
             values = run.scores.total[q_index].double().numpy()
-            fit = fit_power_law_tail(values, cfg.tail_fraction, cfg.min_tail, cfg.bootstrap_samples)
-            fits.append({"model": inputs.model_name, "query": query, "positive": int((values > 0).sum()),
-                         **fit.as_row()})
+            try:
+                fit = fit_power_law_tail(values, cfg.tail_fraction, cfg.min_tail, cfg.bootstrap_samples)
+            except ValueError as error:  # too few positive influences: reported, not fitted
+                skipped.append({"model": inputs.model_name, "query": query, "reason": str(error)})
+                print(f"sparsity: {inputs.model_name} / {query}: no tail fit ({error})")
+                fit = None
+            if fit is not None:
+                fits.append({"model": inputs.model_name, "query": query, "positive": int((values > 0).sum()),
+                             **fit.as_row()})
             for fraction, share in top_share(values, tuple(cfg.top_fractions)).items():
                 shares.append({"model": inputs.model_name, "query": query, "top_fraction": fraction, "share": share})
-            if query in focus:
+            if query in focus and fit is not None:
                 panels.append((inputs.model_name, query, values, fit))
     fits, shares = pd.DataFrame(fits), pd.DataFrame(shares)
     out.table("scores", pd.concat(raw), raw=True)
     out.table("power_law_fits", fits)
+    if skipped:
+        out.table("power_law_not_fitted", pd.DataFrame(skipped))
     out.table("top_shares", shares)
     out.figure("influence_tails", survival_figure(panels))
     out.figure("top_shares", share_figure(shares[shares["query"].isin(focus)]))

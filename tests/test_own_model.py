@@ -1,0 +1,145 @@
+"""Your own model and corpus: the console command on non-zoo models (GPT-2, Llama) and a text-only corpus.
+
+The plain testbed (experiments/plain.py) is built once per session at its micro size: the licence texts Debian
+ships as a corpus with only a `text` column, and two architectures built from configs and trained briefly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.cli import main as cli
+from experiments.plain import LICENCES, PlainSettings, build_plain
+from experiments.queries import load_query_file
+from experiments.results import VERDICTS, read_study
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not LICENCES.is_dir(), reason=f"{LICENCES} (Debian base-files) is not on this machine")
+
+
+@pytest.fixture(scope="session")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "plain"
+    paths = build_plain(root, PlainSettings(steps=30, max_sequences=80, chunk_words=50))
+    return {"root": root, "corpus": root / "corpus.jsonl", "queries": root / "queries.jsonl", **paths}
+
+
+def inputs(plain, model: str = "gpt2") -> list[str]:
+    return ["--model", str(plain[model]), "--data", str(plain["corpus"]), "--queries", str(plain["queries"]),
+            "--truncate"]
+
+
+def test_corpus_has_only_a_text_column(plain):
+    rows = [json.loads(line) for line in plain["corpus"].read_text().splitlines()]
+    assert len(rows) == 80 and all(set(r) == {"text"} and r["text"] for r in rows)
+
+
+def test_score_own_model_writes_the_contract(plain, tmp_path):
+    out = tmp_path / "score"
+    cli(["score", *inputs(plain), "--out", str(out), f"artifacts={tmp_path / 'artifacts'}", "influence.progress=false",
+         "top_k=5"])
+    record = read_study(out)
+    assert record.study == "score" and record.models[0].architecture == "GPT2LMHeadModel"
+    assert record.corpus.columns == ["text"] and record.corpus.num_sequences == 80
+    assert record.queries == [q.name for q in load_query_file(plain["queries"])]  # every query, none dropped
+    assert record.command.startswith("influence-lab score --model")
+    top = pd.read_parquet(out / record.tables["top_sequences"])
+    assert len(top) == 5 * len(record.queries)
+    layers = [c for c in top if c.startswith("layer:")]
+    assert len(layers) == 4  # c_fc and c_proj of two blocks (GPT-2's Conv1D MLP)
+    assert (top[layers].sum(axis=1) - top["influence"]).abs().max() < 1e-3 * top["influence"].abs().max()
+    assert (top.groupby("query")["influence"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    # a rerun reuses the cached factors and shards: same numbers, nothing refitted
+    cli(["score", *inputs(plain), "--out", str(tmp_path / "again"), f"artifacts={tmp_path / 'artifacts'}",
+         "influence.progress=false", "top_k=5"])
+    again = pd.read_parquet(tmp_path / "again" / "top_sequences.parquet")
+    assert again["influence"].tolist() == top["influence"].tolist()
+    assert len(list((tmp_path / "artifacts" / "factors" / "gpt2").iterdir())) == 1
+
+
+@pytest.mark.parametrize("study", ["sparsity", "layerwise"])
+def test_studies_on_a_llama_and_a_plain_corpus(study, plain, tmp_path):
+    out = tmp_path / study
+    cli(["study", study, *inputs(plain, "llama"), "--out", str(out), f"artifacts={tmp_path / 'artifacts'}",
+         "influence.progress=false", "bootstrap_samples=20" if study == "sparsity" else "top_k=20"])
+    record = read_study(out)
+    assert record.study == study and record.models[0].architecture == "LlamaForCausalLM"
+    assert record.verdicts and all(v["verdict"] in VERDICTS for v in record.verdicts)
+    assert all((out / f).exists() for f in [*record.tables.values(), *record.figures.values()])
+
+
+def test_report_renders_a_score_run(plain, tmp_path):
+    out = tmp_path / "score"
+    cli(["score", *inputs(plain), "--out", str(out), f"artifacts={tmp_path / 'artifacts'}", "influence.progress=false"])
+    cli(["report", str(out), "--out", str(tmp_path / "site"), "--screenshot", ""])
+    pages = list((tmp_path / "site").rglob("queries/*/*.html"))
+    assert len(pages) == len(read_study(out).queries)
+    assert "Influential Sequence for gpt2" in pages[0].read_text()
+
+
+def run_score(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.cli", "score", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "corpus.jsonl"], "missing model.name_or_path"),
+    (["--micro-zoo", "--model", "m"], "micro_zoo=true scores the micro zoo; do not also give"),
+    (["influence.damping_factor=abc"], "influence.damping_factor='abc'"),
+    (["influence.score_batch_size=0"], "influence.score_batch_size=0"),
+    (["shard_size=-1"], "shard_size=-1"),
+    (["query_rank=0"], "query_rank=0"),
+])
+def test_bad_settings_are_refused_before_any_computation(args, message, tmp_path):
+    """A partial set of paths or a bad value: one line naming it, in seconds, before a model is loaded."""
+    result = run_score(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_long_sequences_are_refused_unless_truncation_is_asked(plain, tmp_path):
+    args = ["score", "--model", str(plain["gpt2"]), "--data", str(plain["corpus"]), "--queries",
+            str(plain["queries"]), "--max-length", "16", "--out", str(tmp_path / "run"),
+            f"artifacts={tmp_path / 'artifacts'}"]
+    with pytest.raises(ValueError, match=r"more than max_length=16 \(\d+ sequences are too long\)"):
+        cli(args)
+
+
+def test_query_files_in_every_format(tmp_path, capsys):
+    rows = [{"name": "water", "prompt": "Water is composed of", "completion": " hydrogen and oxygen."},
+            {"name": "gpl", "prompt": "This program is", "completion": " free software"}]
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "q.yaml").write_text("queries:\n" + "".join(
+        f"  - {{name: {r['name']}, prompt: '{r['prompt']}', completion: '{r['completion']}'}}\n" for r in rows))
+    for suffix in ("json", "jsonl", "yaml"):
+        loaded = load_query_file(tmp_path / f"q.{suffix}")
+        assert [(q.name, q.prompt, q.completion, q.study) for q in loaded] == \
+            [(r["name"], r["prompt"], r["completion"], "") for r in rows]
+    assert [q.name for q in load_query_file(tmp_path / "q.json", ["gpl"])] == ["gpl"]
+    (tmp_path / "dup.json").write_text(json.dumps(rows + rows[:1]))
+    with pytest.raises(ValueError, match="'water' appears twice"):
+        load_query_file(tmp_path / "dup.json")
+    (tmp_path / "bad.json").write_text(json.dumps([{"name": "x", "prompt": "p"}]))
+    with pytest.raises(ValueError, match=r"lacks \['completion'\]"):
+        load_query_file(tmp_path / "bad.json")
+    (tmp_path / "typo.json").write_text(json.dumps([{**rows[0], "complet": "x"}]))
+    with pytest.raises(ValueError, match=r"unknown fields \['complet'\]"):
+        load_query_file(tmp_path / "typo.json")
+    (tmp_path / "paper.yaml").write_text("queries:\n  - {name: a, prompt: p, completion: ' c'}\n"
+                                         "  - {name: b, prompt: null, completion: null, text_found: false, note: n}\n")
+    assert [q.name for q in load_query_file(tmp_path / "paper.yaml")] == ["a"]
+    assert "left out: b" in capsys.readouterr().out
+
+
+def test_console_command_has_help():
+    for command in (["--help"], ["score", "--help"], ["study", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "experiments.cli", *command], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and "usage: influence-lab" in result.stdout
