@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate validate_zoo report
+.PHONY: setup demo test plain zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate validate_zoo report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -11,6 +11,18 @@ demo:  ## the main job on the built-in default: a micro model, a few queries, to
 
 test:  ## the test suite (tiny models, a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q
+
+PLAIN ?= artifacts/plain
+PLAIN_INPUTS = data=text_files data.path=$(PLAIN)/corpus.jsonl data.truncation=true queries.path=$(PLAIN)/queries.jsonl
+PLAIN_STUDIES := sparsity layerwise
+
+plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence texts (text only) -> figures/plain/
+	$(PYTHON) -m experiments.plain --out $(PLAIN)
+	$(PYTHON) -m experiments.score model.name_or_path=$(PLAIN)/gpt2 model.name=plain_gpt2 $(PLAIN_INPUTS) \
+		run_dir=figures/plain/score influence.progress=false
+	for study in $(PLAIN_STUDIES); do $(PYTHON) -m experiments.$$study 'models=[plain_gpt2,plain_llama]' \
+		+model_paths.plain_gpt2=$(PLAIN)/gpt2 +model_paths.plain_llama=$(PLAIN)/llama $(PLAIN_INPUTS) \
+		queries.names=null queries.held_out_order=0 figures_dir=figures/plain/$$study influence.progress=false || exit 1; done
 
 zoo:  ## world, tokenizer and four GPT-NeoX models, trained on CPU and cached under artifacts/
 	$(PYTHON) -m experiments.zoo.build

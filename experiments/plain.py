@@ -37,7 +37,7 @@ QUERIES = [
 
 @dataclass
 class PlainSettings:
-    chunk_words: int = 90  # words per corpus sequence
+    chunk_words: int = 60  # words per corpus sequence
     max_sequences: int | None = None  # keep the first N chunks (None: all)
     vocab_size: int = 1024
     hidden: int = 64

@@ -42,7 +42,7 @@ import jinja2
 import pandas as pd
 import yaml
 
-from experiments.results import STUDY_FILE, VERDICT_KEYS, ResultContractError, StudyRecord, read_study
+from experiments.results import STUDY_FILE, VERDICT_KEYS, ResultContractError, StudyRecord, read_study, read_rows
 
 STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay")
 SCORE_COMMAND = "influence-lab score --model PATH --data PATH --queries PATH"
@@ -467,7 +467,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str = Path("out
     for run in runs:
         try:
             path = top_sequences_path(run.run_dir, run.record)
-            present = pd.read_parquet(path, columns=["model"])["model"].unique().tolist()
+            present = read_rows(path, columns=["model"])["model"].unique().tolist()
         except (ResultContractError, OSError, KeyError, ValueError) as error:
             run.messages.append(f"no query pages: {error}; rerun `{run.record.command or make_command(run.run_dir)}`")
             present, path = [], None
@@ -477,7 +477,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str = Path("out
                 run.messages.append(f"{model}: no rows in the top_sequences table")
                 continue
             run.models.append(model)
-            frame = pd.read_parquet(path, filters=[("model", "==", model)])  # one model at a time: memory stays flat
+            frame = read_rows(path, model=model)  # one model at a time
             try:
                 for page in query_pages(run, frame, model, top_k):
                     target = out_dir / page.path

@@ -12,7 +12,7 @@ study.json keys:
     queries    [query names]
     settings   the resolved config
     tables     {name: file, relative to run_dir}; every run has "queries" (name, prompt, completion) and
-               "top_sequences" (model, query, rank, train_id, influence, text, tokens, token_scores, layer:<name>...)
+               "top_sequences" (.jsonl: model, query, rank, train_id, influence, text, tokens, token_scores, layer:<name>...)
     figures    {name: file, relative to run_dir}
     verdicts   [{claim, statistic, estimate, ci_low, ci_high, p_value, n_models, n_seeds, verdict, ...}]
     paper      {name: the paper's section/figure this run's output mirrors}
@@ -121,6 +121,29 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def write_rows(frame, path: str | Path) -> Path:
+    """A table with list cells (tokens, token scores) as JSON lines: text, so committed results can hold it."""
+    path = Path(path)
+    frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    return path
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None, model: str | None = None):
+    """A table written by write_rows (.jsonl) or as parquet; `model` keeps that model's rows only."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path, columns=columns, filters=[("model", "==", model)] if model else None)
+    elif path.suffix == ".jsonl":
+        frame = pd.read_json(path, orient="records", lines=True, dtype=False)
+        frame = frame[frame["model"] == model] if model else frame
+        frame = frame[columns] if columns else frame
+    else:
+        raise ResultContractError(f"{path}: a row table is .jsonl or .parquet, not {path.suffix!r}")
+    return frame.reset_index(drop=True)
 
 
 def write_study(run_dir: str | Path, record: StudyRecord) -> Path:

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 -m experiments.score ...                            # data parallel
 
 model + corpus + queries -> factors (cached) -> preconditioned rank-r queries -> optional BM25 candidates ->
-resumable shards (cached under artifacts/scores/) -> run_dir: queries.csv, top_sequences.parquet (+ a readable
+resumable shards (cached under artifacts/scores/) -> run_dir: queries.csv, top_sequences.jsonl (+ a readable
 csv), study.json. A rerun of the same command reuses the factors and every finished shard.
 """
 
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import pipeline
 from experiments.loading import model_max_length
 from experiments.queries import load_query_file
-from experiments.results import StudyRecord, write_study
+from experiments.results import StudyRecord, write_rows, write_study
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 REQUIRED = {"model.name_or_path": "the model folder (save_pretrained) or a hub name in the local cache",
@@ -76,13 +76,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> StudyRecord:
     run_dir.mkdir(parents=True, exist_ok=True)
     pipeline.queries_table(queries).to_csv(run_dir / "queries.csv", index=False)
     top = pipeline.top_sequences(scores, corpus, cfg.top_k)
-    top.to_parquet(run_dir / "top_sequences.parquet", index=False)
+    write_rows(top, run_dir / "top_sequences.jsonl")
     readable = top.drop(columns=["tokens", "token_scores"]).assign(text=top["text"].str.slice(0, 160))
     readable.to_csv(run_dir / "top_sequences.csv", index=False)
     record = StudyRecord(
         study="score", models=[loaded.record()], corpus=corpus.record(), queries=[q.name for q in queries],
         settings=OmegaConf.to_container(cfg, resolve=True),
-        tables={"queries": "queries.csv", "top_sequences": "top_sequences.parquet",
+        tables={"queries": "queries.csv", "top_sequences": "top_sequences.jsonl",
                 "top_sequences_readable": "top_sequences.csv"},
         command=cfg.get("command") or "python -m experiments.score",
         artifacts={loaded.name: {"factors": str(scores.factors_dir), "scores": str(scores.scores_dir)}})

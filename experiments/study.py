@@ -27,7 +27,7 @@ from experiments.common import InfluenceRun  # noqa: E402
 from experiments.loading import model_max_length  # noqa: E402
 from experiments.queries import Query as WorldQuery  # noqa: E402
 from experiments.queries import load_query_file  # noqa: E402
-from experiments.results import StudyRecord, verdict_row, write_study  # noqa: E402
+from experiments.results import StudyRecord, verdict_row, write_rows, write_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
@@ -178,13 +178,13 @@ class StudyOutput:
         self.tables[name] = f"{name}.csv"
 
     def top_sequences(self, frame: pd.DataFrame) -> None:
-        """The contract's top_sequences table: parquet (with tokens and token scores) + a csv/md without them."""
+        """The contract's top_sequences table: jsonl (with tokens and token scores) + a csv/md without them."""
         for d in self.dirs:
-            frame.to_parquet(d / "top_sequences.parquet", index=False)
+            write_rows(frame, d / "top_sequences.jsonl")
         readable = frame.drop(columns=["tokens", "token_scores"]).assign(text=frame["text"].str.slice(0, 160)
                                                                           .str.replace("\n", " "))
         self.table("top_sequences_readable", readable)
-        self.tables["top_sequences"] = "top_sequences.parquet"
+        self.tables["top_sequences"] = "top_sequences.jsonl"
 
     def verdicts(self, verdicts: pd.DataFrame | Sequence[dict], n_seeds: int = 1) -> pd.DataFrame:
         """The verdict table in the contract's shape: n_models is the number of models this study scored, n_seeds

@@ -17,7 +17,7 @@ import pytest
 from experiments.cli import main as cli
 from experiments.plain import LICENCES, PlainSettings, build_plain
 from experiments.queries import load_query_file
-from experiments.results import VERDICTS, read_study
+from experiments.results import VERDICTS, read_rows, read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not LICENCES.is_dir(), reason=f"{LICENCES} (Debian base-files) is not on this machine")
@@ -49,7 +49,7 @@ def test_score_own_model_writes_the_contract(plain, tmp_path):
     assert record.corpus.columns == ["text"] and record.corpus.num_sequences == 80
     assert record.queries == [q.name for q in load_query_file(plain["queries"])]  # every query, none dropped
     assert record.command.startswith("influence-lab score --model")
-    top = pd.read_parquet(out / record.tables["top_sequences"])
+    top = read_rows(out / record.tables["top_sequences"])
     assert len(top) == 5 * len(record.queries)
     layers = [c for c in top if c.startswith("layer:")]
     assert len(layers) == 4  # c_fc and c_proj of two blocks (GPT-2's Conv1D MLP)
@@ -58,7 +58,7 @@ def test_score_own_model_writes_the_contract(plain, tmp_path):
     # a rerun reuses the cached factors and shards: same numbers, nothing refitted
     cli(["score", *inputs(plain), "--out", str(tmp_path / "again"), f"artifacts={tmp_path / 'artifacts'}",
          "influence.progress=false", "top_k=5"])
-    again = pd.read_parquet(tmp_path / "again" / "top_sequences.parquet")
+    again = read_rows(tmp_path / "again" / "top_sequences.jsonl")
     assert again["influence"].tolist() == top["influence"].tolist()
     assert len(list((tmp_path / "artifacts" / "factors" / "gpt2").iterdir())) == 1
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.results import VERDICTS, read_study
+from experiments.results import VERDICTS, read_rows, read_study
 from zoo_fixtures import micro_zoo, study_artifacts  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert record.corpus.num_sequences == len(scores) // len(record.queries)
     assert {"queries", "top_sequences", "verdicts", "power_law_fits"} <= set(record.tables)
     assert all(row["n_models"] == 1 and row["n_seeds"] == 1 for row in record.verdicts)
-    top = pd.read_parquet(tmp_path / record.tables["top_sequences"])
+    top = read_rows(tmp_path / record.tables["top_sequences"])
     assert {"model", "query", "rank", "train_id", "influence", "text", "tokens", "token_scores", "spurious"} <= set(top)
     first = top.iloc[0]
     assert "".join(first["tokens"]) == first["text"][: len("".join(first["tokens"]))]
@@ -84,7 +84,7 @@ def test_studies_across_sizes(study, micro_zoo, study_artifacts, tmp_path):  # n
     run_study(study, micro_zoo, study_artifacts, tmp_path)
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert len(verdicts) >= 1
-    assert (tmp_path / "top_sequences.parquet").exists() and (tmp_path / "README.md").exists()
+    assert (tmp_path / "top_sequences.jsonl").exists() and (tmp_path / "README.md").exists()
     assert list(tmp_path.glob("*.png"))
     assert read_study(tmp_path).study == study
 
