@@ -186,6 +186,18 @@ def load_corpus(path: str | Path, tokenizer, max_length: int, split: str = "trai
     return Corpus(str(path), split, text_column, list(dataset[text_column]), metadata, encoded, fingerprint, truncated)
 
 
+def corpus_from_texts(texts: Sequence[str], tokenizer, max_length: int, name: str,
+                      metadata: pd.DataFrame | None = None) -> Corpus:
+    """Sequences that are not a file on disk (probe sequences, translations) as a Corpus to score; over-long
+    texts are refused (naming the first)."""
+    texts = list(texts)
+    encoded = tokenize_sequences(texts, tokenizer, max_length=max_length)
+    encoded.pop("lengths")
+    encoded["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+    metadata = metadata if metadata is not None else pd.DataFrame(index=range(len(texts)))
+    return Corpus(name, "", "text", texts, metadata.reset_index(drop=True), encoded, cache_key({"texts": texts}))
+
+
 def engine_queries(queries: Sequence[Query]) -> list[EngineQuery]:
     return [EngineQuery(q.name, q.prompt, q.completion) for q in queries]
 
@@ -245,7 +257,8 @@ class ScorePlan:
 
 
 def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
-                scoring: ScoringSettings, artifacts: str | Path) -> ScorePlan:
+                scoring: ScoringSettings, artifacts: str | Path, scored: Corpus | None = None) -> ScorePlan:
+    """scored: the sequences to score when they are not the fitting corpus (probes, translations); None: corpus."""
     check_influence_settings(influence)
     layers = track_layers(loaded.model, list(influence.module_patterns))
     numbers = numerical_settings(influence)
@@ -255,29 +268,33 @@ def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     factors_dir = Path(artifacts) / "factors" / loaded.name / cache_key(
         {"model": loaded.fingerprint, "corpus": corpus.fingerprint, "fit_count": fit_count, "influence": factor_numbers})
     scores_dir = Path(artifacts) / "scores" / loaded.name / cache_key(
-        {"factors": str(factors_dir), "queries": [q.to_dict() for q in queries], "influence": numbers,
+        {"factors": str(factors_dir), "scored": (scored or corpus).fingerprint,
+         "queries": [q.to_dict() for q in queries], "influence": numbers,
          "scoring": {k: v for k, v in scoring.__dict__.items() if k != "fit_checkpoint_every"}})
     return ScorePlan(layers, factors_dir, scores_dir, fit_count)
 
 
 def saved_model_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
-                       scoring: ScoringSettings, artifacts: str | Path) -> ModelScores:
+                       scoring: ScoringSettings, artifacts: str | Path, scored: Corpus | None = None) -> ModelScores:
     """The scores a finished run saved for exactly these inputs and settings; computes nothing (compute=false)."""
-    plan = plan_scores(loaded, corpus, queries, influence, scoring, artifacts)
+    plan = plan_scores(loaded, corpus, queries, influence, scoring, artifacts, scored)
     shards = plan.scores_dir / "shards"
     if not (shards / "manifest.json").exists():
         raise FileNotFoundError(f"no saved scores for {loaded.name} in {shards}; compute=false only reads saved "
                                 "results: run the same command with compute=true first")
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers], read_scores(shards),
-                       len(corpus), plan.factors_dir, plan.scores_dir)
+                       len(scored or corpus), plan.factors_dir, plan.scores_dir)
 
 
 def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
-                scoring: ScoringSettings, artifacts: str | Path, progress: bool = True) -> ModelScores:
-    """Fit (or reuse) factors, precondition the queries, optionally BM25-filter, and score in resumable shards."""
+                scoring: ScoringSettings, artifacts: str | Path, progress: bool = True,
+                scored: Corpus | None = None) -> ModelScores:
+    """Fit (or reuse) factors on `corpus`, precondition the queries, optionally BM25-filter, and score in resumable
+    shards the sequences of `scored` (default: the corpus itself; e.g. probe sequences that are not in training)."""
     from influence_core import distributed
 
-    plan = plan_scores(loaded, corpus, queries, influence, scoring, artifacts)
+    plan = plan_scores(loaded, corpus, queries, influence, scoring, artifacts, scored)
+    target = scored or corpus
     timings: dict[str, float] = {}
     model, tokenizer, task, layers = loaded.model, loaded.tokenizer, CausalLMTask(), plan.layers
 
@@ -300,19 +317,19 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     candidates = None
     if scoring.tfidf_top_k is not None:
         start = time.perf_counter()
-        candidates = tfidf_candidates(corpus.texts, {q.name: q.prompt + q.completion for q in queries},
-                                      min(scoring.tfidf_top_k, len(corpus)), k1=scoring.tfidf_k1, b=scoring.tfidf_b)
+        candidates = tfidf_candidates(target.texts, {q.name: q.prompt + q.completion for q in queries},
+                                      min(scoring.tfidf_top_k, len(target)), k1=scoring.tfidf_k1, b=scoring.tfidf_b)
         timings["tfidf"] = time.perf_counter() - start
 
     start = time.perf_counter()
     shards = score_in_shards(
-        model, layers, task, corpus.encoded, stored, [q.name for q in queries], plan.scores_dir / "shards",
+        model, layers, task, target.encoded, stored, [q.name for q in queries], plan.scores_dir / "shards",
         ShardArguments(shard_size=scoring.shard_size, batch_size=influence.score_batch_size,
                        top_k_tokens=scoring.top_k_tokens),
         ScoreArguments(progress=progress and influence.progress, query_rank=scoring.query_rank),
-        candidates=candidates, run_identity={"corpus": corpus.fingerprint, "factors": str(plan.factors_dir)})
+        candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
-    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(corpus),
+    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
                        plan.factors_dir, plan.scores_dir, timings)
 
 

@@ -143,3 +143,27 @@ def test_console_command_has_help():
         result = subprocess.run([sys.executable, "-m", "experiments.cli", *command], cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0 and "usage: influence-lab" in result.stdout
+
+
+def test_sequences_outside_the_corpus_score_like_corpus_rows(plain, tmp_path):
+    """Probe sequences (not in training) are scored with the corpus's factors; a probe equal to a corpus row gets
+    that row's score, so probes and training sequences are on one scale."""
+    from omegaconf import OmegaConf
+
+    from experiments import pipeline
+    from experiments.cli import compose
+
+    cfg = compose("experiment/score", ["influence.progress=false"])
+    loaded = pipeline.load_model("gpt2", plain["gpt2"])
+    corpus = pipeline.load_corpus(plain["corpus"], loaded.tokenizer, 256, truncation=True)
+    queries = load_query_file(plain["queries"])[:2]
+    scoring = pipeline.ScoringSettings(query_rank=None, top_k_tokens=0)
+    full = pipeline.score_model(loaded, corpus, queries, cfg.influence, scoring, tmp_path, progress=False)
+    probes = pipeline.corpus_from_texts([corpus.texts[3], "An unrelated probe about the weather."], loaded.tokenizer,
+                                        256, "probes")
+    scored = pipeline.score_model(loaded, corpus, queries, OmegaConf.create(cfg.influence), scoring, tmp_path,
+                                  progress=False, scored=probes)
+    assert scored.num_sequences == 2 and scored.factors_dir == full.factors_dir
+    assert len(list((tmp_path / "factors" / "gpt2").iterdir())) == 1  # the corpus's factors, fitted once
+    scale = abs(full.matrix()).max()  # float32 rounding differs with the batch's padding width
+    assert scored.matrix()[:, 0] == pytest.approx(full.matrix()[:, 3], abs=1e-5 * scale)
