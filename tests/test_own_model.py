@@ -11,23 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from experiments.cli import main as cli
-from experiments.plain import LICENCES, PlainSettings, build_plain
+from experiments.plain import LICENCES
 from experiments.queries import load_query_file
 from experiments.results import VERDICTS, read_rows, read_study
+from zoo_fixtures import plain  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not LICENCES.is_dir(), reason=f"{LICENCES} (Debian base-files) is not on this machine")
-
-
-@pytest.fixture(scope="session")
-def plain(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "plain"
-    paths = build_plain(root, PlainSettings(steps=30, max_sequences=80, chunk_words=50))
-    return {"root": root, "corpus": root / "corpus.jsonl", "queries": root / "queries.jsonl", **paths}
 
 
 def inputs(plain, model: str = "gpt2") -> list[str]:
@@ -35,7 +28,7 @@ def inputs(plain, model: str = "gpt2") -> list[str]:
             "--truncate"]
 
 
-def test_corpus_has_only_a_text_column(plain):
+def test_corpus_has_only_a_text_column(plain):  # noqa: F811
     rows = [json.loads(line) for line in plain["corpus"].read_text().splitlines()]
     assert len(rows) == 80 and all(set(r) == {"text"} and r["text"] for r in rows)
 
