@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate validate_zoo report
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate validate_zoo report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -23,6 +23,15 @@ plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence t
 	for study in $(PLAIN_STUDIES); do $(PYTHON) -m experiments.$$study 'models=[plain_gpt2,plain_llama]' \
 		+model_paths.plain_gpt2=$(PLAIN)/gpt2 +model_paths.plain_llama=$(PLAIN)/llama $(PLAIN_INPUTS) \
 		queries.names=null queries.held_out_order=0 figures_dir=figures/plain/$$study influence.progress=false || exit 1; done
+
+STUDY ?= sparsity
+MODELS ?= zoo_xs,zoo_s,zoo_m,zoo_l
+LAUNCHER ?= joblib
+comma := ,
+sweep:  ## STUDY over MODELS: one scoring job per model (LAUNCHER=joblib; submitit_slurm on SLURM), then the gather
+	$(PYTHON) -m experiments.$(STUDY) -m 'models=[$(subst $(comma),]$(comma)[,$(MODELS))]' stage=score \
+		hydra/launcher=$(LAUNCHER) $(SWEEP_ARGS)
+	$(PYTHON) -m experiments.$(STUDY) 'models=[$(MODELS)]' stage=gather $(SWEEP_ARGS)
 
 zoo:  ## world, tokenizer and four GPT-NeoX models, trained on CPU and cached under artifacts/
 	$(PYTHON) -m experiments.zoo.build

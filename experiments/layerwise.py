@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
-from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, scored_models,
-                              token_overlap, top_sequences, verdict)
+from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, run_stage,
+                              scored_models, token_overlap, top_sequences, verdict)
 
 QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
               "code": "math/code", "roleplay": "role-play"}
@@ -56,7 +56,7 @@ def heatmap_figure(panels: list[tuple[str, str, np.ndarray]]) -> plt.Figure:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/layerwise")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

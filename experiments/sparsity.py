@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.power_law import fit_power_law_tail, survival, top_share
-from experiments.study import CONFIG_DIR, StudyOutput, focus_queries, scored_models, scores_frame, top_sequences, verdict
+from experiments.study import (CONFIG_DIR, StudyOutput, focus_queries, run_stage, scored_models, scores_frame,
+                              top_sequences, verdict)
 
 
 def survival_figure(rows: list[tuple[str, str, np.ndarray, object]]) -> plt.Figure:
@@ -58,7 +59,7 @@ def share_figure(shares: pd.DataFrame) -> plt.Figure:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/sparsity")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

@@ -260,18 +260,53 @@ def study_queries(cfg: DictConfig) -> list[WorldQuery]:
     return chosen + extra
 
 
+def model_inputs(cfg: DictConfig, name: str, queries: Sequence[WorldQuery]) -> StudyInputs:
+    """One configured model (configs/model/<name>.yaml, or cfg.model_paths[name]) with the study's corpus."""
+    model = model_config(name) if name not in (cfg.get("model_paths") or {}) else OmegaConf.create(
+        {"name_or_path": cfg.model_paths[name]})
+    return load_study_inputs(name, model, cfg.data, queries)
+
+
 def scored_models(cfg: DictConfig, out: StudyOutput | None = None):
     """For each configured model: (StudyInputs, InfluenceRun), scores from the pipeline's cache when present.
     With `out`, each model is recorded for the study's study.json."""
     queries = study_queries(cfg)
     for name in cfg.models:
-        model = model_config(name) if name not in (cfg.get("model_paths") or {}) else OmegaConf.create(
-            {"name_or_path": cfg.model_paths[name]})
-        inputs = load_study_inputs(name, model, cfg.data, queries)
+        inputs = model_inputs(cfg, name, queries)
         run = cached_influence(inputs, cfg)
         if out is not None:
             out.inputs.append(inputs)
         yield inputs, run
+
+
+STAGES = ("all", "score", "gather")
+
+
+def run_stage(run, cfg: DictConfig, run_dir) -> None:
+    """A study's entry point, by `stage`:
+
+    all     score every configured model (cached) and analyse them together (the default);
+    score   only score each configured model and stop: one Hydra multirun job per model, e.g.
+            `python -m experiments.sparsity -m 'models=[zoo_s],[zoo_l]' stage=score hydra/launcher=joblib`
+            (hydra/launcher=submitit_slurm on a cluster);
+    gather  analyse the saved scores of every configured model, computing nothing (compute=false):
+            `python -m experiments.sparsity 'models=[zoo_s,zoo_l]' stage=gather` draws the cross-size figures.
+    """
+    stage = cfg.get("stage", "all")
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: use one of {list(STAGES)}")
+    if stage == "score":
+        queries = study_queries(cfg)
+        for name in cfg.models:
+            inputs = model_inputs(cfg, name, queries)
+            cached_influence(inputs, cfg)
+            print(f"scored {name}: {len(queries)} queries, shards in {inputs.model_scores.scores_dir / 'shards'}")
+        print(f"stage=score done for {list(cfg.models)}; draw the figures with stage=gather and every model listed")
+        return
+    if stage == "gather":
+        OmegaConf.set_struct(cfg, False)
+        cfg.compute = False
+    run(cfg, run_dir)
 
 
 def top_sequences(inputs: StudyInputs, run: InfluenceRun, k: int) -> pd.DataFrame:
