@@ -286,3 +286,36 @@ def verdict_row(claim: str, statistic: str, estimate: float, ci_low: float, ci_h
         z = stats.norm.ppf(1 - alpha / 2)
         row["minimum_detectable_effect"] = float((z + stats.norm.ppf(power)) * (ci_high - ci_low) / (2 * z))
     return row
+
+
+def threshold_verdict(claim: str, statistic: str, estimate: float, ci_low: float, ci_high: float, n_models: int,
+                      n_seeds: int, threshold: float | tuple[float, float], direction: str,
+                      p_value: float | None = None, min_models: int = 1) -> dict:
+    """A claim that a statistic lies beyond a threshold ("at least half of the fits ...": direction "greater" or
+    "less"), or inside a range (threshold=(low, high), direction "inside"), judged by its CI alone:
+
+    1. "underpowered" if n_models < min_models or the estimate or CI is not finite;
+    2. "holds" if the whole CI lies on the claimed side of the threshold (inside the range);
+    3. "does not hold" if the whole CI lies on the other side (outside the range, not touching it);
+    4. "inconclusive" otherwise: the CI contains the threshold (overlaps the range's edge).
+
+    Returns the contract's keys (claim, statistic, estimate, ci_low, ci_high, p_value, n_models, n_seeds, verdict)
+    and `threshold`.
+    """
+    finite = all(np.isfinite(v) for v in (estimate, ci_low, ci_high))
+    if finite and ci_low > ci_high:
+        raise ValueError(f"ci_low {ci_low} > ci_high {ci_high}")
+    if direction == "inside":
+        low, high = threshold
+        inside, outside = low <= ci_low and ci_high <= high, ci_high < low or ci_low > high
+    else:
+        s = _sign(direction)
+        inside = s * (ci_low if s > 0 else ci_high) > s * threshold
+        outside = s * (ci_high if s > 0 else ci_low) < s * threshold
+    if n_models < min_models or not finite:
+        verdict = "underpowered"
+    else:
+        verdict = "holds" if inside else "does not hold" if outside else "inconclusive"
+    return {"claim": claim, "statistic": statistic, "estimate": estimate, "ci_low": ci_low, "ci_high": ci_high,
+            "p_value": p_value, "n_models": n_models, "n_seeds": n_seeds, "verdict": verdict,
+            "threshold": list(threshold) if isinstance(threshold, tuple) else threshold}

@@ -15,41 +15,25 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from experiments.common import config_digest, run_influence, save_run, top_sequences_table
-from experiments.loading import load_model_and_tokenizer, load_text_dataset, model_max_length, tokenize_sequences
+from experiments import pipeline
+from experiments.loading import model_max_length
+from experiments.results import StudyRecord, write_rows, write_study
 from experiments.zoo.micro import build_micro_zoo
 from experiments.zoo.queries import select
-from influence_core import Query
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def token_pieces(token_ids, token_scores, tokenizer) -> list[tuple[str, float]]:
-    """Decoded text pieces with their influence; byte-level tokens that split a character are merged first."""
-    pieces, buffer, score = [], [], 0.0
-    for token_id, value in zip(token_ids, token_scores):
-        buffer.append(int(token_id))
-        score += float(value)
-        text = tokenizer.decode(buffer)
-        if not text.endswith("\ufffd"):
-            pieces.append((text, score))
-            buffer, score = [], 0.0
-    if buffer:
-        pieces.append((tokenizer.decode(buffer), score))
-    return pieces
-
-
-def highlighted(token_ids, token_scores, tokenizer, max_chars: int = 400) -> Text:
-    """The sequence with tokens shaded red (positive influence) or teal (negative), as in the paper's figures."""
-    pieces = token_pieces(token_ids, token_scores, tokenizer)
-    scale = max(abs(v) for _, v in pieces) or 1.0
+def highlighted(tokens, token_scores, max_chars: int = 400) -> Text:
+    """The sequence's decoded pieces shaded red (positive influence) or teal (negative), as in the paper's figures."""
+    scale = max(abs(v) for v in token_scores) or 1.0
     out = Text()
-    for piece, value in pieces:
+    for piece, value in zip(tokens, token_scores):
         strength = abs(value) / scale
         colour = "red" if value > 0 else "cyan"
         out.append(piece, style=(f"bold {colour}" if strength > 0.5 else colour) if strength > 0.15 else None)
@@ -61,24 +45,22 @@ def highlighted(token_ids, token_scores, tokenizer, max_chars: int = 400) -> Tex
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="demo")
 def main(cfg: DictConfig) -> None:
+    """The micro zoo through the one pipeline (as `influence-lab score`), printed with token shading."""
     console = Console(width=None if Console().is_terminal else 140)
     zoo = build_micro_zoo(Path(cfg.micro_zoo))
-    model, tokenizer = load_model_and_tokenizer(zoo.model_path)
-    train = load_text_dataset(zoo.dataset_path, split="train")
-    encoded = tokenize_sequences(train, tokenizer, max_length=model_max_length(model), truncation=True)
-    encoded.pop("lengths")
     chosen = select(zoo.queries, cfg.query_study)[: cfg.num_queries]
     if not chosen:
         studies = sorted({q.study for q in zoo.queries})
         raise ValueError(f"no queries for query_study={cfg.query_study!r}; choose one of {studies}")
-    queries = [Query(q.name, q.prompt, q.completion) for q in chosen]
+    if len(chosen) < cfg.num_queries:
+        print(f"demo: {len(chosen)} queries for query_study={cfg.query_study!r} (num_queries={cfg.num_queries})")
+    loaded = pipeline.load_model("micro", zoo.model_path)
+    corpus = pipeline.load_corpus(zoo.dataset_path, loaded.tokenizer, model_max_length(loaded.model), truncation=True)
+    scoring = pipeline.ScoringSettings(query_rank=None, top_k_tokens=cfg.top_k)
+    scores = pipeline.score_model(loaded, corpus, chosen, cfg.influence, scoring, cfg.artifacts)
+    table = pipeline.top_sequences(scores, corpus, cfg.top_k)
 
-    factors_dir = Path(cfg.artifacts) / "factors" / f"micro-{cfg.influence.strategy}-{config_digest(cfg.influence)}"
-    run = run_influence(model, tokenizer, encoded, queries, cfg.influence, factors_dir, data_fingerprint=train._fingerprint)
-    metadata = train.select_columns(["doc_id", "family", "topic", "language"]).to_pandas()
-    table = top_sequences_table(run, metadata, tokenizer, cfg.top_k)
-
-    for q_index, query in enumerate(queries):
+    for query in chosen:
         console.rule(f"Query: {query.name}")
         console.print(Text("Prompt: ", style="bold") + Text(query.prompt))
         console.print(Text("Completion: ", style="bold") + Text(query.completion))
@@ -88,17 +70,25 @@ def main(cfg: DictConfig) -> None:
         view.add_column("doc / family / topic", width=18)
         view.add_column("sequence (red: raises log p(completion), teal: lowers it)", ratio=1)
         for row in table[table["query"] == query.name].itertuples():
-            n = row.train_index
-            length = int(run.train_attention_mask[n].sum())
             view.add_row(str(row.rank), f"{row.influence:.4g}", f"{row.doc_id}\n{row.family} / {row.topic}",
-                         highlighted(run.train_input_ids[n, :length], run.scores.per_token[q_index, n, :length], tokenizer))
+                         highlighted(row.tokens, row.token_scores))
         console.print(view)
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    save_run(run, out_dir, cfg, extra={"model": str(zoo.model_path), "factors_dir": str(factors_dir)})
-    table.to_csv(out_dir / "top_sequences.csv", index=False)
-    timing = ", ".join(f"{k} {v:.1f}s" for k, v in run.timings_s.items())
-    console.print(f"[bold]{len(queries)} queries x {len(train)} training sequences[/] ({timing}). Saved to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline.queries_table(chosen).to_csv(out_dir / "queries.csv", index=False)
+    write_rows(table, out_dir / "top_sequences.jsonl")
+    table.drop(columns=["tokens", "token_scores"]).to_csv(out_dir / "top_sequences.csv", index=False)
+    write_study(out_dir, StudyRecord(
+        study="demo", models=[loaded.record()], corpus=corpus.record(), queries=[q.name for q in chosen],
+        settings=OmegaConf.to_container(cfg, resolve=True),
+        tables={"queries": "queries.csv", "top_sequences": "top_sequences.jsonl",
+                "top_sequences_readable": "top_sequences.csv"},
+        command="python -m experiments.demo " + " ".join(HydraConfig.get().overrides.task),
+        artifacts={"micro": {"factors": str(scores.factors_dir), "scores": str(scores.scores_dir)}}))
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in scores.timings_s.items())
+    console.print(f"[bold]{len(chosen)} queries x {len(corpus)} training sequences[/] ({timing}). Saved to {out_dir}"
+                  f"\nreport: influence-lab report {out_dir}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,16 @@
     python -m experiments.sparsity models=[zoo_l] tail_fraction=0.05
 
 Paper (Sec 5.2.1, Figs 8-9, Table 1): the influence of the top sequences follows a power law (exponents 2-4.3,
-KS p > 0.1 for most queries) and is spread over many sequences rather than a few memorised ones (top 1% of
+KS p > 0.1 for most queries; compared against exponential, Weibull and other tails), with TF-IDF-filtered and
+unfiltered candidate sets, and is spread over many sequences rather than a few memorised ones (top 1% of
 sequences hold 12-52% of the positive influence).
+
+Per (model, query) and candidate set (every sequence, and each query's BM25 top `tfidf_top_k`, the paper's
+TF-IDF filter applied to the same scores): a power-law MLE fit of the tail with its bootstrap KS p-value and
+likelihood-ratio tests against exponential, lognormal, Weibull (stretched exponential) and truncated power law
+(analysis/tails.py, Table 1's layout), and the top-k% shares (Fig 9). Queries with the same prompt and
+completion are fitted once (the duplicates are listed). Verdicts judge a statistic's bootstrap CI against a
+threshold written in the config before the results were seen (analysis/trends.threshold_verdict).
 """
 
 from __future__ import annotations
@@ -17,19 +25,48 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from analysis.power_law import fit_power_law_tail, survival, top_share
+from analysis.bootstrap import bootstrap_ci
+from analysis.power_law import survival, top_share
+from analysis.tails import fit_tail
+from analysis.trends import threshold_verdict
 from experiments.study import (CONFIG_DIR, StudyOutput, focus_queries, run_stage, scored_models, scores_frame,
-                              top_sequences, verdict)
+                              top_sequences)
+from influence_core.tfidf import tfidf_candidates
+
+CANDIDATE_SETS = ("unfiltered", "tfidf")
 
 
-def survival_figure(rows: list[tuple[str, str, np.ndarray, object]]) -> plt.Figure:
-    """Fig 8: log-log 1 - CDF of positive influences with the fitted power law, one panel per (model, query)."""
-    cols = min(4, len(rows))
-    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(3.2 * cols, 2.8 * -(-len(rows) // cols)),
+def unique_queries(queries) -> tuple[list, list[dict]]:
+    """Queries with distinct (prompt, completion), in order, and the duplicates left out (name -> kept name)."""
+    kept, seen, duplicates = [], {}, []
+    for q in queries:
+        key = (q.prompt, q.completion)
+        if key in seen:
+            duplicates.append({"query": q.name, "same text as": seen[key]})
+        else:
+            seen[key] = q.name
+            kept.append(q)
+    return kept, duplicates
+
+
+def plausible_power_law(fits: pd.DataFrame, ks_threshold: float = 0.1) -> pd.Series:
+    """A fit is a plausible power law when its KS p-value exceeds ks_threshold (Clauset et al.) and the power law
+    beats the exponential in the likelihood ratio (R > 0)."""
+    return (fits["ks_p_value"] > ks_threshold) & (fits["R_vs_exponential"] > 0)
+
+
+def survival_figure(rows: list[tuple[str, str, dict[str, np.ndarray], object]]) -> plt.Figure:
+    """Fig 8: log-log 1 - CDF of positive influences, unfiltered and TF-IDF-filtered, with the power law fitted to
+    the unfiltered tail, one panel per (model, query)."""
+    cols = max(1, min(4, len(rows)))
+    fig, axes = plt.subplots(max(1, -(-len(rows) // cols)), cols, figsize=(3.2 * cols, 2.8 * max(1, -(-len(rows) // cols))),
                              squeeze=False)
     for ax, (model, query, values, fit) in zip(axes.flat, rows):
-        x, s = survival(values)
-        ax.loglog(x, s, ".", ms=2, color="tab:blue", label="influence")
+        for name, colour in zip(CANDIDATE_SETS, ("tab:blue", "tab:orange")):
+            if (values[name] > 0).sum() >= 2:
+                x, s = survival(values[name])
+                ax.loglog(x, s, ".", ms=2, color=colour, label=f"{name} ({len(values[name])})")
+        x, _ = survival(values["unfiltered"])
         tail_x = np.geomspace(fit.x_min, x.max(), 50)
         share = fit.tail_size / len(x)
         ax.loglog(tail_x, share * (tail_x / fit.x_min) ** (1 - fit.alpha), "r-",
@@ -65,59 +102,89 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("sparsity", run_dir, cfg.figures_dir)
-    fits, shares, panels, raw, skipped = [], [], [], [], []
-    tops = []
+    fits, shares, panels, raw, skipped, tops, duplicates = [], [], [], [], [], [], []
     for inputs, run in scored_models(cfg, out):
-        focus = focus_queries(cfg, inputs.queries)
+        queries, duplicates = unique_queries(inputs.queries)
+        focus = focus_queries(cfg, queries)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
-        frame = scores_frame(run, inputs)
-        raw.append(frame.assign(model=inputs.model_name))
-        for q_index, query in enumerate(run.scores.query_names):
-            values = run.scores.total[q_index].double().numpy()
-            try:
-                fit = fit_power_law_tail(values, cfg.tail_fraction, cfg.min_tail, cfg.bootstrap_samples)
-            except ValueError as error:  # too few positive influences: reported, not fitted
-                skipped.append({"model": inputs.model_name, "query": query, "reason": str(error)})
-                print(f"sparsity: {inputs.model_name} / {query}: no tail fit ({error})")
-                fit = None
-            if fit is not None:
-                fits.append({"model": inputs.model_name, "query": query, "positive": int((values > 0).sum()),
-                             **fit.as_row()})
-            for fraction, share in top_share(values, tuple(cfg.top_fractions)).items():
-                shares.append({"model": inputs.model_name, "query": query, "top_fraction": fraction, "share": share})
-            if query in focus and fit is not None:
-                panels.append((inputs.model_name, query, values, fit))
+        raw.append(scores_frame(run, inputs).assign(model=inputs.model_name))
+        k = min(int(cfg.tfidf_top_k), len(inputs.corpus))
+        candidates = tfidf_candidates(inputs.train_texts, {q.name: q.prompt + q.completion for q in queries}, k)
+        names = list(run.scores.query_names)
+        for query in queries:
+            everything = run.scores.total[names.index(query.name)].double().numpy()
+            values = {"unfiltered": everything, "tfidf": everything[np.asarray(candidates[query.name], dtype=int)]}
+            fitted = {}
+            for candidate_set, chosen in values.items():
+                try:
+                    fitted[candidate_set] = fit_tail(chosen, tail_fraction=cfg.tail_fraction, min_tail=cfg.min_tail,
+                                                     bootstrap_samples=cfg.bootstrap_samples)
+                except ValueError as error:  # too few positive influences: reported, not fitted
+                    skipped.append({"model": inputs.model_name, "query": query.name, "candidates": candidate_set,
+                                    "reason": str(error)})
+                    continue
+                fits.append({"model": inputs.model_name, "query": query.name, "candidates": candidate_set,
+                             "sequences": len(chosen), "positive": int((chosen > 0).sum()),
+                             **fitted[candidate_set].as_row()})
+            for fraction, share in top_share(everything, tuple(cfg.top_fractions)).items():
+                shares.append({"model": inputs.model_name, "query": query.name, "top_fraction": fraction,
+                               "share": share})
+            if query.name in focus and "unfiltered" in fitted:
+                panels.append((inputs.model_name, query.name, values, fitted["unfiltered"]))
     fits, shares = pd.DataFrame(fits), pd.DataFrame(shares)
     out.table("scores", pd.concat(raw), raw=True)
-    out.table("power_law_fits", fits)
+    out.table("power_law_fits", fits)  # Table 1 layout, per candidate set
     if skipped:
         out.table("power_law_not_fitted", pd.DataFrame(skipped))
+    if duplicates:
+        out.table("duplicate_queries", pd.DataFrame(duplicates))
     out.table("top_shares", shares)
-    out.figure("influence_tails", survival_figure(panels))
-    out.figure("top_shares", share_figure(shares[shares["query"].isin(focus)]))
-
-    plausible = (fits["ks_p_value"] > 0.1) & (fits["R_vs_exponential"] > 0)
-    top1 = shares[shares["top_fraction"] == 0.01]["share"]
-    top01 = shares[shares["top_fraction"] == min(cfg.top_fractions)]["share"]
-    verdicts = pd.DataFrame([
-        verdict("the tail of influences follows a power law", "share of (model, query) with KS p > 0.1 and R vs "
-                "exponential > 0", float(plausible.mean()), f"{int(plausible.sum())} of {len(fits)}",
-                bool(plausible.mean() >= 0.5)),
-        verdict("power-law exponents lie between about 2 and 4.3", "median alpha (IQR)",
-                float(fits["alpha"].median()), f"{fits['alpha'].quantile(0.25):.2f}-{fits['alpha'].quantile(0.75):.2f}",
-                bool(2.0 <= fits["alpha"].median() <= 4.5)),
-        verdict("influence is spread over many sequences, not a few memorised ones (top 1% holds 12-52%)",
-                "median share of positive influence in the top 1%", float(top1.median()),
-                f"range {top1.min():.2f}-{top1.max():.2f}", bool(top1.median() <= 0.6)),
-        verdict("a handful of sequences does not dominate", f"median share in the top {min(cfg.top_fractions):.1%}",
-                float(top01.median()), f"range {top01.min():.2f}-{top01.max():.2f}", bool(top01.median() < 0.5)),
-    ])
-    verdicts = out.verdicts(verdicts)
+    out.figure("influence_tails", survival_figure(panels), paper="Fig 8")
+    out.figure("top_shares", share_figure(shares[shares["query"].isin([p[1] for p in panels])]), paper="Fig 9")
+    out.verdicts(verdict_rows(fits, shares, cfg, n_models=len(cfg.models)))
     out.top_sequences(pd.concat(tops))
-    out.readme("Power-law fits of each query's positive influences (paper Figs 8-9, Table 1), the share held by "
-               "the top sequences, and the verdict table.", cfg)
-    print(verdicts.to_markdown(index=False, floatfmt=".3g"))
-    print(fits[["model", "query", "alpha", "ks_p_value", "R_vs_exponential"]].to_markdown(index=False, floatfmt=".3g"))
+    out.readme("Power-law fits of each query's positive influences, unfiltered and TF-IDF-filtered, against "
+               "exponential, lognormal, Weibull and truncated power-law tails (paper Figs 8-9, Table 1), the share "
+               "held by the top sequences, and the verdicts (bootstrap CIs over queries and models against the "
+               "config's thresholds).", cfg)
+    print(pd.DataFrame(out.verdict_rows)[["claim", "estimate", "ci_low", "ci_high", "verdict"]]
+          .to_markdown(index=False, floatfmt=".3g"))
+    print(fits[["model", "query", "candidates", "alpha", "ks_p_value", "R_vs_exponential", "R_vs_lognormal"]]
+          .to_markdown(index=False, floatfmt=".3g"))
+
+
+def verdict_rows(fits: pd.DataFrame, shares: pd.DataFrame, cfg: DictConfig, n_models: int) -> list[dict]:
+    """The paper's sparsity claims, each a statistic over the unfiltered (model, query) fits with a bootstrap CI
+    over them, judged against cfg.thresholds."""
+    t = cfg.thresholds
+    unfiltered = fits[fits["candidates"] == "unfiltered"] if len(fits) else fits
+    rows = []
+    if len(unfiltered):
+        plausible = plausible_power_law(unfiltered, t.ks_p_value).to_numpy(dtype=float)
+        ci = bootstrap_ci(plausible, np.mean, n_resamples=cfg.ci_resamples)
+        rows.append(threshold_verdict(
+            "the tail of influences follows a power law", f"share of (model, query) fits with KS p > "
+            f"{t.ks_p_value} and R vs exponential > 0 (unfiltered)", ci.estimate, ci.low, ci.high, n_models, 1,
+            t.plausible_share, "greater"))
+        lognormal = unfiltered["R_vs_lognormal"].to_numpy(dtype=float)
+        ci = bootstrap_ci((lognormal > 0).astype(float), np.mean, n_resamples=cfg.ci_resamples)
+        rows.append(threshold_verdict(
+            "a power law describes the tail better than a lognormal (ours: the paper compares other tails)",
+            "share of fits with R vs lognormal > 0", ci.estimate, ci.low, ci.high, n_models, 1, 0.5, "greater"))
+        ci = bootstrap_ci(unfiltered["alpha"].to_numpy(dtype=float), np.median, n_resamples=cfg.ci_resamples)
+        rows.append(threshold_verdict("power-law exponents lie between about 2 and 4.3", "median alpha",
+                                      ci.estimate, ci.low, ci.high, n_models, 1, tuple(t.alpha_range), "inside"))
+    for fraction, threshold, claim in ((0.01, t.top1_share_max, "influence is spread over many sequences, not a few "
+                                        "memorised ones (top 1% holds 12-52%)"),
+                                       (min(cfg.top_fractions), t.top_smallest_share_max,
+                                        "a handful of sequences does not dominate")):
+        chosen = shares[shares["top_fraction"] == fraction]["share"].to_numpy(dtype=float) if len(shares) else []
+        if len(chosen):
+            ci = bootstrap_ci(chosen, np.median, n_resamples=cfg.ci_resamples)
+            rows.append(threshold_verdict(claim, f"median share of positive influence in the top {fraction:.1%}",
+                                          ci.estimate, ci.low, ci.high, n_models, 1, threshold, "less"))
+    return rows
+
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.results import read_study
 from zoo_fixtures import micro_zoo  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +26,9 @@ def test_demo_prints_and_saves_top_sequences(micro_zoo, tmp_path):  # noqa: F811
 
     table = pd.read_csv(run_dir / "top_sequences.csv")
     assert len(table) == 2 * 3
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config"]["influence"]["strategy"] == "ekfac"
-    assert (run_dir / "scores.safetensors").exists()
+    record = read_study(run_dir)  # the same contract as every run: the report renders it
+    assert record.settings["influence"]["strategy"] == "ekfac" and record.queries == list(table["query"].unique())
+    assert (run_dir / record.tables["top_sequences"]).exists()
     # The fact's own documents (relevant by construction) lead the ranking of each query.
     for query in [q for q in micro_zoo.queries if q.study == "word_order"][:2]:
         top = table[table["query"] == query.name].sort_values("rank")

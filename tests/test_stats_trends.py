@@ -126,3 +126,20 @@ def test_minimum_detectable_effect_and_refusals():
         verdict_row("c", "s", 0.0, -1, 1, 0.5, 5, 3, -0.5, "increasing")
     with pytest.raises(ValueError, match="direction"):
         verdict_row("c", "s", 0.0, -1, 1, 0.5, 5, 3, 0.0, "up")
+
+
+def test_threshold_verdict_by_where_the_ci_lies():
+    from analysis.trends import threshold_verdict
+
+    def verdict(low, high, threshold=0.5, direction="greater", **kw):
+        return threshold_verdict("c", "s", (low + high) / 2, low, high, 2, 1, threshold, direction, **kw)["verdict"]
+
+    assert verdict(0.6, 0.9) == "holds"
+    assert verdict(0.1, 0.4) == "does not hold"
+    assert verdict(0.3, 0.7) == "inconclusive"
+    assert verdict(0.1, 0.4, direction="less") == "holds"
+    assert verdict(2.5, 3.5, threshold=(2.0, 4.5), direction="inside") == "holds"
+    assert verdict(5.0, 6.0, threshold=(2.0, 4.5), direction="inside") == "does not hold"
+    assert verdict(4.0, 5.0, threshold=(2.0, 4.5), direction="inside") == "inconclusive"
+    assert verdict(0.6, 0.9, min_models=3) == "underpowered"
+    assert verdict(float("nan"), 0.9) == "underpowered"
