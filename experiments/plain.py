@@ -3,8 +3,12 @@
     python -m experiments.plain --out artifacts/plain            # corpus, tokenizer, GPT-2 and Llama models
 
 corpus.jsonl: the licence texts Debian ships (/usr/share/common-licenses), cut into chunks of about
-`chunk_words` words, with only a `text` column (no metadata). queries.jsonl: plain {name, prompt, completion}
-queries whose answers the licences state. Models: a GPT-2 and a Llama architecture from transformers configs,
+`chunk_words` words, and `messages` English program messages from the gettext catalogues installed under
+/usr/share/locale, each with only a `text` column (no metadata). translations.jsonl: those messages' Korean and
+Turkish translations as the catalogues give them ({text, ko, tr}: human translations that exist on the machine,
+for the cross-lingual study's file translator). queries.jsonl: plain {name, prompt, completion} queries whose
+answers the licences state, and two cut from message strings of the corpus (prompt: all but the last three
+words; completion: those words). Models: a GPT-2 and a Llama architecture from transformers configs,
 trained briefly on the corpus on CPU and saved with save_pretrained, so every app loads them with
 from_pretrained like any Hugging Face causal LM. Everything is cached: a rerun with the same settings reuses it.
 """
@@ -12,12 +16,15 @@ from_pretrained like any Hugging Face causal LM. Everything is cached: a rerun w
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LICENCES = Path("/usr/share/common-licenses")
+LOCALES = Path("/usr/share/locale")
+MESSAGE_DOMAINS = ("git", "coreutils", "dpkg", "apt", "tar", "wget", "systemd", "gtk30")
 # Queries whose completions the licence texts state (so a trained model can learn them).
 QUERIES = [
     {"name": "gpl_warranty", "prompt": "This program is distributed in the hope that it will be",
@@ -38,7 +45,8 @@ QUERIES = [
 @dataclass
 class PlainSettings:
     chunk_words: int = 60  # words per corpus sequence
-    max_sequences: int | None = None  # keep the first N chunks (None: all)
+    max_sequences: int | None = None  # keep the first N licence chunks (None: all)
+    messages: int = 200  # program messages with Korean and Turkish translations added to the corpus
     vocab_size: int = 1024
     hidden: int = 64
     layers: int = 2
@@ -62,17 +70,62 @@ def licence_texts(folder: Path = LICENCES) -> dict[str, str]:
     return texts
 
 
+def message_translations(limit: int, locales: Path = LOCALES, domains=MESSAGE_DOMAINS) -> list[dict]:
+    """English program messages with their Korean and Turkish translations from the installed gettext catalogues:
+    [{text, ko, tr, domain}], plain sentences only (no format directives, tabs or line breaks; 25-160 characters,
+    at least 5 words), taking the domains in turn, distinct texts, at most `limit`."""
+    import gettext
+
+    per_domain = []
+    for domain in domains:
+        rows = []
+        paths = {language: locales / language / "LC_MESSAGES" / f"{domain}.mo" for language in ("ko", "tr")}
+        if not all(p.exists() for p in paths.values()):
+            continue
+        catalogues = {language: gettext.GNUTranslations(p.open("rb"))._catalog for language, p in paths.items()}
+        for text in sorted(k for k in catalogues["ko"] if isinstance(k, str)):
+            ko, tr = catalogues["ko"].get(text), catalogues["tr"].get(text)
+            if (ko and tr and 25 <= len(text) <= 160 and len(text.split()) >= 5 and text[:1].isupper()
+                    and not any(c in text for c in "%\t\n{}<>\\")):
+                rows.append({"text": text, "ko": ko, "tr": tr, "domain": domain})
+        per_domain.append(rows)
+    interleaved = [row for group in itertools.zip_longest(*per_domain) for row in group if row]  # domains in turn
+    seen, unique = set(), []
+    for row in interleaved:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            unique.append(row)
+    return unique[:limit]
+
+
+def message_queries(messages: list[dict], count: int = 2) -> list[dict]:
+    """Queries cut from message strings of the corpus: prompt = all but the last three words, completion = those
+    (the completion is in the corpus verbatim, as for the paper's memorisation queries)."""
+    queries = []
+    for row in [m for m in messages if len(m["text"].split()) >= 8][:count]:
+        words = row["text"].split()
+        queries.append({"name": f"message_{len(queries)}", "prompt": " ".join(words[:-3]),
+                        "completion": " " + " ".join(words[-3:])})
+    return queries
+
+
 def build_corpus(out_dir: Path, settings: PlainSettings) -> Path:
-    """corpus.jsonl: the licences cut into chunks of `chunk_words` words, one {"text": ...} per line."""
+    """corpus.jsonl (licence chunks of `chunk_words` words, then program messages; one {"text": ...} per line),
+    translations.jsonl and queries.jsonl."""
     chunks = []
     for text in licence_texts().values():
         words = text.split()
         chunks += [" ".join(words[i:i + settings.chunk_words]) for i in range(0, len(words), settings.chunk_words)]
     chunks = chunks[: settings.max_sequences] if settings.max_sequences else chunks
-    path = Path(out_dir) / "corpus.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": chunk}) + "\n" for chunk in chunks))
-    (Path(out_dir) / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
+    messages = message_translations(settings.messages) if settings.messages else []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                            for text in chunks + [m["text"] for m in messages]))
+    (out_dir / "translations.jsonl").write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages))
+    queries = QUERIES + message_queries(messages)
+    (out_dir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     return path
 
 
@@ -145,9 +198,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("artifacts/plain"))
     parser.add_argument("--steps", type=int, default=PlainSettings.steps)
-    parser.add_argument("--max-sequences", type=int, default=None)
+    parser.add_argument("--max-sequences", type=int, default=None, help="licence chunks to keep (default: all)")
+    parser.add_argument("--messages", type=int, default=PlainSettings.messages, help="program messages to add")
     args = parser.parse_args(argv)
-    paths = build_plain(args.out, PlainSettings(steps=args.steps, max_sequences=args.max_sequences))
+    paths = build_plain(args.out, PlainSettings(steps=args.steps, max_sequences=args.max_sequences,
+                                                messages=args.messages))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -30,7 +30,11 @@ def inputs(plain, model: str = "gpt2") -> list[str]:
 
 def test_corpus_has_only_a_text_column(plain):  # noqa: F811
     rows = [json.loads(line) for line in plain["corpus"].read_text().splitlines()]
-    assert len(rows) == 80 and all(set(r) == {"text"} and r["text"] for r in rows)
+    assert len(rows) == 80 + 20 and all(set(r) == {"text"} and r["text"] for r in rows)
+    translations = [json.loads(line) for line in plain["translations"].read_text().splitlines()]
+    assert [t["text"] for t in translations] == [r["text"] for r in rows[80:]]  # the messages, translated
+    hangul = [t for t in translations if any("\uac00" <= c <= "\ud7a3" for c in t["ko"])]
+    assert len(hangul) >= 15 and all(t["tr"] != t["text"] for t in translations)
 
 
 def test_score_own_model_writes_the_contract(plain, tmp_path):
@@ -39,7 +43,7 @@ def test_score_own_model_writes_the_contract(plain, tmp_path):
          "top_k=5"])
     record = read_study(out)
     assert record.study == "score" and record.models[0].architecture == "GPT2LMHeadModel"
-    assert record.corpus.columns == ["text"] and record.corpus.num_sequences == 80
+    assert record.corpus.columns == ["text"] and record.corpus.num_sequences == 100
     assert record.queries == [q.name for q in load_query_file(plain["queries"])]  # every query, none dropped
     assert record.command.startswith("influence-lab score --model")
     top = read_rows(out / record.tables["top_sequences"])

@@ -25,9 +25,11 @@ def study_artifacts(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def plain(tmp_path_factory) -> dict:
     """The plain testbed at its micro size (experiments/plain.py): a text-only corpus of 80 licence chunks, plain
-    queries, and a GPT-2 and a Llama trained 30 steps. Keys: root, corpus, queries, gpt2, llama (paths)."""
+    queries, 20 program messages with their Korean and Turkish translations, and a GPT-2 and a Llama trained 30 steps.
+    Keys: root, corpus, queries, translations, gpt2, llama (paths)."""
     from experiments.plain import PlainSettings, build_plain
 
     root = tmp_path_factory.getbasetemp() / "plain"
-    paths = build_plain(root, PlainSettings(steps=30, max_sequences=80, chunk_words=50))
-    return {"root": root, "corpus": root / "corpus.jsonl", "queries": root / "queries.jsonl", **paths}
+    paths = build_plain(root, PlainSettings(steps=30, max_sequences=80, chunk_words=50, messages=20))
+    return {"root": root, "corpus": root / "corpus.jsonl", "queries": root / "queries.jsonl",
+            "translations": root / "translations.jsonl", **paths}
