@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.loading import load_model_and_tokenizer, load_text_dataset, model_max_length, tokenize_sequences
 from experiments.queries import Query
 from experiments.results import CorpusRecord, ModelRecord
-from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, ScoreArguments, encode_queries,
+from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, ScoreArguments, compute_scores,
+                            encode_queries,
                             fit_factors, iterate_batches, model_fingerprint, query_gradients, track_layers)
 from influence_core import Query as EngineQuery
 from influence_core.lowrank import compress_queries
@@ -331,6 +332,34 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     timings["scores"] = time.perf_counter() - start
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
                        plan.factors_dir, plan.scores_dir, timings)
+
+
+def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
+                       scoring: ScoringSettings, artifacts: str | Path, scored: Corpus) -> np.ndarray:
+    """Influence split over layers and tokens at once (paper Fig 4, Eq 30-31): (Q, N', L, T) for the sequences
+    of `scored` (a few: each layer is one more pass over them), with the corpus's cached factors.
+
+    Entry [q, n, l, t] is layer l's share of token t's influence; summed over t it is the per-layer split, over
+    l the token-wise split, over both the total influence.
+    """
+    plan = plan_scores(loaded, corpus, queries, influence, scoring, artifacts, scored)
+    task = CausalLMTask()
+    fit_args = factor_arguments(influence)
+    fit_args.progress = False
+    fit_data = {k: v[:plan.fit_count] for k, v in corpus.encoded.items()}
+    factors = fit_factors(loaded.model, plan.layers, task, iterate_batches(fit_data, influence.fit_batch_size),
+                          fit_args, output_dir=plan.factors_dir, data_fingerprint=f"{corpus.fingerprint}:{plan.fit_count}")
+    encoded_queries = encode_queries(loaded.tokenizer, engine_queries(queries), max_length=model_max_length(loaded.model))
+    preconditioned = query_gradients(loaded.model, plan.layers, task,
+                                     iterate_batches(encoded_queries, influence.query_batch_size), progress=False,
+                                     factors=factors)
+    per_layer = []
+    for layer in plan.layers:
+        scores = compute_scores(loaded.model, [layer], task, iterate_batches(scored.encoded, influence.score_batch_size),
+                                {layer.name: preconditioned[layer.name]}, [q.name for q in queries],
+                                ScoreArguments(per_token=True, progress=False))
+        per_layer.append(scores.per_token.double().numpy())  # (Q, N', T)
+    return np.stack(per_layer, axis=2)
 
 
 # ---- tables --------------------------------------------------------------------------------------------------------
