@@ -49,7 +49,10 @@ ZOO_NOTE = ("The synthetic zoo (world v1) cannot translate arbitrary documents. 
             "with the world's hand-written templates (two per relation, in the same word order); the English prose "
             "around them is dropped, so a rendering is the document's facts, shorter than the document. Math, code, "
             "role-play and filler documents have no rendering: they are untranslatable and blank in the heat maps, "
-            "and the coverage table counts them. World v2 adds sentence-level re-rendering.")
+            "and the coverage table counts them. The renderings keep the entity names in Latin script (as the world's "
+            "Korean and Turkish documents do), so they share those tokens with the English query: a translated "
+            "influence near the English one can be token overlap, not cross-lingual abstraction. World v2 adds "
+            "sentence-level re-rendering.")
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
@@ -145,7 +148,8 @@ def translate_sequences(texts: dict[int, str], translator: Translator, languages
     return out
 
 
-def model_tables(inputs: StudyInputs, cfg: DictConfig, translator: Translator, languages) -> tuple[pd.DataFrame, pd.DataFrame]:
+def model_tables(inputs: StudyInputs, cfg: DictConfig, translator: Translator,
+                 languages) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One model's long table (query, column, train_id, language, influence, text) and its coverage rows."""
     queries = english_queries(cfg, inputs.queries)
     candidates = english_candidates(inputs, queries, int(cfg.candidates))
@@ -339,20 +343,21 @@ def run(cfg: DictConfig, run_dir) -> None:
     verdicts = out.verdicts(crosslingual_verdicts(differences, languages))
     out.top_sequences(pd.concat(tops))
 
-    totals = coverage[["sequences", *[f"translated_{language}" for language in languages]]].sum()
-    counts = ", ".join(f"{LANGUAGE_NAMES.get(language, language)} {int(totals[f'translated_{language}'])}"
-                       for language in languages)
+    per_model = coverage.groupby("model", sort=False).sum(numeric_only=True)
+    counts = "; ".join(
+        f"{model}: {int(row['spurious_excluded'])} spurious excluded, of {int(row['sequences'])} top sequences "
+        + ", ".join(f"{LANGUAGE_NAMES.get(lang, lang)} {int(row[f'translated_{lang}'])}" for lang in languages)
+        + " translated" for model, row in per_model.iterrows())
     description = (
         "The paper's cross-lingual protocol (Sec 5.3.1, Figs 15-16): per model and English query, its top "
-        f"{int(cfg.top_k)} English training sequences (spurious ones excluded: "
-        f"{int(coverage['spurious_excluded'].sum())} over all models and queries), their translations re-scored "
+        f"{int(cfg.top_k)} English training sequences (spurious ones excluded), their translations re-scored "
         "with the corpus's factors, and per size a 3 x 10 heat map of influence / mean English influence on one "
-        "colour scale centred at 0 (crosslingual_heatmaps_*). Paper result: near zero at 810M, rising with scale. "
-        f"Translations: {translator.description}. Of {int(totals['sequences'])} top sequences, translated: {counts} "
-        "(per model and query: crosslingual_coverage). Statistic (ours, analysis/crosslingual.py): "
-        "D = mean over sequences of (translated - English) influence / mean English influence, -1 when translations "
-        "have no influence, with bootstrap CIs (crosslingual_differences); trend over sizes with queries as blocks. "
-        "With one training seed and few sizes the trend verdict is underpowered by construction."
+        "colour scale centred at 0 (crosslingual_heatmaps_*; grey: no translation). Paper result: near zero at "
+        f"810M, rising with scale. Translations: {translator.description}. Per model ({counts}); per model and "
+        "query: crosslingual_coverage. Statistic (ours, analysis/crosslingual.py): D = mean over sequences of "
+        "(translated - English) influence / mean English influence, -1 when translations have no influence, 0 when "
+        "they have as much, with bootstrap CIs (crosslingual_differences); its trend over sizes with queries as "
+        "blocks. With one training seed and few sizes the trend verdict comes out underpowered."
         + (f"\n\n{ZOO_NOTE}" if world else ""))
     out.readme(description, cfg)
     print(coverage.to_markdown(index=False))
