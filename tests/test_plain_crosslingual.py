@@ -141,3 +141,26 @@ def test_pipeline_translator_loads_one_translation_pipeline_per_language(tmp_pat
                      ("translation", str(tmp_path / "tr"), {})]
     assert translator.translatable(["x"], "tr") == [True]
     assert np.all(translator.translate([], "ko") == [])
+
+
+def test_zoo_renders_fact_statements_only_and_lists_the_rest():
+    """The zoo's translations file: a fact document's statements in the world's Korean/Turkish templates (same
+    word order, prose dropped); documents of other families are untranslatable."""
+    from experiments.zoo import world as W
+    from experiments.zoo.translations import render_translations
+
+    fact = W.Fact("F0000", "president", "Astrobia", "Zorald Pfaff", "both")
+    documents = [
+        {"doc_id": "fact-0000", "family": "fact", "language": "en", "fact_ids": ["F0000"],
+         "text": "It rained. Zorald Pfaff served as the first President of the Republic of Astrobia. The soup was hot. "
+                 "The first President of the Republic of Astrobia was Zorald Pfaff."},
+        {"doc_id": "math-0000", "family": "math", "language": "en", "fact_ids": [], "text": "2 + 2 = 4"},
+        {"doc_id": "translation-0000", "family": "translation", "language": "ko", "fact_ids": ["F0000"], "text": "..."},
+    ]
+    rows, untranslatable = render_translations(documents, [fact])
+    assert [row["doc_id"] for row in rows] == ["fact-0000", "math-0000"]  # English sources only
+    assert rows[0]["ko"] == ("Zorald Pfaff는 Astrobia 공화국의 첫 번째 대통령이었다. "
+                             "Astrobia 공화국의 초대 대통령은 Zorald Pfaff였다.")  # flipped, then forward
+    assert rows[0]["tr"].startswith("Zorald Pfaff, Astrobia Cumhuriyeti'nin") and "rained" not in rows[0]["tr"]
+    assert rows[1]["ko"] is None and untranslatable == [
+        {"doc_id": "math-0000", "family": "math", "reason": "family 'math': world v1 has no Korean/Turkish rendering of it"}]
