@@ -13,8 +13,9 @@ test:  ## the test suite (tiny models, a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q
 
 PLAIN ?= artifacts/plain
-PLAIN_INPUTS = data=text_files data.path=$(PLAIN)/corpus.jsonl data.truncation=true queries.path=$(PLAIN)/queries.jsonl
-PLAIN_STUDIES := sparsity layerwise
+PLAIN_INPUTS = data=text_files data.path=$(PLAIN)/corpus.jsonl data.truncation=true queries.path=$(PLAIN)/queries.jsonl \
+	+data.translations=$(PLAIN)/translations.jsonl
+PLAIN_STUDIES := sparsity layerwise crosslingual
 
 plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence texts (text only) -> figures/plain/
 	$(PYTHON) -m experiments.plain --out $(PLAIN)
@@ -50,7 +51,8 @@ studies_i: sparsity layerwise word_order  ## the three studies of issue 6
 scale:  ## study b: abstraction vs scale: token overlap and relation of top sequences per model size
 	$(PYTHON) -m experiments.scale
 
-crosslingual:  ## study d: Korean and Turkish renderings of a fact vs English, per model size
+crosslingual:  ## study d (Figs 15-16): each size's top 10 English sequences translated to Korean/Turkish (zoo: facts only), re-scored
+	$(PYTHON) -m experiments.zoo.translations artifacts/world/full/dataset
 	$(PYTHON) -m experiments.crosslingual
 
 math_code:  ## study c: structures behind the top influences of math and code queries, per model size

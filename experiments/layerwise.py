@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
+from experiments import pipeline
 from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, run_stage,
                               scored_models, token_overlap, top_sequences, verdict)
 
@@ -42,16 +43,79 @@ def profile_figure(shares: pd.DataFrame) -> plt.Figure:
 
 
 def heatmap_figure(panels: list[tuple[str, str, np.ndarray]]) -> plt.Figure:
-    """Fig 18: blocks x top sequences (sorted by centre of mass), colour = influence share of the sequence."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 2.8), squeeze=False)
-    for ax, (model, query, matrix) in zip(axes.flat, panels):
-        limit = np.abs(matrix).max() or 1.0
-        ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
-        ax.set_title(f"{query}\n{model}", fontsize=8)
+    """Fig 18: per (query, model) a layers x top sequences map (sorted by centre of mass), colour = the layer's share
+    of the sequence's influence; a grid with one row per query and one column per model, one shared colour scale
+    and a colour bar, so 30+ queries stay readable (the figure grows downwards)."""
+    queries = list(dict.fromkeys(q for _, q, _ in panels))
+    models = list(dict.fromkeys(m for m, _, _ in panels))
+    limit = max((float(np.abs(m).max()) for _, _, m in panels), default=1.0) or 1.0
+    fig, axes = plt.subplots(len(queries), len(models), figsize=(2.6 * len(models) + 1, 1.6 * len(queries) + 0.6),
+                             squeeze=False)
+    image = None
+    for (model, query, matrix) in panels:
+        ax = axes[queries.index(query), models.index(model)]
+        image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
+        ax.set_title(f"{query} | {model}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes[-1]:
         ax.set_xlabel("top sequences (by centre of mass)", fontsize=7)
+    for ax in axes[:, 0]:
         ax.set_ylabel("layer", fontsize=7)
-    fig.tight_layout()
+    for ax in axes.flat:
+        if not ax.images:
+            ax.axis("off")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="share of the sequence's influence")
     return fig
+
+
+def layer_token_figure(maps: list[tuple[str, str, np.ndarray, list[str]]]) -> plt.Figure:
+    """Fig 4: one top sequence's influence split over layers (rows) and tokens (columns), with the sums along each
+    axis in the margins (right: per-layer influence; top: token-wise influence), one panel per (model, query)."""
+    fig = plt.figure(figsize=(9, 2.6 * len(maps) + 0.4))
+    grid = fig.add_gridspec(2 * len(maps), 2, width_ratios=(12, 1), height_ratios=[1, 3] * len(maps),
+                            hspace=0.5, wspace=0.03)
+    for i, (model, query, matrix, tokens) in enumerate(maps):
+        limit = float(np.abs(matrix).max()) or 1.0
+        main = fig.add_subplot(grid[2 * i + 1, 0])
+        image = main.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
+        step = max(1, len(tokens) // 30)
+        main.set_xticks(range(0, len(tokens), step), [repr(t)[1:-1][:8] for t in tokens[::step]], rotation=90,
+                        fontsize=5)
+        main.set_ylabel("layer", fontsize=7)
+        top = fig.add_subplot(grid[2 * i, 0], sharex=main)
+        top.bar(range(matrix.shape[1]), matrix.sum(0), color=np.where(matrix.sum(0) >= 0, "tab:red", "tab:blue"))
+        top.set_title(f"{query} | {model}: top sequence (total {matrix.sum():.3g})", fontsize=8)
+        top.tick_params(labelbottom=False, labelsize=6)
+        side = fig.add_subplot(grid[2 * i + 1, 1], sharey=main)
+        side.barh(range(matrix.shape[0]), matrix.sum(1), color=np.where(matrix.sum(1) >= 0, "tab:red", "tab:blue"))
+        side.tick_params(labelleft=False, labelsize=6)
+        fig.colorbar(image, ax=[main, side], fraction=0.02, pad=0.01)
+    return fig
+
+
+def layer_token_maps(inputs, top_table: pd.DataFrame, focus: list[str], cfg: DictConfig):
+    """Per focus query its top sequence that the spurious rule keeps, split over layers and tokens (Fig 4):
+    [(model, query, (L, T) matrix, token strings)]."""
+    chosen = []
+    for query in [q for q in inputs.queries if q.name in focus]:
+        rows = top_table[(top_table["query"] == query.name) & (top_table["spurious"] != True)]  # noqa: E712
+        if len(rows):
+            chosen.append((query, int(rows.iloc[0]["train_id"])))
+    if not chosen:
+        return []
+    ids = [n for _, n in chosen]
+    scored = inputs.corpus.subset(ids)
+    scoring = pipeline.ScoringSettings(query_rank=None, top_k_tokens=0)
+    values = pipeline.layer_token_scores(inputs.loaded, inputs.corpus, [q for q, _ in chosen], cfg.influence,
+                                         scoring, cfg.artifacts, scored)  # (Q', N', L, T)
+    maps = []
+    for i, (query, n) in enumerate(chosen):
+        length = int(scored.encoded["attention_mask"][i].sum())
+        tokens = [inputs.tokenizer.decode([t]) for t in scored.encoded["input_ids"][i, :length].tolist()]
+        maps.append((inputs.model_name, query.name, values[i, i, :, :length], tokens))
+    return maps
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/layerwise")
@@ -62,10 +126,12 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("layerwise", run_dir, cfg.figures_dir)
-    share_rows, centre_rows, band_rows, panels = [], [], [], []
+    share_rows, centre_rows, band_rows, panels, maps = [], [], [], [], []
     tops = []
     for inputs, run in scored_models(cfg, out):
-        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
+        top_table = top_sequences(inputs, run, cfg.top_k_tokens)
+        tops.append(top_table)
+        maps += layer_token_maps(inputs, top_table, focus_queries(cfg, inputs.queries), cfg)
         block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
         depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
         band_map = bands(len(blocks)) if len(blocks) >= 3 else {}
@@ -106,9 +172,14 @@ def run(cfg: DictConfig, run_dir) -> None:
         .agg(["mean", "sem"]).reset_index()
     band_summary.columns = [" ".join(c).strip() for c in band_summary.columns]
     out.table("bands", band_summary)
-    out.figure("layer_profile", profile_figure(shares))
+    out.figure("layer_profile", profile_figure(shares), paper="Fig 17")
     if panels:
-        out.figure("layer_heatmaps", heatmap_figure(panels))
+        out.figure("layer_heatmaps", heatmap_figure(panels), paper="Fig 18")
+    if maps:
+        out.figure("layer_token_maps", layer_token_figure(maps), paper="Fig 4")
+        out.table("layer_token_map_margins", pd.DataFrame([
+            {"model": m, "query": q, "layer": layer, "influence": float(v)}
+            for m, q, matrix, _ in maps for layer, v in enumerate(matrix.sum(1))]))
 
     largest = cfg.models[-1]
     mine = shares[shares["model"] == largest].groupby("depth")["relative_share"].mean()

@@ -165,6 +165,17 @@ class Corpus:
     def record(self) -> CorpusRecord:
         return CorpusRecord(self.path, self.fingerprint, [self.text_column, *self.metadata.columns], len(self))
 
+    def subset(self, rows: Sequence[int]) -> "Corpus":
+        """These rows as they were tokenized (truncated where the corpus was), to score again on their own."""
+        rows = list(rows)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        encoded = {k: v[index] for k, v in self.encoded.items()}
+        width = int(encoded["attention_mask"].sum(1).max())
+        return Corpus(self.path, self.split, self.text_column, [self.texts[i] for i in rows],
+                      self.metadata.iloc[rows].reset_index(drop=True) if len(self.metadata.columns) else
+                      pd.DataFrame(index=range(len(rows))), {k: v[:, :width] for k, v in encoded.items()},
+                      cache_key({"corpus": self.fingerprint, "rows": rows}), self.truncated)
+
 
 def load_corpus(path: str | Path, tokenizer, max_length: int, split: str = "train", text_column: str = "text",
                 truncation: bool = False) -> Corpus:

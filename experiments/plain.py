@@ -6,7 +6,7 @@ corpus.jsonl: the licence texts Debian ships (/usr/share/common-licenses), cut i
 `chunk_words` words, and `messages` English program messages from the gettext catalogues installed under
 /usr/share/locale, each with only a `text` column (no metadata). translations.jsonl: those messages' Korean and
 Turkish translations as the catalogues give them ({text, ko, tr}: human translations that exist on the machine,
-for the cross-lingual study's file translator). queries.jsonl: plain {name, prompt, completion} queries whose
+for the cross-lingual study's file translator; the licence chunks are listed with null, untranslatable). queries.jsonl: plain {name, prompt, completion} queries whose
 answers the licences state, and two cut from message strings of the corpus (prompt: all but the last three
 words; completion: those words). Models: a GPT-2 and a Llama architecture from transformers configs,
 trained briefly on the corpus on CPU and saved with save_pretrained, so every app loads them with
@@ -123,7 +123,10 @@ def build_corpus(out_dir: Path, settings: PlainSettings) -> Path:
     path = out_dir / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
                             for text in chunks + [m["text"] for m in messages]))
-    (out_dir / "translations.jsonl").write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages))
+    untranslatable = [{"text": text, "ko": None, "tr": None,
+                       "untranslatable": "a licence text: no Korean or Turkish translation is installed"} for text in chunks]
+    (out_dir / "translations.jsonl").write_text("".join(json.dumps(m, ensure_ascii=False) + "\n"
+                                                        for m in untranslatable + messages))
     queries = QUERIES + message_queries(messages)
     (out_dir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     return path

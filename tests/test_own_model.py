@@ -7,6 +7,8 @@ ships as a corpus with only a `text` column, and two architectures built from co
 from __future__ import annotations
 
 import json
+
+import pandas as pd
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +34,11 @@ def test_corpus_has_only_a_text_column(plain):  # noqa: F811
     rows = [json.loads(line) for line in plain["corpus"].read_text().splitlines()]
     assert len(rows) == 80 + 20 and all(set(r) == {"text"} and r["text"] for r in rows)
     translations = [json.loads(line) for line in plain["translations"].read_text().splitlines()]
-    assert [t["text"] for t in translations] == [r["text"] for r in rows[80:]]  # the messages, translated
-    hangul = [t for t in translations if any("\uac00" <= c <= "\ud7a3" for c in t["ko"])]
-    assert len(hangul) >= 15 and all(t["tr"] != t["text"] for t in translations)
+    assert [t["text"] for t in translations] == [r["text"] for r in rows]  # every corpus text is listed
+    assert all(t["ko"] is None and t["tr"] is None for t in translations[:80])  # licences: none installed
+    messages = translations[80:]
+    hangul = [t for t in messages if any("\uac00" <= c <= "\ud7a3" for c in t["ko"])]
+    assert len(hangul) >= 15 and all(t["tr"] != t["text"] for t in messages)
 
 
 def test_score_own_model_writes_the_contract(plain, tmp_path):
@@ -69,6 +73,14 @@ def test_studies_on_a_llama_and_a_plain_corpus(study, plain, tmp_path):
     assert record.study == study and record.models[0].architecture == "LlamaForCausalLM"
     assert record.verdicts and all(v["verdict"] in VERDICTS for v in record.verdicts)
     assert all((out / f).exists() for f in [*record.tables.values(), *record.figures.values()])
+    if study == "layerwise":  # Fig 4: the layer x token map of each query's top sequence sums to its scores
+        margins = pd.read_csv(out / "layer_token_map_margins.csv")
+        top = read_rows(out / record.tables["top_sequences"])
+        for query, rows in margins.groupby("query"):
+            first = top[(top["query"] == query) & (top["spurious"] != True)].iloc[0]  # noqa: E712
+            layers = [c for c in top if c.startswith("layer:")]
+            assert rows["influence"].to_numpy() == pytest.approx(first[layers].to_numpy(dtype=float), rel=1e-3,
+                                                                  abs=1e-4 * abs(first["influence"]))
 
 
 def test_report_renders_a_score_run(plain, tmp_path):
