@@ -4,6 +4,7 @@
     influence-lab score --micro-zoo                                       # the built-in micro example
     influence-lab study sparsity --model PATH --data PATH --queries PATH  # a study on your model and corpus
     influence-lab report RUN_DIR [RUN_DIR ...]                            # the HTML report of finished runs
+    influence-lab plan pythia-410m --budget-gib 80                        # peak memory from the config alone
 
 Anything after the options is passed on as Hydra overrides (`influence.strategy=kfac tfidf.top_k=1000`);
 the Hydra apps (`python -m experiments.score ...`, `python -m experiments.sparsity -m ...`) stay for sweeps.
@@ -106,6 +107,23 @@ def study_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(f"tables, figures and study.json: {run_dir}\nreport: influence-lab report {run_dir}")
 
 
+def plan_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from experiments.model_shapes import meta_model
+    from influence_core import track_layers
+    from influence_core.memory import GIB, plan_memory
+
+    model = meta_model(args.model, args.dtype)
+    layers = track_layers(model, list(args.patterns))
+    try:
+        plan = plan_memory(layers, model, args.tokens, args.queries, args.rank or None, args.factor_dtype,
+                           budget=int(args.budget_gib * GIB))
+    except ValueError as error:
+        raise SystemExit(f"influence-lab plan: {error}") from None
+    print(f"{args.model} ({type(model).__name__}, {args.dtype}), {args.tokens} tokens, {args.queries} queries at "
+          f"rank {args.rank or 'full'}, factors in {args.factor_dtype}")
+    print(plan.table())
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="influence-lab", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -126,6 +144,20 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="run folder (default: outputs/<study>/<time>)")
     study.add_argument("--figures", action="store_true", help="also write into the study's figures_dir")
 
+    plan = commands.add_parser("plan", help="peak memory of fitting and scoring for a model, from its config alone",
+                               description="Builds the model on the meta device (no weights) from a known name "
+                                           "(pythia-70m ... pythia-12b, gpt2 ..., llama-3-8b) or a folder with "
+                                           "config.json, and prints per tracked layer and stage the estimated "
+                                           "bytes (influence_core/memory.py) and the largest batch that fits.")
+    plan.add_argument("model", help="a known model name or a folder with config.json")
+    plan.add_argument("--tokens", type=int, default=512, help="tokens per sequence (paper: 512)")
+    plan.add_argument("--queries", type=int, default=32, help="queries scored together")
+    plan.add_argument("--rank", type=int, default=32, help="query rank (0: full rank)")
+    plan.add_argument("--budget-gib", type=float, default=80.0, help="memory budget in GiB")
+    plan.add_argument("--dtype", default="bfloat16", help="the model's dtype (default: bfloat16)")
+    plan.add_argument("--factor-dtype", default="float32", help="factor dtype: float32 or float64")
+    plan.add_argument("--patterns", nargs="+", default=["*mlp*"], help="tracked module globs (default: *mlp*)")
+
     report = commands.add_parser("report", help="the HTML report of finished runs (folders with study.json)",
                                  add_help=False)
     report.add_argument("report_args", nargs=argparse.REMAINDER)
@@ -141,11 +173,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     top = parser()
     args, unknown = top.parse_known_args(argv)
-    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u or args.command == "plan"]
     if stray:
         top.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + unknown  # Hydra overrides may come after the options too
-    {"score": score_command, "study": study_command}[args.command](args, argv)
+    args.overrides = list(getattr(args, "overrides", [])) + unknown  # Hydra overrides may follow the options
+    {"score": score_command, "study": study_command, "plan": plan_command}[args.command](args, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Memory planning from shapes alone: known byte counts on a hand-made layer, the batch chosen for a budget."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from influence_core import track_layers
+from influence_core.memory import GIB, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class OneLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(3, 5)  # d_in = 3 + 1 (bias), d_out = 5
+
+
+def test_byte_counts_of_one_layer():
+    model = OneLayer()
+    plan = plan_memory(track_layers(model, ["*mlp*"]), model, tokens=7, queries=2, query_rank=None, batch_size=4)
+    layer = plan.layers[0]
+    assert (layer.d_in, layer.d_out) == (4, 5)
+    assert layer.factors == (16 + 25 + 20) * 4 and layer.covariance == (16 + 25) * 4
+    assert layer.eigendecomposition == 3 * 25 * 8
+    assert layer.correction_per_sequence == 2 * 20 * 4 and layer.scoring_per_sequence == 20 * 4
+    assert layer.queries == 2 * 20 * 4 and layer.captures_per_token == 9 * 4
+    weights = 20 * 4  # 15 weights + 5 biases, float32
+    assert plan.weights == weights
+    captures = 4 * 7 * 9 * 4
+    assert plan.stages["scoring"] == weights + captures + layer.factors + layer.queries + 4 * layer.scoring_per_sequence
+    ranked = plan_memory(track_layers(model, ["*mlp*"]), model, tokens=7, queries=2, query_rank=1, batch_size=4)
+    assert ranked.layers[0].queries == 2 * 1 * (5 + 4) * 4
+
+
+def test_largest_batch_that_fits_and_a_clear_refusal():
+    model = OneLayer()
+    layers = track_layers(model, ["*mlp*"])
+    one = plan_memory(layers, model, tokens=7, batch_size=1).peak
+    two = plan_memory(layers, model, tokens=7, batch_size=2).peak
+    chosen = plan_memory(layers, model, tokens=7, budget=two + 1)
+    assert chosen.batch_size == 2 and chosen.peak <= two + 1
+    with pytest.raises(ValueError, match=r"does not fit .* the largest layer is mlp \(5 x 4\)"):
+        plan_memory(layers, model, tokens=7, budget=one - 1)
+
+
+def test_plan_command_for_pythia_410m_from_its_config_alone():
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", "plan", "pythia-410m", "--budget-gib", "80"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "48 tracked layers" in result.stdout and "(fits)" in result.stdout
+    assert "gpt_neox.layers.23.mlp.dense_4h_to_h" in result.stdout and "4097   1024" in result.stdout
+    too_big = subprocess.run([sys.executable, "-m", "experiments.cli", "plan", "pythia-12b", "--budget-gib", "40"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert too_big.returncode != 0 and "split that layer into output blocks" in too_big.stderr
