@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay all figures score bench bench-setup validate validate_zoo report
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup validate validate_zoo report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,7 +15,7 @@ test:  ## the test suite (tiny models, a few minutes on 2 CPU cores)
 PLAIN ?= artifacts/plain
 PLAIN_INPUTS = data=text_files data.path=$(PLAIN)/corpus.jsonl data.truncation=true queries.path=$(PLAIN)/queries.jsonl \
 	+data.translations=$(PLAIN)/translations.jsonl
-PLAIN_STUDIES := sparsity layerwise crosslingual
+PLAIN_STUDIES := sparsity layerwise crosslingual memorisation
 
 plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence texts (text only) -> figures/plain/
 	$(PYTHON) -m experiments.plain --out $(PLAIN)
@@ -58,10 +58,13 @@ crosslingual:  ## study d (Figs 15-16): each size's top 10 English sequences tra
 math_code:  ## study c: structures behind the top influences of math and code queries, per model size
 	$(PYTHON) -m experiments.math_code
 
+memorisation:  ## study h (Sec 5.3.3): do the top sequences contain the passage the query completes? (needs `make zoo`)
+	$(PYTHON) -m experiments.memorisation
+
 roleplay:  ## study e: AI-shutdown dialogues and AI fiction in the shutdown query's top influence, per model size
 	$(PYTHON) -m experiments.roleplay
 
-STUDIES := sparsity layerwise word_order scale crosslingual math_code roleplay
+STUDIES := sparsity layerwise word_order scale crosslingual math_code roleplay memorisation
 
 all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per model and cached)
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay")
+STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay", "memorisation")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -44,7 +44,7 @@ import yaml
 
 from experiments.results import STUDY_FILE, VERDICT_KEYS, ResultContractError, StudyRecord, read_study, read_rows
 
-STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay")
+STUDIES = ("sparsity", "layerwise", "word_order", "scale", "crosslingual", "math_code", "roleplay", "memorisation")
 SCORE_COMMAND = "influence-lab score --model PATH --data PATH --queries PATH"
 MAKE_RESULTS = (f"`make sparsity` (or layerwise, word_order, scale, crosslingual, math_code, roleplay) "
                 f"or `{SCORE_COMMAND}`")

@@ -64,7 +64,7 @@ def test_score_own_model_writes_the_contract(plain, tmp_path):
     assert len(list((tmp_path / "artifacts" / "factors" / "gpt2").iterdir())) == 1
 
 
-@pytest.mark.parametrize("study", ["sparsity", "layerwise"])
+@pytest.mark.parametrize("study", ["sparsity", "layerwise", "memorisation"])
 def test_studies_on_a_llama_and_a_plain_corpus(study, plain, tmp_path):
     out = tmp_path / study
     cli(["study", study, *inputs(plain, "llama"), "--out", str(out), f"artifacts={tmp_path / 'artifacts'}",

@@ -173,3 +173,11 @@ def test_retrained_model_does_not_reuse_cached_scores(micro_zoo, tmp_path):  # n
     second = cached_influence(inputs, cfg).scores.total
     assert not torch.allclose(second, first)
     assert len(list((tmp_path / "scores" / "micro").iterdir())) == 2
+
+
+def test_memorisation(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    run_study("memorisation", micro_zoo, study_artifacts, tmp_path)
+    table = pd.read_csv(tmp_path / "passage_coverage.csv")
+    assert {"shutdown", "ordinary_dialogue"} <= set(table["query"])  # the focus queries the zoo has
+    assert table["top1_coverage"].between(0, 1).all() and table["max_coverage_top_k"].ge(table["top1_coverage"]).all()
+    assert read_study(tmp_path).figures == {"contains_passage": "contains_passage.png"}
