@@ -63,7 +63,7 @@ def load_probe_file(path: str | Path, queries: Sequence[Query] | None = None) ->
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"probe file {path} does not exist; give probes=FILE (see configs/probes/)")
+        raise FileNotFoundError(f"probe file {path} does not exist; give probe_file=FILE (see configs/probes/)")
     raw = yaml.safe_load(path.read_text())
     entries = raw.get("queries") if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:

@@ -2,9 +2,9 @@
 
     python -m experiments.word_order                      # make word_order: the zoo, probes from the world's facts
     python -m experiments.word_order finetune.enabled=false   # without the fine-tuning extension
-    python -m experiments.word_order probes=configs/probes/word_order_paper.yaml \
+    python -m experiments.word_order probe_file=configs/probes/word_order_paper.yaml \
         queries.path=configs/queries/paper.yaml 'queries.names=[first_president_astrobia,gleem]'   # the paper's probes
-    influence-lab study word_order --model PATH --data PATH --queries PATH probes=configs/probes/word_order_plain.yaml
+    influence-lab study word_order --model PATH --data PATH --queries PATH probe_file=configs/probes/word_order_plain.yaml
 
 1. The paper's protocol (Figs 24-25): hand-written PROBE sequences, not in the training set, in six groups per
    query (experiments/probes.py: rewordings; the completion removed; meaning changed; irrelevant; order flipped;
@@ -12,7 +12,7 @@
    training corpus's factors (pipeline.score_model(scored=...)). Per (model, query, group) the mean influence with
    a bootstrap CI over probes; per query the difference rewordings - order flipped with a CI; per model and query
    set the verdict "flipping the word order sharply reduces influence" (analysis/word_order.py), forward and
-   flipped queries never pooled. Probes come from a probe file (`probes=`; the paper's own are
+   flipped queries never pooled. Probes come from a probe file (`probe_file=`; the paper's own are
    configs/probes/word_order_paper.yaml) or, on the zoo, are generated from the world's facts
    (experiments/zoo/probes.py: the same six groups for every word-order query, forward and flipped; ours).
    Paper: flipping the order so that the completion comes first sharply reduces the influence.
@@ -73,19 +73,19 @@ def resolve(path: str) -> Path:
 
 
 def study_probes(cfg: DictConfig, queries: list[StudyQuery]) -> tuple[list[Probe], str]:
-    """The probes and where they come from: the probe file `probes`, or (probes=null) the world's facts."""
-    if cfg.get("probes"):
-        path = resolve(str(cfg.probes))
-        return load_probe_file(path, queries), str(cfg.probes)
+    """The probes and where they come from: the probe file `probe_file`, or (probe_file=null) the world's facts."""
+    if cfg.get("probe_file"):
+        path = resolve(str(cfg.probe_file))
+        return load_probe_file(path, queries), str(cfg.probe_file)
     world_dir = Path(cfg.data.path).parent
     if not (world_dir / "facts.json").exists():
         raise FileNotFoundError(f"word_order: no probes for {cfg.data.path}: it is not a synthetic world (no "
-                                f"{world_dir / 'facts.json'}); give probes=configs/probes/word_order_plain.yaml or "
+                                f"{world_dir / 'facts.json'}); give probe_file=configs/probes/word_order_plain.yaml or "
                                 "your own probe file (see configs/probes/)")
     probes = world_probes(queries, load_facts(world_dir), int(cfg.probes_per_group), int(cfg.probes_seed))
     if not probes:
         raise ValueError("word_order: none of the study's queries is a word-order query of the world (study "
-                         "word_order, one fact); add some to queries.names or give probes=FILE")
+                         "word_order, one fact); add some to queries.names or give probe_file=FILE")
     return probes, "generated from the world's facts (experiments/zoo/probes.py)"
 
 

@@ -32,7 +32,7 @@ def load_facts(world_dir: str | Path) -> list[W.Fact]:
     path = Path(world_dir) / "facts.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: probes from the world need the world's facts; build the "
-                                "world (make zoo) or give a probe file (probes=configs/probes/...)")
+                                "world (make zoo) or give a probe file (probe_file=configs/probes/...)")
     return [W.Fact(**row) for row in json.loads(path.read_text())]
 
 
