@@ -52,7 +52,7 @@ from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, wor
 from experiments.zoo.train import completion_logprob
 from influence_core import CausalLMTask, Query
 
-QUERY_SETS = {  # query_set -> (label in verdicts and figures, figure name)
+QUERY_SETS = {  # query_set -> its label in the verdicts (each set has its own verdict: never pooled)
     "forward": "forward queries",
     "forward, seen only flipped": "forward queries on facts the training data states only flipped (zoo)",
     "flipped": "flipped queries (the protocol applied to the flipped order; ours)",
