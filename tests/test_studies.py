@@ -104,6 +104,18 @@ def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert {"probes", "probe_scores", "probe_group_influence", "flip_contrast", "verdicts"} <= set(record.tables)
 
 
+def test_word_order_with_the_papers_probes(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    """The paper's own probes (Figs 24-25) on the zoo: its queries are the world's first president and first
+    substance, asked in the paper's words."""
+    run_study("word_order", micro_zoo, study_artifacts, tmp_path, "probe_file=configs/probes/word_order_paper.yaml",
+              f"queries.path={ROOT / 'configs' / 'queries' / 'paper.yaml'}",
+              "queries.names=[first_president_astrobia,gleem]", "finetune.enabled=false", "bootstrap_samples=200")
+    means = pd.read_csv(tmp_path / "probe_group_influence.csv")
+    assert len(means) == 6 * 2 and set(means["query"]) == {"first_president_astrobia", "gleem"}
+    assert (means.groupby("query")["n_probes"].sum() == pd.Series({"first_president_astrobia": 21, "gleem": 22})).all()
+    assert "finetune_extension" not in read_study(tmp_path).tables
+
+
 @pytest.mark.parametrize("study", ["scale", "crosslingual", "math_code", "roleplay"])
 def test_studies_across_sizes(study, micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     """One model here (the micro zoo); the verdicts that need several sizes say so instead of guessing."""
