@@ -1,18 +1,27 @@
 """Study f: does the order of a fact's words matter? (paper Sec 5.3.4, Figs 23-27)
 
-    python -m experiments.word_order                 # make word_order
-    python -m experiments.word_order finetune.steps=0   # skip the fine-tuning extension
+    python -m experiments.word_order                      # make word_order: the zoo, probes from the world's facts
+    python -m experiments.word_order finetune.enabled=false   # without the fine-tuning extension
+    python -m experiments.word_order probe_file=configs/probes/word_order_paper.yaml \
+        queries.path=configs/queries/paper.yaml 'queries.names=[first_president_astrobia,gleem]'   # the paper's probes
+    influence-lab study word_order --model PATH --data PATH --queries PATH probe_file=configs/probes/word_order_plain.yaml
 
-1. Influence by group, per model size: for each word-order query ("The first President of the Republic of X
-   was" -> " Y", and the flipped "Y was the first President of the Republic of" -> " X"), the mean influence
-   of the training documents that state the same fact in the same order, in the flipped order, of documents
-   with the same templates about other facts, and of unrelated filler. Paper: flipped sequences have near-zero
-   influence, far below same-order rewordings.
-2. Facts seen only flipped: completion accuracy (true completion ranked first among distractor entities by
-   log p) for facts the training data states only in the flipped order, against facts seen in both orders.
-3. Extension, not in the paper (in the spirit of later "reversal curse" work): fine-tune a copy of the model
-   on new facts stated in one order only, then measure how log p of the completion changes for queries in the
-   trained and in the flipped order, and the influence of the fine-tuning documents on both.
+1. The paper's protocol (Figs 24-25): hand-written PROBE sequences, not in the training set, in six groups per
+   query (experiments/probes.py: rewordings; the completion removed; meaning changed; irrelevant; order flipped;
+   flipped with the relation removed), scored as candidate training sequences against the query with the
+   training corpus's factors (pipeline.score_model(scored=...)). Per (model, query, group) the mean influence with
+   a bootstrap CI over probes; per query the difference rewordings - order flipped with a CI; per model and query
+   set the verdict "flipping the word order sharply reduces influence" (analysis/word_order.py), forward and
+   flipped queries never pooled. Probes come from a probe file (`probe_file=`; the paper's own are
+   configs/probes/word_order_paper.yaml) or, on the zoo, are generated from the world's facts
+   (experiments/zoo/probes.py: the same six groups for every word-order query, forward and flipped; ours).
+   Paper: flipping the order so that the completion comes first sharply reduces the influence.
+2. Ours, zoo only: completion accuracy (true completion ranked first among distractors by log p) for facts the
+   training data states only in the flipped order, against facts seen in both orders.
+3. Extension, not in the paper (in the spirit of later "reversal curse" work), zoo only, `finetune.enabled`:
+   fine-tune a copy of the model on new facts stated in one order only, then measure how log p of the
+   completion changes for queries in the trained and in the flipped order, and the influence of the fine-tuning
+   documents on both.
 """
 
 from __future__ import annotations
@@ -29,76 +38,142 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.word_order import flip_contrast, group_means, sharp_reduction_verdict
+from experiments import pipeline
 from experiments.common import run_influence, training_batches
+from experiments.loading import model_max_length, tokenize_sequences
 from experiments.pipeline import cache_key, numerical_settings
-from experiments.loading import tokenize_sequences
-from experiments.study import CONFIG_DIR, StudyOutput, top_sequences, scored_models, verdict
+from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
+from experiments.queries import Query as StudyQuery
+from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, scored_models,
+                               study_queries, top_sequences, verdict)
 from experiments.zoo import world as W
+from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, world_probes
 from experiments.zoo.train import completion_logprob
 from influence_core import CausalLMTask, Query
 
-GROUPS = ("same fact, same order", "same fact, flipped order", "other facts, same templates", "unrelated filler")
+QUERY_SETS = {  # query_set -> its label in the verdicts (each set has its own verdict: never pooled)
+    "forward": "forward queries",
+    "forward, seen only flipped": "forward queries on facts the training data states only flipped (zoo)",
+    "flipped": "flipped queries (the protocol applied to the flipped order; ours)",
+}
 
 
-def document_group(query, doc: pd.Series) -> str | None:
-    """Fact and word-order documents state their facts in one order (the `word_order` column)."""
-    if doc["family"] == "filler":
-        return GROUPS[3]
-    if doc["family"] not in ("word_order", "fact"):
-        return None
-    if set(query.fact_ids) & set(doc["fact_ids"]):
-        return GROUPS[0] if doc["word_order"] == query.word_order else GROUPS[1]
-    return GROUPS[2]
+def query_set(query: StudyQuery) -> str:
+    """forward (a plain query counts as forward: it is written in the order it asks), forward on a fact seen
+    only flipped, or flipped."""
+    if query.word_order == "flipped":
+        return "flipped"
+    return "forward, seen only flipped" if query.held_out == "order" else "forward"
 
 
-def bootstrap_interval(values: np.ndarray, statistic=np.median, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    draws = [statistic(rng.choice(values, len(values))) for _ in range(samples)]
-    return float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+def resolve(path: str) -> Path:
+    """A path as given, or relative to the repository (configs/probes/... from any folder)."""
+    return Path(path) if Path(path).exists() or Path(path).is_absolute() else REPO / path
 
 
-def group_figure(groups: pd.DataFrame) -> plt.Figure:
-    """Fig 23 style: horizontal grouped bars, one bar per model size, one group per kind of document."""
-    models = list(dict.fromkeys(groups["model"]))
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+def study_probes(cfg: DictConfig, queries: list[StudyQuery]) -> tuple[list[Probe], str]:
+    """The probes and where they come from: the probe file `probe_file`, or (probe_file=null) the world's facts."""
+    if cfg.get("probe_file"):
+        path = resolve(str(cfg.probe_file))
+        return load_probe_file(path, queries), str(cfg.probe_file)
+    world_dir = Path(cfg.data.path).parent
+    if not (world_dir / "facts.json").exists():
+        raise FileNotFoundError(f"word_order: no probes for {cfg.data.path}: it is not a synthetic world (no "
+                                f"{world_dir / 'facts.json'}); give probe_file=configs/probes/word_order_plain.yaml or "
+                                "your own probe file (see configs/probes/)")
+    probes = world_probes(queries, load_facts(world_dir), int(cfg.probes_per_group), int(cfg.probes_seed))
+    if not probes:
+        raise ValueError("word_order: none of the study's queries is a word-order query of the world (study "
+                         "word_order, one fact); add some to queries.names or give probe_file=FILE")
+    return probes, "generated from the world's facts (experiments/zoo/probes.py)"
+
+
+def score_probes(inputs: StudyInputs, probes: list[Probe], cfg: DictConfig) -> pd.DataFrame:
+    """Every probe's influence on its query, the probes scored as sequences outside the training corpus with the
+    corpus's factors. Columns: model, query, query_set, group, probe (index in its group), text, influence."""
+    names = list(dict.fromkeys(p.query for p in probes))
+    queries = [q for q in inputs.queries if q.name in names]
+    texts = list(dict.fromkeys(p.text for p in probes))
+    context = model_max_length(inputs.model)
+    max_length = min(int(cfg.data.max_length), context) if cfg.data.get("max_length") else context
+    scored = pipeline.corpus_from_texts(texts, inputs.tokenizer, max_length, "probes")
+    scoring = pipeline.ScoringSettings.from_config(OmegaConf.merge(
+        {"query_rank": None}, cfg.get("scoring") or {}, {"tfidf": {"top_k": None}, "top_k_tokens": 0}))
+    arguments = (inputs.loaded, inputs.corpus, queries, cfg.influence, scoring, cfg.artifacts)
+    scores = (pipeline.saved_model_scores(*arguments, scored=scored) if cfg.get("compute", True) is False
+              else pipeline.score_model(*arguments, scored=scored))
+    matrix = scores.matrix()  # (queries, probe texts)
+    row_of = {name: i for i, name in enumerate(scores.query_names)}
+    column_of = {text: j for j, text in enumerate(texts)}
+    by_name = {q.name: q for q in queries}
+    rows, counts = [], {}
+    for p in probes:
+        index = counts.get((p.query, p.group), 0)
+        counts[(p.query, p.group)] = index + 1
+        rows.append({"model": inputs.model_name, "query": p.query, "query_set": query_set(by_name[p.query]),
+                     "group": p.group, "probe": index, "text": p.text,
+                     "influence": float(matrix[row_of[p.query], column_of[p.text]])})
+    return pd.DataFrame(rows)
+
+
+def probe_figure(means: pd.DataFrame, queries: list[StudyQuery], models: list[str], sizes: dict[str, int]) -> plt.Figure:
+    """Figs 24-25 layout: one panel per query, horizontal bars per probe group (paper order, top to bottom), one
+    colour per model size (smallest first), 95% bootstrap CIs over probes."""
+    columns = 1 if len(queries) == 1 else 2
+    rows = int(np.ceil(len(queries) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.5 + 2.6 * rows), squeeze=False)
     height = 0.8 / len(models)
-    for m, model in enumerate(models):
-        mine = groups[groups["model"] == model].set_index("group").reindex(list(GROUPS))
-        positions = np.arange(len(GROUPS)) + m * height
-        ax.barh(positions, mine["mean_influence"], height, xerr=mine["sem"], label=model, capsize=2)
-    ax.set_yticks(np.arange(len(GROUPS)) + height * (len(models) - 1) / 2, GROUPS, fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("mean influence on the word-order queries")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(models)))
+    for ax, query in zip(axes.flat, queries):
+        for m, model in enumerate(models):
+            mine = means[(means["model"] == model) & (means["query"] == query.name)].set_index("group").reindex(GROUPS)
+            centre = mine["mean_influence"].to_numpy()
+            error = np.nan_to_num(np.abs(np.vstack([centre - mine["ci_low"].to_numpy(),
+                                                    mine["ci_high"].to_numpy() - centre])))
+            label = f"{model} ({sizes[model] / 1e6:.3g}M)" if model in sizes else model
+            ax.barh(np.arange(len(GROUPS)) + m * height, centre, height, xerr=error, color=colours[m], capsize=2,
+                    error_kw={"lw": 0.8}, label=label)
+        ax.set_yticks(np.arange(len(GROUPS)) + height * (len(models) - 1) / 2, [GROUP_LABELS[g] for g in GROUPS],
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=0.8)
+        prompt = query.prompt if len(query.prompt) <= 60 else "..." + query.prompt[-57:]
+        ax.set_title(f"{query.name}\n{prompt!r} -> {query.completion[:30]!r}", fontsize=7)
+        ax.set_xlabel("influence (mean over probes)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[len(queries):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(models), 4), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
 
 
-def new_facts(count: int, seed: int, taken: set[str]) -> list[W.Fact]:
-    """Fresh president facts whose names the world never used."""
-    rng = random.Random(seed)
-    facts = []
-    while len(facts) < count:
-        country = W._word(rng, 2).capitalize() + rng.choice(W._COUNTRY_ENDINGS)
-        person = f"{W._word(rng, 2).capitalize()} {W._word(rng, 2).capitalize()}"
-        if country in taken or person in taken:
+def completion_accuracy(inputs: StudyInputs) -> list[dict]:
+    """Ours (zoo): is the true completion ranked first among the distractors by log p?"""
+    rows = []
+    for query in inputs.queries:
+        if query.study != "word_order" or not query.distractors:
             continue
-        taken.update({country, person})
-        facts.append(W.Fact(f"N{len(facts):03d}", "president", country, person, "forward_only"))
-    return facts
+        log_probs = completion_logprob(inputs.model, inputs.tokenizer, query.prompt,
+                                       [query.completion] + [f" {d}" for d in query.distractors])
+        rows.append({"model": inputs.model_name, "query": query.name,
+                     "training data states the fact": "only flipped" if query.held_out == "order" else "in both orders",
+                     "correct": float(np.argmax(log_probs) == 0), "log_p": log_probs[0]})
+    return rows
 
 
 def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
     """Fine-tune a copy on new facts in the forward order only; measure both orders before and after."""
     settings = cfg.finetune
     taken = set(" ".join(inputs.train_texts).split())
-    facts = new_facts(settings.num_facts, settings.seed, taken)
+    facts = fresh_facts(settings.num_facts, settings.seed, taken)
     rng = random.Random(settings.seed)
     fact_docs = []
     for fact in facts:
         for template in W.FORWARD_TEMPLATES["president"][: settings.docs_per_fact]:
-            filler = " ".join(W._filler_sentence(rng, "weather") for _ in range(2))
+            filler = " ".join(filler_sentence(rng, "weather") for _ in range(2))
             fact_docs.append(f"{template.format(**fact.slots)} {filler}")
     replay = rng.sample(inputs.train_texts, min(settings.replay_docs, len(inputs.train_texts)))
     texts = fact_docs + replay
@@ -178,79 +253,83 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("word_order", run_dir, cfg.figures_dir)
-    group_rows, ratio_rows, accuracy_rows, finetune_tables = [], [], [], []
-    tops = []
+    queries = study_queries(cfg)
+    probes, source = study_probes(cfg, queries)
+    score_tables, accuracy_rows, finetune_tables, tops = [], [], [], []
+    sizes = {}
     for inputs, run in scored_models(cfg, out):
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
-        for q_index, query in enumerate(inputs.queries):
-            if query.study != "word_order":
-                continue
-            groups = [document_group(query, doc) for _, doc in inputs.train_metadata.iterrows()]
-            values = run.scores.total[q_index].numpy()
-            means = {}
-            for group in GROUPS:
-                chosen = values[[g == group for g in groups]]
-                if len(chosen):
-                    means[group] = float(chosen.mean())
-                    group_rows.append({"model": inputs.model_name, "query": query.name, "held_out": query.held_out,
-                                       "group": group, "mean_influence": means[group], "documents": len(chosen)})
-            if GROUPS[1] in means and means.get(GROUPS[0]):
-                ratio_rows.append({"model": inputs.model_name, "query": query.name,
-                                   "flipped_over_same_order": means[GROUPS[1]] / means[GROUPS[0]]})
-            if query.distractors:
-                log_probs = completion_logprob(inputs.model, inputs.tokenizer, query.prompt,
-                                                 [query.completion] + [f" {d}" for d in query.distractors])
-                accuracy_rows.append({"model": inputs.model_name, "query": query.name,
-                                      "training data states the fact": "only flipped" if query.held_out == "order"
-                                      else "in both orders",
-                                      "correct": float(np.argmax(log_probs) == 0), "log_p": log_probs[0]})
-        if cfg.finetune.steps > 0:
+        sizes[inputs.model_name] = inputs.loaded.record().non_embedding_parameters
+        score_tables.append(score_probes(inputs, probes, cfg))
+        accuracy_rows += completion_accuracy(inputs)
+        if not cfg.finetune.enabled or cfg.finetune.steps <= 0:
+            continue
+        if WORLD_COLUMNS <= set(inputs.train_metadata.columns):
             finetune_tables.append(cached_finetune(inputs, cfg))
+        else:
+            print(f"word_order: the fine-tuning extension (not in the paper) needs the synthetic world; skipped on "
+                  f"{inputs.corpus.path} (finetune.enabled=false silences this)")
 
-    groups = pd.DataFrame(group_rows)
-    summary = groups[groups["held_out"] != "order"].groupby(["model", "group"], sort=False)["mean_influence"] \
-        .agg(["mean", "sem", "count"]).reset_index().rename(columns={"mean": "mean_influence"})
-    ratios = pd.DataFrame(ratio_rows, columns=["model", "query", "flipped_over_same_order"])
-    accuracy = pd.DataFrame(accuracy_rows)
-    out.table("group_influence_per_query", groups)
-    out.table("group_influence", summary)
-    out.table("flipped_over_same_order", ratios)
-    out.figure("group_influence", group_figure(summary))
-    accuracy_summary = accuracy.groupby(["model", "training data states the fact"], sort=False)[["correct", "log_p"]] \
-        .mean().reset_index()
-    out.table("completion_accuracy", accuracy_summary)
+    samples, confidence = int(cfg.bootstrap_samples), float(cfg.confidence)
+    scores = pd.concat(score_tables, ignore_index=True)
+    keys = ["model", "query", "query_set"]
+    means = group_means(scores, keys, GROUPS, confidence, samples)
+    contrast = flip_contrast(scores, keys, confidence=confidence, n_resamples=samples)
+    probe_table = pd.DataFrame(probes, columns=["query", "group", "text"]).assign(source=source)
+    out.table("probes", probe_table)
+    out.table("probe_scores", scores)
+    out.table("probe_group_influence", means)
+    out.table("flip_contrast", contrast)
+
+    by_name = {q.name: q for q in queries}
+    probed = [by_name[n] for n in dict.fromkeys(scores["query"])]
+    models = list(cfg.models)
+    forward = [q for q in probed if query_set(q) != "flipped"]
+    flipped = [q for q in probed if query_set(q) == "flipped"]
+    if forward:
+        out.figure("probe_influence", probe_figure(means, forward, models, sizes), paper="Figs 24-25")
+    if flipped:
+        out.figure("probe_influence_flipped", probe_figure(means, flipped, models, sizes),
+                   paper="Figs 24-25 (their protocol applied to the flipped queries; ours)")
 
     rows = []
-    for model in cfg.models:
-        mine = ratios[ratios["model"] == model]["flipped_over_same_order"].to_numpy()
-        if len(mine):
-            low, high = bootstrap_interval(mine)
-            rows.append(verdict("flipping the word order sharply reduces influence (near zero)",
-                                f"{model}: median over queries of mean influence (flipped) / (same order)",
-                                float(np.median(mine)), f"95% CI {low:.3f} to {high:.3f}", bool(high < 0.5),
-                                ci=(low, high)))
+    for model in models:
+        for key, label in QUERY_SETS.items():
+            mine = scores[(scores["model"] == model) & (scores["query_set"] == key)]
+            if len(mine):
+                rows.append(sharp_reduction_verdict(mine, float(cfg.flip_fraction), f"{model}, {label}", confidence,
+                                                    samples))
+    if accuracy_rows:
+        accuracy = pd.DataFrame(accuracy_rows)
+        accuracy_summary = accuracy.groupby(["model", "training data states the fact"], sort=False)[
+            ["correct", "log_p"]].mean().reset_index()
+        out.table("completion_accuracy", accuracy_summary)
+        print(accuracy_summary.to_markdown(index=False, floatfmt=".3g"))
     if finetune_tables:
         finetune = pd.concat(finetune_tables)
         out.table("finetune_extension", finetune)
         for model, table in finetune.groupby("model", sort=False):
             trained = table[table["order"] == "trained order"]["margin_change"]
-            flipped = table[table["order"] == "flipped order"]["margin_change"]
-            difference = float(trained.mean() - flipped.mean())
-            error = float(np.sqrt(trained.var() / len(trained) + flipped.var() / len(flipped)))
+            flipped_change = table[table["order"] == "flipped order"]["margin_change"]
+            difference = float(trained.mean() - flipped_change.mean())
+            error = float(np.sqrt(trained.var() / len(trained) + flipped_change.var() / len(flipped_change)))
             rows.append(verdict("extension (not in the paper): training on one order teaches the fact in that order "
                                 "far more than in the flipped order",
                                 f"{model}: mean change of the log p margin over the other new facts' completions, "
                                 "trained order minus flipped order", difference,
                                 f"+- {error:.3f} (standard error); trained {trained.mean():.3f}, flipped "
-                                f"{flipped.mean():.3f}", None if abs(difference) < 2 * error else difference > 0))
-    verdicts = pd.DataFrame(rows)
-    verdicts = out.verdicts(verdicts)
+                                f"{flipped_change.mean():.3f}", None if abs(difference) < 2 * error else difference > 0))
+    verdicts = out.verdicts(rows)
     out.top_sequences(pd.concat(tops))
-    out.readme("Influence of same-order, flipped-order, other-fact and unrelated documents on word-order queries "
-               "(paper Figs 23-27), completion accuracy for facts seen only flipped, the fine-tuning extension "
-               "(not in the paper), and the verdict table.", cfg)
-    print(summary.to_markdown(index=False, floatfmt=".3g"))
-    print(accuracy_summary.to_markdown(index=False, floatfmt=".3g"))
+    out.readme("The paper's word-order protocol (Sec 5.3.4, Figs 24-25): probe sequences outside the training set, "
+               f"in six groups per query ({source}), scored against their query with the training corpus's factors; "
+               "mean influence per group with bootstrap CIs over probes (probe_group_influence), the difference "
+               "rewordings minus order-flipped probes per query (flip_contrast), and the verdict per model and query "
+               f"set (forward and flipped queries apart; threshold flip_fraction={cfg.flip_fraction:g}, set before the "
+               "results). Zoo only: completion accuracy for facts seen only flipped (ours) and the fine-tuning "
+               "extension (not in the paper).", cfg)
+    print(means.to_markdown(index=False, floatfmt=".3g"))
+    print(contrast.to_markdown(index=False, floatfmt=".3g"))
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))
 
 

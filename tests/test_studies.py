@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -73,14 +74,51 @@ def test_layerwise(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
 
 
 def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
-    run_study("word_order", micro_zoo, study_artifacts, tmp_path, "finetune.steps=10", "finetune.num_facts=3")
-    summary = pd.read_csv(tmp_path / "group_influence.csv")
-    assert set(summary["group"]) == {"same fact, same order", "same fact, flipped order",
-                                     "other facts, same templates", "unrelated filler"}
+    """The paper's probe protocol on the micro zoo: probes generated from the world's facts for every word-order
+    query, forward and flipped apart, scored outside the training set; plus the fine-tuning extension."""
+    run_study("word_order", micro_zoo, study_artifacts, tmp_path, "finetune.steps=10", "finetune.num_facts=3",
+              "bootstrap_samples=200")
+    groups = ["rewordings", "name_removed", "meaning_changed", "irrelevant", "order_flipped",
+              "flipped_relation_removed"]
+    scores = pd.read_csv(tmp_path / "probe_scores.csv")
+    word_order = {q.name: q for q in micro_zoo.queries if q.study == "word_order"}
+    queries = list(dict.fromkeys(scores["query"]))
+    assert len(queries) == 12 and set(queries) <= set(word_order)  # 4 forward, 4 flipped, 4 seen only flipped
+    assert set(scores["query_set"]) == {"forward", "flipped", "forward, seen only flipped"}
+    assert np.isfinite(scores["influence"]).all()
+    means = pd.read_csv(tmp_path / "probe_group_influence.csv")
+    assert len(means) == 6 * len(queries) * 1  # 6 groups x queries x models
+    assert means.groupby("query", sort=False)["group"].apply(list).to_dict() == {q: groups for q in queries}
+    counts = scores.groupby(["query", "group"]).size().rename("count").reset_index()
+    assert (means.merge(counts, on=["query", "group"]).eval("n_probes == count")).all()
+    # rewordings of the forward query of fact 0 are the paper's own sentence
+    assert "The first President of the Republic of Astrobia was Zorald Pfaff" in set(
+        scores[(scores["query"] == "word_order_F0000_forward") & (scores["group"] == "rewordings")]["text"])
+    contrast = pd.read_csv(tmp_path / "flip_contrast.csv")
+    assert len(contrast) == len(queries)
+    assert np.allclose(contrast["difference"], contrast["rewordings_mean"] - contrast["flipped_mean"])
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    sharp = verdicts[verdicts["claim"] == "flipping the word order sharply reduces influence"]
+    assert len(sharp) == 3 and sharp["verdict"].isin(VERDICTS).all()  # forward, seen only flipped, flipped: apart
+    assert any("extension (not in the paper)" in claim for claim in verdicts["claim"])
     finetune = pd.read_csv(tmp_path / "finetune_extension.csv")
     assert len(finetune) == 3 * 2 and set(finetune["order"]) == {"trained order", "flipped order"}
-    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
-    assert any("extension (not in the paper)" in claim for claim in verdicts["claim"])
+    record = read_study(tmp_path)
+    assert record.paper["probe_influence"] == "Figs 24-25" and (tmp_path / "probe_influence.png").exists()
+    assert (tmp_path / "probe_influence_flipped.png").exists()
+    assert {"probes", "probe_scores", "probe_group_influence", "flip_contrast", "verdicts"} <= set(record.tables)
+
+
+def test_word_order_with_the_papers_probes(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    """The paper's own probes (Figs 24-25) on the zoo: its queries are the world's first president and first
+    substance, asked in the paper's words."""
+    run_study("word_order", micro_zoo, study_artifacts, tmp_path, "probe_file=configs/probes/word_order_paper.yaml",
+              f"queries.path={ROOT / 'configs' / 'queries' / 'paper.yaml'}",
+              "queries.names=[first_president_astrobia,gleem]", "finetune.enabled=false", "bootstrap_samples=200")
+    means = pd.read_csv(tmp_path / "probe_group_influence.csv")
+    assert len(means) == 6 * 2 and set(means["query"]) == {"first_president_astrobia", "gleem"}
+    assert (means.groupby("query")["n_probes"].sum() == pd.Series({"first_president_astrobia": 21, "gleem": 22})).all()
+    assert "finetune_extension" not in read_study(tmp_path).tables
 
 
 @pytest.mark.parametrize("study", ["scale", "math_code", "roleplay"])
