@@ -24,6 +24,9 @@ plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence t
 	for study in $(PLAIN_STUDIES); do $(PYTHON) -m experiments.$$study 'models=[plain_gpt2,plain_llama]' \
 		+model_paths.plain_gpt2=$(PLAIN)/gpt2 +model_paths.plain_llama=$(PLAIN)/llama $(PLAIN_INPUTS) \
 		queries.names=null queries.held_out_order=0 figures_dir=figures/plain/$$study influence.progress=false || exit 1; done
+	$(PYTHON) -m experiments.word_order 'models=[plain_gpt2,plain_llama]' +model_paths.plain_gpt2=$(PLAIN)/gpt2 \
+		+model_paths.plain_llama=$(PLAIN)/llama $(PLAIN_INPUTS) queries.names=null queries.held_out_order=0 \
+		probe_file=configs/probes/word_order_plain.yaml figures_dir=figures/plain/word_order influence.progress=false
 
 STUDY ?= sparsity
 MODELS ?= zoo_xs,zoo_s,zoo_m,zoo_l
@@ -43,7 +46,7 @@ sparsity:  ## study a: power-law tails and top shares of influence (needs `make 
 layerwise:  ## study g: influence per layer and per model size (needs `make zoo`)
 	$(PYTHON) -m experiments.layerwise
 
-word_order:  ## study f: same-order vs flipped-order influence, plus the fine-tuning extension (needs `make zoo`)
+word_order:  ## study f: the paper's probe protocol (six groups, forward and flipped apart), plus the fine-tuning extension
 	$(PYTHON) -m experiments.word_order
 
 studies_i: sparsity layerwise word_order  ## the three studies of issue 6

@@ -187,10 +187,10 @@ class StudyOutput:
         self.tables["top_sequences"] = "top_sequences.jsonl"
 
     def verdicts(self, verdicts: pd.DataFrame | Sequence[dict], n_seeds: int = 1) -> pd.DataFrame:
-        """The verdict table in the contract's shape: n_models is the number of models this study scored, n_seeds
-        the training seeds per model (one for the zoo v1 and the plain models)."""
+        """The verdict table in the contract's shape. A row without its own n_models / n_seeds gets the number of
+        models this study scored and `n_seeds`, the training seeds per model (one for zoo v1 and the plain models)."""
         rows = verdicts.to_dict("records") if isinstance(verdicts, pd.DataFrame) else list(verdicts)
-        self.verdict_rows = [verdict_row(**{**row, "n_models": len(self.inputs), "n_seeds": n_seeds}) for row in rows]
+        self.verdict_rows = [verdict_row(**{"n_models": len(self.inputs), "n_seeds": n_seeds, **row}) for row in rows]
         frame = pd.DataFrame(self.verdict_rows)
         self.table("verdicts", frame)
         return frame
