@@ -183,9 +183,9 @@ def size_trend(summary: pd.DataFrame, value_column: str, claim: str, direction: 
     try:
         test = permutation_trend(table, alternative=alternative)
         estimate, p_value = test.estimate, test.p_value
-    except ValueError as error:  # fewer than 2 sizes
+    except ValueError:  # fewer than 2 sizes
         estimate, p_value = np.nan, None
-        statistic += f" ({error})"
+        statistic += f" (needs at least 2 model sizes, got {n_models})"
     if n_seeds >= 2 and np.isfinite(estimate):
         interval = bootstrap_ci(seed_correlations(table).to_numpy(), n_resamples=n_resamples, seed=seed)
         low, high = interval.low, interval.high

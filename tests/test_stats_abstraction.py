@@ -98,7 +98,7 @@ def test_size_trend_with_seeds_holds_and_one_size_is_underpowered():
     rising = size_trend(table, "value", "value rises with size", "increasing", 0.5, n_resamples=200)
     assert rising["verdict"] == "does not hold"
     one = size_trend(summary_table([[0.4]], sizes=(10,)), "value", "c", "decreasing", -0.5)
-    assert one["verdict"] == "underpowered" and "fewer than 2 distinct sizes" in one["statistic"]
+    assert one["verdict"] == "underpowered" and "needs at least 2 model sizes, got 1" in one["statistic"]
 
 
 def test_model_claim_uses_the_interval_over_queries():
