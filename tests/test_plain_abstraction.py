@@ -64,3 +64,15 @@ def test_abstraction_study_on_a_plain_corpus(study, plain, tmp_path):  # noqa: F
     assert all(v["n_models"] == 1 and v["n_seeds"] == 1 for v in verdicts)
     readme = (out / "README.md").read_text()
     assert "every query in the file" in readme and "||a||_2/||a||_1 > 2/3" in readme
+
+
+def test_shaded_lines_wrap_and_window():
+    from experiments.scale import shaded_lines
+
+    lines = shaded_lines(["ab", "cd\nef", "ghij"], [1.0, -2.0, None], width=4)
+    assert lines == [[("ab", 1.0), ("cd", -2.0)], [("ef", -2.0), ("gh", None)], [("ij", None)]]
+    tokens, scores = [f"t{i:02d} " for i in range(40)], [0.0] * 40
+    scores[30] = 5.0  # the peak: a long sequence is shown from a little before it
+    window = shaded_lines(tokens, scores, width=20, max_lines=2)
+    text = "".join(piece for line in window for piece, _ in line)
+    assert text.startswith("…") and "t30" in text and text.endswith("…") and len(window) == 2
