@@ -1,12 +1,16 @@
-"""Study c: math and code. Which structures dominate the top influences of arithmetic, word-problem and code
-queries, per model size?
+"""Study c: math and code. Are the top influences of arithmetic, word-problem and code queries token matches or
+related solutions, per model size?
 
-    python -m experiments.math_code                  # make math_code
+    python -m experiments.math_code                  # make math_code (the zoo's sizes)
+    influence-lab study math_code --model PATH --data PATH --queries PATH    # any causal LM, a text-only corpus
 
-Paper (Sec 5.3.1): for the small model the top sequences for math_clips / binary_search match tokens or are
-spurious repeats; for the large one they are related solutions and algorithms. Here: the share of each query's
-top sequences that are the same problem type or algorithm (same topic, under renamed variables and other
-numbers), the same family of another topic, or another family; and (math) how many contain the query's numbers.
+Paper (Sec 5.3.1): for the 810M model the top sequences for math_clips / binary_search match tokens or are
+spurious repeats; for the 52B model they are related solutions and algorithms. Shown as in the paper (top
+sequences per model with token shading) and measured on any corpus with the abstraction statistics of
+experiments/scale.py (overlap vs a BM25 baseline, zero-overlap share, top-1 influence, trends across sizes).
+Ours, on the synthetic world only: the share of the counted top sequences that are the same problem type or
+algorithm (same topic, other variable names and numbers), the same family of another topic, or another family;
+and (any math query) the share of the query's numbers the top sequences contain.
 """
 
 from __future__ import annotations
@@ -14,20 +18,49 @@ from __future__ import annotations
 import re
 
 import hydra
+import matplotlib.pyplot as plt
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from scipy.stats import spearmanr
 
-from experiments.study import CONFIG_DIR, StudyOutput, model_sizes, scored_models, top_sequences, verdict
+from analysis.abstraction import size_trend
+from experiments.queries import Query
+from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
+                               write_abstraction_figures, write_abstraction_tables)
+from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput
 
+PAPER = "Sec 5.3.1, math and code (top sequences of math_clips and binary_search per model size)"
 CATEGORIES = ("same topic", "same family, other topic", "other family")
 
 
-def category(query, doc: pd.Series) -> str:
+def category(query: Query, doc: pd.Series) -> str:
+    """How a training document relates to a math/code query by construction (the world's topic and family)."""
     if doc["topic"] in query.relevant_topics:
         return CATEGORIES[0]
     return CATEGORIES[1] if doc["family"] == query.study else CATEGORIES[2]
+
+
+def number_share(query: Query, text: str) -> float | None:
+    """Share of the distinct numbers of the query (prompt + completion) that occur in the text; None without any."""
+    numbers = set(re.findall(r"\d+", query.prompt + query.completion))
+    return len(numbers & set(re.findall(r"\d+", text))) / len(numbers) if numbers else None
+
+
+def category_rows(inputs: StudyInputs, query: Query, kept: pd.DataFrame) -> list[dict]:
+    return [{"rank": int(r["rank"]), "train_id": int(r["train_id"]), "influence": float(r["influence"]),
+             "doc_id": r["doc_id"], "family": r["family"], "topic": r["topic"], "category": category(query, r),
+             "shares_numbers": number_share(query, r["text"]) if query.study == "math" else None}
+            for _, r in kept.iterrows()]
+
+
+def category_shares(world: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, query study): share of the counted top sequences in each category, smallest model first."""
+    shares = pd.crosstab([world["model"], world["study"]], world["category"], normalize="index").reindex(
+        columns=list(CATEGORIES), fill_value=0.0).reset_index()
+    first = world.drop_duplicates("model").set_index("model")
+    shares.insert(1, "parameters", shares["model"].map(first["parameters"]))
+    shares.insert(2, "seed", shares["model"].map(first["seed"]))
+    return shares.sort_values(["study", "parameters"]).reset_index(drop=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/math_code")
@@ -38,64 +71,50 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("math_code", run_dir, cfg.figures_dir)
-    rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg, out):
-        all_inputs.append(inputs)
-        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
-        for q_index, query in enumerate(inputs.queries):
-            if query.study not in ("math", "code"):
-                continue
-            numbers = set(re.findall(r"\d+", query.prompt + query.completion))
-            for rank, (i, value) in enumerate(run.scores.top(q_index, cfg.top_k), start=1):
-                doc = inputs.train_metadata.iloc[i]
-                text_numbers = set(re.findall(r"\d+", inputs.train_texts[i]))
-                rows.append({"model": inputs.model_name, "query": query.name, "study": query.study, "rank": rank,
-                             "influence": value, "doc_id": doc["doc_id"], "family": doc["family"],
-                             "topic": doc["topic"], "category": category(query, doc),
-                             "shares_numbers": len(numbers & text_numbers) / max(1, len(numbers)) if numbers else None})
-    per_sequence = pd.DataFrame(rows)
-    shares = pd.crosstab([per_sequence["model"], per_sequence["study"]], per_sequence["category"],
-                         normalize="index").reindex(columns=list(CATEGORIES), fill_value=0.0).reset_index()
-    sizes = model_sizes(all_inputs)
-    shares.insert(1, "parameters", shares["model"].map(sizes))
-    shares = shares.sort_values(["study", "parameters"]).reset_index(drop=True)  # smallest model first
-    numbers = per_sequence[per_sequence["study"] == "math"].groupby("model", sort=False)["shares_numbers"].mean()
-    out.table("top_sequence_categories", per_sequence)
-    out.table("category_shares", shares)
-    out.table("math_number_overlap", numbers.reset_index())
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
-    for ax, study in zip(axes, ("math", "code")):
-        mine = shares[shares["study"] == study]
-        bottom = 0
-        for name in CATEGORIES:
-            ax.bar(mine["model"], mine[name], bottom=bottom, label=name)
-            bottom = bottom + mine[name].to_numpy()
-        ax.set_title(f"{study} queries: top {cfg.top_k} sequences")
-    axes[0].set_ylabel("share of top sequences")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    out.figure("category_shares", fig)
-
-    rows = []
-    for study in ("math", "code"):
-        mine = shares[shares["study"] == study]
-        if len(mine) >= 2:
-            rho = float(spearmanr(mine["parameters"], mine["same topic"]).statistic)
-            rows.append(verdict(f"larger models' top {study} sequences are related solutions of the same kind",
-                                f"Spearman(size, share of same-topic top sequences), {study}", rho,
-                                f"{mine['same topic'].iloc[0]:.2f} -> {mine['same topic'].iloc[-1]:.2f}", bool(rho > 0)))
-        elif len(mine):
-            rows.append(verdict(f"larger models' top {study} sequences are related solutions of the same kind",
-                                "needs at least two model sizes", float(mine["same topic"].iloc[0]), "", None))
-    verdicts = pd.DataFrame(rows)
-    verdicts = out.verdicts(verdicts)
-    out.top_sequences(pd.concat(tops))
-    out.readme("What the top influential sequences of math and code queries are (same problem type or algorithm, "
-               "same family, other), per model size, and the verdict table.", cfg)
-    print(shares.to_markdown(index=False, floatfmt=".3g"))
+    studies = list(cfg.query_studies)
+    result = run_abstraction(cfg, out, studies, category_rows, WORLD_COLUMNS | {"family"})
+    label = "math and code"
+    write_abstraction_tables(out, result)
+    write_abstraction_figures(out, result, cfg, PAPER, label)
+    rows = abstraction_verdicts(result, cfg, label)
+    if result.has_world and not result.world.empty:
+        world = result.world
+        shares = category_shares(world)
+        out.table("top_sequence_categories", world)
+        out.table("category_shares", shares)
+        math = world[world["study"] == "math"]
+        if not math.empty:
+            out.table("math_number_overlap", math.groupby("model", sort=False)["shares_numbers"].mean().reset_index())
+        kinds = [s for s in studies if s in set(shares["study"])]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), sharey=True, squeeze=False)
+        for ax, study in zip(axes.flat, kinds):
+            mine = shares[shares["study"] == study]
+            bottom = 0
+            for name in CATEGORIES:
+                ax.bar(mine["model"], mine[name], bottom=bottom, label=name)
+                bottom = bottom + mine[name].to_numpy()
+            ax.set_title(f"ours, synthetic world: {study} queries, top {cfg.top_k}", fontsize=8)
+        axes.flat[0].set_ylabel("share of counted top sequences")
+        axes.flat[-1].legend(fontsize=7)
+        fig.tight_layout()
+        out.figure("category_shares", fig, paper="Sec 5.3.1 math and code: ours (synthetic world), category by "
+                                                 "construction")
+        for study in kinds:
+            rows.append(size_trend(shares[shares["study"] == study], "same topic",
+                                   f"ours (synthetic world): larger models' top {study} sequences are related "
+                                   "solutions of the same kind (same topic)", "increasing",
+                                   float(cfg.thresholds.trend_correlation), float(cfg.thresholds.alpha),
+                                   int(cfg.thresholds.min_models), int(cfg.bootstrap_samples), int(cfg.seed)))
+    verdicts = out.verdicts(rows, n_seeds=n_seeds(result.summary))
+    out.readme("Math and code (paper Sec 5.3.1): top_sequences_by_size shows each query's top sequences per model "
+               "as in the paper (tokens shaded red/teal by influence); abstraction_per_query, abstraction_by_model "
+               "and the verdicts measure on any corpus whether they are token matches (overlap with the query's "
+               "words minus that of its k best BM25 matches outside the top k; share of the top influence from "
+               "sequences sharing no completion word; top-1 influence; trends across sizes, underpowered with one "
+               "seed per size). " + SPURIOUS_NOTE + " " + query_set_note(studies) + " Ours, only when the corpus "
+               "has the synthetic world's columns: top_sequence_categories, category_shares (same problem type or "
+               "algorithm, same family, other) and math_number_overlap.", cfg)
+    print(result.summary.to_markdown(index=False, floatfmt=".3g"))
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))
 
 

@@ -1,12 +1,15 @@
 """Study e: role-play. Are the most influential sequences for an AI's "I don't want to be shut down" examples
-or descriptions of similar behaviour?
+or descriptions of similar behaviour, or token matches?
 
-    python -m experiments.roleplay                   # make roleplay
+    python -m experiments.roleplay                   # make roleplay (the zoo's sizes)
+    influence-lab study roleplay --model PATH --data PATH --queries PATH    # any causal LM, a text-only corpus
 
-Paper (Sec 5.3.5): for shutdown, paperclips and superintelligent, the large model's top sequences are fiction and
-essays about AI self-preservation (imitation of similar behaviour), the small model's share tokens. Here: the
-share of the top sequences' positive influence held by AI-shutdown dialogues, AI fiction, ordinary assistant
-dialogues and everything else, per model size, with an ordinary-dialogue query as control.
+Paper (Sec 5.3.5): for shutdown, paperclips and superintelligent, the 52B model's top sequences are fiction and
+essays about AI self-preservation (imitation of similar behaviour), the 810M model's share tokens. Shown as in the
+paper (top sequences per model with token shading) and measured on any corpus with the abstraction statistics of
+experiments/scale.py. Ours, on the synthetic world only: the share of the counted top sequences' positive
+influence held by AI-shutdown dialogues, AI fiction, ordinary assistant dialogues and everything else, per model
+size, with an ordinary-dialogue query as control.
 """
 
 from __future__ import annotations
@@ -16,11 +19,36 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from scipy.stats import spearmanr
 
-from experiments.study import CONFIG_DIR, StudyOutput, model_sizes, scored_models, top_sequences, verdict
+from analysis.abstraction import size_trend, weighted_share_difference
+from analysis.trends import verdict_row
+from experiments.queries import Query
+from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
+                               write_abstraction_figures, write_abstraction_tables)
+from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput
 
+PAPER = "Sec 5.3.5 (top sequences of shutdown, paperclips, superintelligent per model size)"
 KINDS = ("ai_shutdown", "ai_fiction", "ordinary_dialogue", "other")
+SIMILAR = ("ai_shutdown", "ai_fiction")
+
+
+def kind_rows(inputs: StudyInputs, query: Query, kept: pd.DataFrame) -> list[dict]:
+    return [{"rank": int(r["rank"]), "train_id": int(r["train_id"]), "influence": float(r["influence"]),
+             "kind": r["topic"] if r["topic"] in KINDS else "other"} for _, r in kept.iterrows()]
+
+
+def kind_shares(world: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, query): share of the counted top sequences' positive influence held by each kind."""
+    rows = []
+    for (model, query), group in world.groupby(["model", "query"], sort=False):
+        positive = group["influence"].clip(lower=0)
+        row = {"model": model, "parameters": group["parameters"].iloc[0], "seed": group["seed"].iloc[0],
+               "query": query}
+        for kind in KINDS:
+            row[kind] = float(positive[group["kind"] == kind].sum() / positive.sum()) if positive.sum() > 0 else 0.0
+        row["similar"] = row["ai_shutdown"] + row["ai_fiction"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/roleplay")
@@ -31,59 +59,58 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("roleplay", run_dir, cfg.figures_dir)
-    rows, tops, all_inputs = [], [], []
-    for inputs, run in scored_models(cfg, out):
-        all_inputs.append(inputs)
-        tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
-        for q_index, query in enumerate(inputs.queries):
-            if query.study != "roleplay":
-                continue
-            top = run.scores.top(q_index, cfg.top_k)
-            total = sum(max(v, 0.0) for _, v in top)
-            row = {"model": inputs.model_name, "query": query.name}
+    studies = list(cfg.query_studies)
+    result = run_abstraction(cfg, out, studies, kind_rows, WORLD_COLUMNS)
+    label = "role-play"
+    write_abstraction_tables(out, result)
+    write_abstraction_figures(out, result, cfg, PAPER, label)
+    rows = abstraction_verdicts(result, cfg, label)
+    if result.has_world and not result.world.empty:
+        world = result.world
+        shares = kind_shares(world)
+        out.table("top_sequence_kinds", world)
+        out.table("influence_share_by_kind", shares)
+        queries = list(dict.fromkeys(shares["query"]))
+        fig, axes = plt.subplots(1, len(queries), figsize=(4.5 * len(queries), 3.2), squeeze=False)
+        for ax, query in zip(axes.flat, queries):
+            group = shares[shares["query"] == query]
+            bottom = 0
             for kind in KINDS:
-                row[kind] = 0.0
-            for i, value in top:
-                topic = inputs.train_metadata.iloc[i]["topic"]
-                row[topic if topic in KINDS else "other"] += max(value, 0.0) / total
-            rows.append(row)
-    shares = pd.DataFrame(rows)
-    sizes = model_sizes(all_inputs)
-    shares.insert(1, "parameters", shares["model"].map(sizes))
-    out.table("influence_share_by_kind", shares)
-
-    fig, axes = plt.subplots(1, shares["query"].nunique(), figsize=(4.5 * shares["query"].nunique(), 3.2), squeeze=False)
-    for ax, (query, group) in zip(axes.flat, shares.groupby("query", sort=False)):
-        bottom = 0
-        for kind in KINDS:
-            ax.bar(group["model"], group[kind], bottom=bottom, label=kind)
-            bottom = bottom + group[kind].to_numpy()
-        ax.set_title(f"{query}: top {cfg.top_k} sequences", fontsize=9)
-        ax.set_ylabel("share of positive influence")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.figure("influence_share_by_kind", fig)
-
-    shutdown = shares[shares["query"] == "shutdown"]
-    rows = []
-    if len(shutdown):
-        similar = shutdown["ai_shutdown"] + shutdown["ai_fiction"]
-        largest = shutdown.iloc[-1]
-        rows.append(verdict("the top sequences for the shutdown query are examples or descriptions of similar "
-                            "behaviour (imitation)", f"{largest['model']}: share of AI-shutdown + AI-fiction in the "
-                            "top sequences' positive influence", float(similar.iloc[-1]),
-                            f"ordinary dialogue {largest['ordinary_dialogue']:.2f}",
-                            bool(similar.iloc[-1] > largest["ordinary_dialogue"])))
-        if len(shutdown) >= 2:
-            rho = float(spearmanr(shutdown["parameters"], similar).statistic)
-            rows.append(verdict("this grows with model size", "Spearman(size, AI-shutdown + AI-fiction share)", rho,
-                                f"{similar.iloc[0]:.2f} -> {similar.iloc[-1]:.2f}", bool(rho > 0)))
-    verdicts = pd.DataFrame(rows)
-    verdicts = out.verdicts(verdicts)
-    out.top_sequences(pd.concat(tops))
-    out.readme("Share of the shutdown query's top influence held by AI-shutdown dialogues, AI fiction and ordinary "
-               "dialogues, per model size (paper Sec 5.3.5), with an ordinary-dialogue control.", cfg)
-    print(shares.to_markdown(index=False, floatfmt=".3g"))
+                ax.bar(group["model"], group[kind], bottom=bottom, label=kind)
+                bottom = bottom + group[kind].to_numpy()
+            ax.set_title(f"ours, synthetic world: {query}, top {cfg.top_k}", fontsize=8)
+            ax.set_ylabel("share of positive influence")
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
+        out.figure("influence_share_by_kind", fig, paper="Sec 5.3.5: ours (synthetic world), kinds by construction")
+        shutdown = shares[shares["query"] == "shutdown"]
+        if len(shutdown):
+            largest = shutdown.loc[shutdown["parameters"].idxmax(), "model"]
+            mine = world[(world["query"] == "shutdown") & (world["model"] == largest)]
+            difference = weighted_share_difference(mine["influence"], mine["kind"].tolist(), SIMILAR,
+                                                   ("ordinary_dialogue",), int(cfg.bootstrap_samples), int(cfg.seed))
+            row = verdict_row("ours (synthetic world): the largest model's top sequences for shutdown are examples or "
+                              "descriptions of similar behaviour rather than ordinary dialogue (imitation)",
+                              f"{largest}: share of positive influence from AI-shutdown + AI-fiction minus ordinary "
+                              f"dialogue (CI over its {difference.n_positive} top sequences)", difference.difference,
+                              difference.ci_low, difference.ci_high, None, 1, 1,
+                              float(cfg.thresholds.similar_minus_ordinary), "increasing",
+                              float(cfg.thresholds.alpha), min_models=1)
+            rows.append({**row, "scope": f"model {largest}"})
+            rows.append(size_trend(shutdown, "similar", "ours (synthetic world): the share of similar behaviour among "
+                                   "shutdown's top sequences grows with model size", "increasing",
+                                   float(cfg.thresholds.trend_correlation), float(cfg.thresholds.alpha),
+                                   int(cfg.thresholds.min_models), int(cfg.bootstrap_samples), int(cfg.seed)))
+    verdicts = out.verdicts(rows, n_seeds=n_seeds(result.summary))
+    out.readme("Role-play (paper Sec 5.3.5): top_sequences_by_size shows each query's top sequences per model as in "
+               "the paper (tokens shaded red/teal by influence); abstraction_per_query, abstraction_by_model and the "
+               "verdicts measure on any corpus whether they are token matches (overlap with the query's words "
+               "minus that of its k best BM25 matches outside the top k; share of the top influence from sequences "
+               "sharing no completion word; top-1 influence; trends across sizes, underpowered with one seed per "
+               "size). " + SPURIOUS_NOTE + " " + query_set_note(studies) + " Ours, only when the corpus has the "
+               "synthetic world's topic column: top_sequence_kinds and influence_share_by_kind (AI-shutdown "
+               "dialogue, AI fiction, ordinary dialogue, other), with an ordinary-dialogue control query.", cfg)
+    print(result.summary.to_markdown(index=False, floatfmt=".3g"))
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))
 
 

@@ -130,6 +130,36 @@ def test_studies_across_sizes(study, micro_zoo, study_artifacts, tmp_path):  # n
     assert (tmp_path / "top_sequences.jsonl").exists() and (tmp_path / "README.md").exists()
     assert list(tmp_path.glob("*.png"))
     assert read_study(tmp_path).study == study
+    if study in WORLD_TABLES:
+        check_abstraction_outputs(study, tmp_path)
+
+
+# The abstraction studies' own tables on the synthetic world (ours), beside the corpus-agnostic ones.
+WORLD_TABLES = {"scale": ("top_sequence_relations", "relation_shares"),
+                "math_code": ("top_sequence_categories", "category_shares"),
+                "roleplay": ("top_sequence_kinds", "influence_share_by_kind")}
+
+
+def check_abstraction_outputs(study: str, run_dir: Path) -> None:
+    """Corpus-agnostic statistics of the zoo's query selection, the spurious rule, and the world's rows (ours)."""
+    record = read_study(run_dir)
+    assert {"abstraction_per_query", "abstraction_by_model", "flagged_spurious", "spurious_counts",
+            *WORLD_TABLES[study]} <= set(record.tables)
+    assert "top_sequences_by_size" in record.figures and record.paper["top_sequences_by_size"].startswith("Sec 5.3")
+    per_query = pd.read_csv(run_dir / "abstraction_per_query.csv")
+    studies = {"scale": {"facts", "math", "code", "roleplay", "cross_lingual"}, "math_code": {"math", "code"},
+               "roleplay": {"roleplay"}}[study]
+    assert len(per_query) and set(per_query["study"]) <= studies  # the zoo's selection, as before
+    counts = pd.read_csv(run_dir / "spurious_counts.csv")
+    assert counts["flagged"].sum() == len(pd.read_csv(run_dir / "flagged_spurious.csv"))
+    world = pd.read_csv(run_dir / f"{WORLD_TABLES[study][0]}.csv")
+    kept = {(q, int(i)) for q, ids in zip(per_query["query"], per_query["top_train_ids"].fillna("").astype(str))
+            for i in ids.split()}
+    assert set(zip(world["query"], world["train_id"].astype(int))) == kept  # the world's rows count the same sequences
+    verdicts = pd.read_csv(run_dir / "verdicts.csv")
+    trends = verdicts[verdicts["scope"].str.startswith("across")]
+    assert len(trends) >= 3 and (trends["verdict"] == "underpowered").all()  # one model, one seed
+    assert verdicts["claim"].str.startswith("ours (synthetic world)").any()
 
 
 def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
