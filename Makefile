@@ -15,7 +15,7 @@ test:  ## the test suite (tiny models, a few minutes on 2 CPU cores)
 PLAIN ?= artifacts/plain
 PLAIN_INPUTS = data=text_files data.path=$(PLAIN)/corpus.jsonl data.truncation=true queries.path=$(PLAIN)/queries.jsonl \
 	+data.translations=$(PLAIN)/translations.jsonl
-PLAIN_STUDIES := sparsity layerwise crosslingual memorisation
+PLAIN_STUDIES := sparsity layerwise scale math_code roleplay crosslingual memorisation
 
 plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence texts (text only) -> figures/plain/
 	$(PYTHON) -m experiments.plain --out $(PLAIN)
