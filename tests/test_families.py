@@ -196,3 +196,20 @@ def test_curvature_methods_refuse_expert_views():
     layers = track_layers(model)
     with pytest.raises(ValueError, match="Gauss-Newton-vector product does not support experts"):
         gnh_vector_product(model, layers, CausalLMTask(), token_batches(2), torch.zeros(5))
+
+
+def test_null_module_patterns_in_the_influence_config_mean_the_registry():
+    from omegaconf import OmegaConf
+
+    from experiments.pipeline import check_influence_settings, influence_layers
+
+    from pathlib import Path
+
+    influence = OmegaConf.load(Path(__file__).parents[1] / "configs" / "influence" / "ekfac.yaml")
+    influence.module_patterns = None
+    check_influence_settings(influence)
+    model = tiny("opt")
+    assert [l.name for l in influence_layers(model, influence)] == [l.name for l in track_layers(model)]
+    influence.module_patterns = "*mlp*"
+    with pytest.raises(ValueError, match="or null for the model family's MLP layers"):
+        check_influence_settings(influence)
