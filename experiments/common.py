@@ -52,7 +52,8 @@ def run_influence(model, tokenizer, train_encoded: dict[str, torch.Tensor], quer
     """Fit (or reuse) factors on the first `cfg.num_fit_sequences` training sequences, then score every query
     against every training sequence, or only those at `score_indices`."""
     task = CausalLMTask()
-    layers = track_layers(model, list(cfg.module_patterns))
+    patterns = cfg.get("module_patterns")
+    layers = track_layers(model, None if patterns is None else list(patterns))  # null: the family registry
     timings = {}
     fit_count = cfg.num_fit_sequences or len(train_encoded["input_ids"])
     fit_encoded = {k: v[:fit_count] for k, v in train_encoded.items()}

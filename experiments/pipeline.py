@@ -64,8 +64,15 @@ def check_influence_settings(influence: DictConfig) -> None:
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
     patterns = influence.get("module_patterns")
-    if not patterns or isinstance(patterns, str):
-        raise ValueError(f"influence.module_patterns={patterns!r}: give a list of module-path globs, e.g. ['*mlp*']")
+    if patterns is not None and (not patterns or isinstance(patterns, str)):
+        raise ValueError(f"influence.module_patterns={patterns!r}: give a list of module-path globs, e.g. ['*mlp*'], "
+                         "or null for the model family's MLP layers (influence_core.families)")
+
+
+def influence_layers(model, influence: DictConfig):
+    """The tracked layers: influence.module_patterns, or with null the family registry's MLP layers."""
+    patterns = influence.get("module_patterns")
+    return track_layers(model, None if patterns is None else list(patterns))
 
 
 @dataclass
@@ -272,7 +279,7 @@ def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
                 scoring: ScoringSettings, artifacts: str | Path, scored: Corpus | None = None) -> ScorePlan:
     """scored: the sequences to score when they are not the fitting corpus (probes, translations); None: corpus."""
     check_influence_settings(influence)
-    layers = track_layers(loaded.model, list(influence.module_patterns))
+    layers = influence_layers(loaded.model, influence)
     numbers = numerical_settings(influence)
     factor_numbers = {k: v for k, v in numbers.items() if k not in ("query_batch_size", "score_batch_size",
                                                                     "per_token", "max_length")}

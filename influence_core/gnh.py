@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .factors import check_finite, to_device
 from .task import IGNORE_INDEX, Batch, Task
 from .baselines import flatten_parameter_tensors
-from .tracking import TrackedLayer, tracked_parameters, tracked_parameters_require_grad
+from .tracking import TrackedLayer, refuse_expert_views, tracked_parameters, tracked_parameters_require_grad
 
 
 def num_tracked_parameters(layers: Sequence[TrackedLayer]) -> int:
@@ -31,6 +31,7 @@ def num_tracked_parameters(layers: Sequence[TrackedLayer]) -> int:
 
 def flat_to_parameters(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> list[torch.Tensor]:
     """Canonical flat (P,) -> tensors shaped like `tracked_parameters(layers)` (inverse of parameters_to_flat)."""
+    refuse_expert_views(layers, "the Gauss-Newton-vector product")
     check_vector_size(layers, flat)
     out, start = [], 0
     for layer in layers:
@@ -69,6 +70,7 @@ def gnh_vector_product(model: nn.Module, layers: Sequence[TrackedLayer], task: T
     """
     single = vectors.dim() == 1
     vectors = vectors.unsqueeze(0) if single else vectors
+    refuse_expert_views(layers, "the Gauss-Newton-vector product")
     check_vector_size(layers, vectors)
     params = tracked_parameters(layers)
     result = torch.zeros(vectors.shape, dtype=torch.float64)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .factors import check_finite, to_device
 from .gnh import flat_to_parameters, num_tracked_parameters, parameters_to_flat
 from .task import IGNORE_INDEX, Batch, Task
-from .tracking import TrackedLayer
+from .tracking import TrackedLayer, refuse_expert_views
 
 
 @dataclass
@@ -95,6 +95,7 @@ class PBRFResult:
 
 
 def _parameter_names(model: nn.Module, layers: Sequence[TrackedLayer]) -> list[str]:
+    refuse_expert_views(layers, "the PBRF")
     by_module = {id(module): name for name, module in model.named_modules()}
     names = []
     for layer in layers:

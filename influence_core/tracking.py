@@ -9,6 +9,11 @@ where `a_t` is the layer input at token t with a homogeneous 1 appended for the 
 the gradient of the loss w.r.t. the layer output at token t. The engine never reads parameter `.grad`: it
 captures `a` with a forward hook and gets `g` from `torch.autograd.grad(loss, outputs)`, which skips the
 weight-gradient matmuls of an ordinary backward pass.
+
+Which layers: `track_layers(model)` takes the model family's MLP layers from the registry in families.py
+(keyed by config.model_type; attention, embedding and unembedding are opt-in groups), or the modules matching
+given glob patterns. Experts stored as fused 3-D parameters become one tracked layer per expert and projection
+(experts.py); their inputs are the tokens routed to them, scattered back to (B, T, d) by the capture.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import torch
 from torch import nn
 
 from .batch import sequence_shape
+from .experts import ExpertProjection, expert_views, has_fused_experts
+from .families import family_patterns
 
 MLP_PATTERNS: tuple[str, ...] = ("*mlp*",)
-"""Default selection, as in the paper: the MLP layers of a transformer (GPT-NeoX, GPT-2, LLaMA naming)."""
+"""A name-based selection of MLP layers (GPT-NeoX, GPT-2, LLaMA naming); the default is the family registry."""
 
 ATTENTION_PATTERNS: tuple[str, ...] = ("*attention*", "*attn*")
 """Add these to also track attention projections (query/key/value/output)."""
@@ -46,6 +53,7 @@ class TrackedLayer:
     out_features: int
     has_bias: bool
     transposed_weight: bool  # True for GPT-2 Conv1D (weight stored as (d_in, d_out))
+    expert_index: int | None = None  # a view of expert e of a fused 3-D parameter (experts.py), else None
 
     @property
     def input_dim(self) -> int:
@@ -58,6 +66,8 @@ class TrackedLayer:
 
     def canonical_gradient(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
         """Parameter-space gradient -> canonical layout (..., d_out, d_in [+1]); bias is the last column."""
+        if self.expert_index is not None:  # a gradient w.r.t. the fused (E, d_out, d_in) parameter: its slice [e]
+            weight_grad = weight_grad[..., self.expert_index, :, :]
         w = weight_grad.transpose(-1, -2) if self.transposed_weight else weight_grad
         if self.has_bias:
             assert bias_grad is not None
@@ -65,39 +75,92 @@ class TrackedLayer:
         return w
 
 
-def track_layers(model: nn.Module, patterns: Sequence[str] = MLP_PATTERNS) -> list[TrackedLayer]:
-    """Select the affine layers whose module path matches any glob pattern (fnmatch, e.g. "*mlp*").
+def track_layers(model: nn.Module, patterns: Sequence[str] | None = None,
+                 groups: Sequence[str] = ("mlp",)) -> list[TrackedLayer]:
+    """The affine layers influence is attributed to, in module order.
 
+    patterns: fnmatch globs over module paths (e.g. "*mlp*"); a layer is tracked when its path matches one.
+    None: the registry's globs for the model's family (families.FAMILIES[config.model_type]) and `groups`
+    (default the MLP layers, as in the paper); an unknown family is refused with a one-line error. A matched
+    module holding fused expert weights (3-D parameters) is tracked as one layer per expert and projection.
     Raises ValueError naming the patterns and some available layers when nothing matches.
     """
-    if isinstance(patterns, str):
+    from_registry = patterns is None
+    if from_registry:
+        patterns = family_patterns(model, groups)
+    elif isinstance(patterns, str):
         patterns = (patterns,)
     layers: list[TrackedLayer] = []
     affine_names: list[str] = []
+    fused: list[str] = []
     for name, module in model.named_modules():
+        matched = any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        if has_fused_experts(module):
+            fused.append(name)
+            if matched:
+                for view_name, view in expert_views(name, module):
+                    layers.append(TrackedLayer(view_name, view, view.in_features, view.out_features, False, False,
+                                               view.index))
+            continue
         if isinstance(module, nn.Linear):
             in_f, out_f, transposed = module.in_features, module.out_features, False
         elif _is_conv1d(module):
             in_f, out_f, transposed = module.weight.shape[0], module.weight.shape[1], True
         else:
+            if from_registry and matched and isinstance(module, nn.Embedding):
+                raise ValueError(f"'{name}' is an embedding (nn.Embedding), which is not tracked yet (its one-hot input "
+                                 "makes a vocabulary x vocabulary activation covariance); track the groups "
+                                 "'mlp', 'attention' or 'unembedding'")
             continue
         affine_names.append(name)
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if matched:
             layers.append(TrackedLayer(name, module, in_f, out_f, module.bias is not None, transposed))
     if not layers:
         shown = ", ".join(affine_names[:12]) + (" ..." if len(affine_names) > 12 else "")
+        source = f"the registry's {list(groups)} of model_type '{model.config.model_type}' " if from_registry else ""
         raise ValueError(
-            f"no tracked module matched the patterns {list(patterns)}; the model's linear layers are: "
+            f"no tracked module matched {source}the patterns {list(patterns)}; the model's linear layers are: "
             f"[{shown or 'none'}]. Pass module_patterns that match some of them (fnmatch globs, e.g. '*mlp*')."
         )
+    if from_registry:
+        _check_registry_selection(model, layers, fused, groups)
     return layers
 
 
+def _check_registry_selection(model: nn.Module, layers: Sequence[TrackedLayer], fused: Sequence[str],
+                              groups: Sequence[str]) -> None:
+    """Refuse what the registry would get silently wrong: untracked experts, a tied unembedding."""
+    tracked = {l.name.rsplit(".", 2)[0] for l in layers if l.expert_index is not None}
+    missed = [name for name in fused if name not in tracked]
+    if "mlp" in groups and missed:
+        raise ValueError(f"the experts in '{missed[0]}' are not in the registry's MLP globs for model_type "
+                         f"'{model.config.model_type}'; pass module_patterns that include them")
+    if "unembedding" in groups:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for layer in layers:
+            if embedding is not None and layer.module.weight is getattr(embedding, "weight", None):
+                raise ValueError(f"'{layer.name}' shares its weight with the input embedding (tie_word_embeddings), so "
+                                 "its gradient would miss the embedding's part; untie the weights or leave out the "
+                                 "'unembedding' group")
+
+
+def refuse_expert_views(layers: Sequence[TrackedLayer], what: str) -> None:
+    """One-line error where a method needs each layer's own parameter tensor (not a slice of a fused one)."""
+    views = [l.name for l in layers if l.expert_index is not None]
+    if views:
+        raise ValueError(f"{what} does not support experts stored as fused 3-D tensors (e.g. '{views[0]}'); "
+                         "track the other layers for it")
+
+
 def tracked_parameters(layers: Sequence[TrackedLayer]) -> list[torch.Tensor]:
-    """[weight_0, bias_0, weight_1, ...] of the tracked layers (bias only where the layer has one)."""
+    """[weight_0, bias_0, weight_1, ...] of the tracked layers (bias only where the layer has one).
+
+    For an expert view (expert_index set) the weight entry is the fused (E, d_out, d_in) parameter.
+    """
     params = []
     for layer in layers:
-        params.append(layer.module.weight)
+        # an expert view's parameter is the whole fused tensor; canonical_gradient takes its slice
+        params.append(layer.module.fused if layer.expert_index is not None else layer.module.weight)
         if layer.has_bias:
             params.append(layer.module.bias)
     return params
@@ -128,13 +191,14 @@ def tracked_parameters_require_grad(layers: Sequence[TrackedLayer]) -> Iterator[
     """Make the tracked weights require grad (so their outputs join the graph) and restore the flags after."""
     saved = []
     for layer in layers:
-        for p in layer.module.parameters(recurse=False):
+        own = [layer.module.fused] if layer.expert_index is not None else layer.module.parameters(recurse=False)
+        for p in own:
             saved.append((p, p.requires_grad))
             p.requires_grad_(True)
     try:
         yield
     finally:
-        for p, flag in saved:
+        for p, flag in reversed(saved):  # reversed: a tensor listed twice (a fused expert tensor) gets its first flag
             p.requires_grad_(flag)
 
 
@@ -147,6 +211,8 @@ class LayerCapture:
       batch shape (B, T) of the current forward: pass the batch to `clear(batch)` before the forward (its
       2-D input_ids give it). Without it a 2-D input is taken as (B, d_in).
     - `outputs[name]`: the output tensor as produced, still in the graph, (B, T, d_out), (B * T, d_out) or (B, d_out).
+    - An expert view (experts.py) runs on the tokens routed to it, (n_e, d_in); its input and output gradient are
+      scattered back to the B * T token rows, zeros at tokens routed elsewhere, then treated as above.
 
     `output_gradients(loss)` then returns g = d loss / d output for every tracked layer, (B, T, d_out).
     Use as a context manager; hooks are removed on exit.
@@ -157,6 +223,7 @@ class LayerCapture:
         self.activations: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self.routes: dict[str, tuple[torch.Tensor, int]] = {}  # expert views: (routed token rows, B * T)
         self.sequence_shape: tuple[int, int] | None = None  # (B, T) of the current forward, when known
 
     def _hook(self, layer: TrackedLayer):
@@ -165,7 +232,12 @@ class LayerCapture:
                 raise RuntimeError(
                     f"tracked layer '{layer.name}' ran twice in one forward pass; shared layers are not supported"
                 )
-            x = self._as_sequences(layer, inputs[0].detach())
+            x = inputs[0].detach()
+            route = getattr(module, "routed_tokens", None) if isinstance(module, ExpertProjection) else None
+            if route is not None:
+                self.routes[layer.name] = route
+                x = _scatter_rows(x, *route)
+            x = self._as_sequences(layer, x)
             if layer.has_bias:
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
             self.activations[layer.name] = x
@@ -203,6 +275,7 @@ class LayerCapture:
         """Forget the last forward; with `batch`, the next forward is of that batch (sets its (B, T))."""
         self.activations.clear()
         self.outputs.clear()
+        self.routes.clear()
         self.sequence_shape = sequence_shape(batch) if batch is not None else None
 
     def output_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, torch.Tensor]:
@@ -223,5 +296,12 @@ class LayerCapture:
         for name, out, g in zip(names, outputs, grads):
             # A layer that does not affect the loss (e.g. after the last predicted token) has zero gradient.
             g = torch.zeros_like(out) if g is None else g.detach()
+            if name in self.routes:
+                g = _scatter_rows(g, *self.routes[name])
             result[name] = g.reshape(self.activations[name].shape[0], -1, g.shape[-1])
         return result
+
+
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, d) values of the rows `index` -> (rows, d), zeros elsewhere."""
+    return x.new_zeros(rows, x.shape[-1]).index_copy_(0, index, x.reshape(-1, x.shape[-1]))
