@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .batch import sequence_shape
+from .distributed import weight_sample
 
 MLP_PATTERNS: tuple[str, ...] = ("*mlp*",)
 """Default selection, as in the paper: the MLP layers of a transformer (GPT-NeoX, GPT-2, LLaMA naming)."""
@@ -112,9 +113,7 @@ def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
     for layer in layers:
         weight = layer.module.weight.detach()
         digest.update(f"{layer.name}:{tuple(weight.shape)}:{layer.has_bias};".encode())
-        flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64).cpu()
-        digest.update(sample.numpy().tobytes())
+        digest.update(weight_sample(layer.module.weight).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
