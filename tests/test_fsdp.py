@@ -8,7 +8,7 @@ the rank with fewer batches runs filler passes, without which the other rank's a
 
 Tolerance: float32 weights, and the sums are added in another order (per rank, then all-reduced), so the numbers
 agree to float32 rounding, not bitwise: scores within 1e-5 of the largest |score|, eigenvalues within 1e-5 of the
-largest eigenvalue (both measured below 1e-6).
+largest eigenvalue (scores measured: 2.8e-7 of the largest).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from influence_core.sharding import ShardArguments, read_scores, score_in_shards
 
 NAMES = ["q0", "q1", "q2"]
 NUM_TRAIN = 21
-SCORE_TOLERANCE = 1e-5  # of the largest |score|: float32 rounding (measured: < 1e-6)
+SCORE_TOLERANCE = 1e-5  # of the largest |score|: float32 rounding (measured: 2.8e-7)
 EIGENVALUE_TOLERANCE = 1e-5  # of the largest eigenvalue
 
 
