@@ -56,8 +56,10 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="the corpus split (default: train)")
     parser.add_argument("--max-length", type=int, help="longest sequence in tokens (default: the model's context)")
     parser.add_argument("--truncate", action="store_true", help="cut longer sequences instead of refusing them")
-    parser.add_argument("--dtype", help="the model's weights dtype (default: float32)")
-    parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--dtype", help="the model's weights dtype, in which forward and backward run: float32 | "
+                                        "bfloat16 | float16 | auto (the checkpoint's); factors and scores are "
+                                        "accumulated in float32 (default: float32)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N | auto (cuda where available, else cpu) (default: cpu)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. influence.strategy=kfac tfidf.top_k=1000")
 
 

@@ -58,11 +58,17 @@ def _check_exists(name_or_path: str, what: str) -> None:
 def load_model_and_tokenizer(name_or_path: str | Path, dtype="float32", device: str | torch.device = "cpu", eval_mode: bool = True):
     """``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer.from_pretrained`` for a local folder or hub name.
 
+    dtype: the weights' dtype, in which forward and backward run (float32, bfloat16/bf16, float16/fp16, float64, or
+    "auto": the checkpoint's own); the engine accumulates factors and scores in float32 whatever it is.
+    device: cpu, cuda, cuda:N, or auto (cuda:LOCAL_RANK where CUDA is available, else cpu).
     Returns (model, tokenizer). The tokenizer gets a pad token (eos) if it has none, as GPT-2's lacks one.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from influence_core.distributed import resolve_device
+
     name_or_path = str(name_or_path)
+    device = resolve_device(device)  # refuses a bad or unavailable device before the weights are read
     _check_exists(name_or_path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype))

@@ -61,8 +61,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> StudyRecord:
     resolve_inputs(cfg)
     queries = load_query_file(cfg.queries.path, list(cfg.queries.names) if cfg.queries.names else None)
     name = cfg.model.name or Path(str(cfg.model.name_or_path)).name
-    loaded = pipeline.load_model(name, cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                 device=distributed.device_for_rank() if cfg.model.device == "cpu" else cfg.model.device,
+    loaded = pipeline.load_model(name, cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                  seed=cfg.model.seed)
     context = model_max_length(loaded.model)
     max_length = min(int(cfg.data.max_length), context) if cfg.data.max_length else context

@@ -1,4 +1,6 @@
-"""Small helpers on batches (dicts of tensors whose first dimension is the row, i.e. sequence, index)."""
+"""Small helpers on batches (dicts of tensors whose first dimension is the row, i.e. sequence, index), and the
+precision rule of the engine: the model runs in its own dtype (bf16/fp16/fp32), everything the engine sums or
+contracts runs in `accumulation_dtype` (float32 at least)."""
 
 from __future__ import annotations
 
@@ -42,10 +44,32 @@ def refuse_one_shot(batches: Iterable, what: str) -> None:
                         "than once; pass a list or a re-iterable (e.g. a DataLoader)")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters (for an FSDP-sharded model, that of its local shard)."""
+    return next(model.parameters()).device
+
+
 def to_device(batch: Batch, model: nn.Module) -> Batch:
     """The batch with every tensor on the device of the model's (first) parameters."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype sums and contractions run in: the widest of `dtypes` and float32 (bf16/fp16 -> float32, float64 stays).
+
+    Half-precision outer products and matmul outputs round every partial result to 8 (bf16) or 11 (fp16) bits; the
+    covariances, per-sequence gradients and scores are sums over thousands of tokens, so they are upcast first.
+    """
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t in `dtype` (default: accumulation_dtype(t.dtype)); t itself when it already is (no copy)."""
+    return t.to(dtype or accumulation_dtype(t.dtype))
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

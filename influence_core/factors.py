@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batch import check_finite, check_nonempty, refuse_one_shot, row_count, to_device
+from .batch import accumulation_dtype, check_finite, check_nonempty, refuse_one_shot, row_count, to_device, upcast
 from .task import IGNORE_INDEX, Batch, Task, sampled_label_surrogate, trim_padding
 from .tracking import (LayerCapture, TrackedLayer, layer_fingerprints, model_fingerprint,
                        tracked_parameters_require_grad)
@@ -121,14 +121,18 @@ class LayerFactors:
         """(G_l + damping I)^{-power} v for v of shape (..., d_out, d_in); identity strategy returns v.
 
         Q_S [(Q_S^T V Q_A) / (Lambda + damping)^power] Q_A^T (Eq 21); power 1: the IHVP, 1/2: a symmetric square root.
+        Computed in the factors' dtype; returned in v's dtype, but never below float32 (a bf16 query gradient gives a
+        float32 preconditioned query: rounding it back to 8 bits would undo the fp32 factors).
         """
+        dtype = accumulation_dtype(v.dtype)
         if self.eigenvalues is None:
-            return v
-        dtype = v.dtype
+            return v.to(dtype)
         v = v.to(self.eigenvalues.dtype)
-        q_a, q_s = self.activation_eigenvectors, self.gradient_eigenvectors
+        # on v's device (a no-op where they already are): factors are loaded on the CPU, queries live on the model's
+        q_a, q_s, eigenvalues = (t.to(v.device) if t is not None else None
+                                 for t in (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
         rotated = q_s.T @ v @ q_a if q_a is not None else v
-        scale = self.eigenvalues + damping
+        scale = eigenvalues + damping
         rotated = rotated / (scale if power == 1.0 else scale ** power)
         out = q_s @ rotated @ q_a.T if q_a is not None else rotated
         return out.to(dtype)
@@ -420,15 +424,17 @@ def _covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for index, batch in _owned_batches(batches, checkpoint, sums, "factors: covariance", args.progress):
+        for index, batch, counted in _owned_batches(model, batches, checkpoint, sums, "factors: covariance", args.progress):
             batch, dropped = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index),
                                       dropped)
+            if not counted:
+                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
             for layer in layers:
-                a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
                 for grads in draws:
-                    g = grads[layer.name].to(dtype).reshape(-1, layer.out_features)
+                    g = upcast(grads[layer.name], dtype).reshape(-1, layer.out_features)
                     check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
                     _add_gram(sums[f"{layer.name}.gradient"], g)
             sums["num_tokens"] += float(token_weights(task, batch, a).sum())
@@ -472,12 +478,14 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for index, batch in _owned_batches(batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
+        for index, batch, counted in _owned_batches(model, batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
             batch, dropped = trim_padding(to_device(batch, model))
             draws = _pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index),
                                       dropped)
+            if not counted:
+                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
             for layer in layers:
-                a = real_token_activations(task, batch, capture.activations[layer.name].to(dtype))
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 q_a = q_s = None
                 if eig is not None:
                     q_a = eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
@@ -486,7 +494,7 @@ def _correction_pass(model, layers, task, batches, args: FactorArguments, eig: d
                 if tokens_first:
                     a = a @ q_a
                 for grads in draws:
-                    g = grads[layer.name].to(dtype)
+                    g = upcast(grads[layer.name], dtype)
                     if tokens_first:
                         per_sequence = per_sequence_gradients(a, g @ q_s)  # rotated D_n, (B, d_out, d_in)
                     else:
@@ -574,21 +582,33 @@ def _checkpoint_path(directory: Path, stage: str) -> Path:
     return directory / f"{stage}.partial.rank{distributed.rank()}.safetensors"
 
 
-def _owned_batches(batches, checkpoint: PassCheckpoint | None, sums: dict[str, torch.Tensor], desc: str,
-                   progress: bool):
-    """(global index, batch) for this rank's batches (index mod world_size == rank), after a restored checkpoint."""
+def _owned_batches(model: nn.Module, batches, checkpoint: PassCheckpoint | None, sums: dict[str, torch.Tensor],
+                   desc: str, progress: bool):
+    """(global index, batch, counted) for this rank's batches (index mod world_size == rank), after a restored
+    checkpoint, all counted. For a model sharded over the ranks (FSDP) every forward pass is a collective, so a rank
+    with fewer batches then repeats one, counted False (run, not added), until it has run as many as the others.
+    """
     start = 0
     if checkpoint is not None:
         checkpoint.restore(sums)
         start = checkpoint.next_batch
     total = len(batches) if hasattr(batches, "__len__") else None
+    mine = sum(1 for index in range(start, total if total is not None else sum(1 for _ in batches))
+               if distributed.owns(index))
+    extra = distributed.padding_rounds(model, mine)  # before the first forward: it is a collective too
     bar = tqdm(batches, desc=desc, total=total, disable=not progress or not distributed.is_main(), leave=False,
                initial=0)
+    filler = None
     for index, batch in enumerate(bar):
         if index < start or not distributed.owns(index):
             continue
         check_nonempty(batch, index, "fitting")
-        yield index, batch
+        filler = (index, batch)
+        yield index, batch, True
+    if extra:
+        filler = filler or (0, next(iter(batches)))
+        for _ in range(extra):
+            yield filler[0], filler[1], False
 
 
 # ----------------------------------------------------------------------------------------------------------

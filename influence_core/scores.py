@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batch import check_finite, check_nonempty, row_count, to_device
+from .batch import accumulation_dtype, check_finite, check_nonempty, model_device, row_count, to_device, upcast
 from .factors import FactorMismatchError, Factors, check_number, per_sequence_gradients, real_token_activations
 from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
 from .task import Batch, Task, trim_padding
@@ -126,8 +126,9 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
                 check_finite(loss, "query loss")
                 grads = capture.output_gradients(loss)
                 for layer in layers:
-                    a = real_token_activations(task, batch, capture.activations[layer.name])
-                    d = per_sequence_gradients(a, grads[layer.name])
+                    # a, g upcast first: the outer products sum over tokens in float32 at least, not the model's bf16
+                    a = real_token_activations(task, batch, upcast(capture.activations[layer.name]))
+                    d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
                     check_finite(d, f"query gradient of layer '{layer.name}'")
                     collected[layer.name].append((factors.precondition(layer.name, d) if factors is not None else d).cpu())
     finally:
@@ -199,11 +200,12 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     if len(query_names) != num_queries:
         raise ValueError(f"{len(query_names)} query names for {num_queries} preconditioned queries")
     per_layer_parts, per_token_parts = [], []
-    device = next(model.parameters()).device
+    device = model_device(model)
     if args.query_rank is not None or args.low_rank is not None:
         preconditioned_queries = compress_queries(preconditioned_queries, args.query_rank, args.low_rank)
-    queries = {n: q.to(device) if isinstance(q, LowRankQuery) else q.to(device).contiguous()
-               for n, q in preconditioned_queries.items()}
+    # queries in float32 at least: the model's a and g are upcast to them, so every contraction runs in that dtype
+    queries = {n: q.to(device, accumulation_dtype(q.dtype)) if isinstance(q, LowRankQuery)
+               else q.to(device, accumulation_dtype(q.dtype)).contiguous() for n, q in preconditioned_queries.items()}
     # Low-rank layers: factors laid side by side once, in query chunks that bound the (tokens, Q r) temporaries.
     factored = {n: _factor_chunks(q, args.low_rank_chunk) for n, q in queries.items() if isinstance(q, LowRankQuery)}
     reconstructed: dict[str, torch.Tensor] = {}
@@ -228,9 +230,8 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                 layer_scores, token_scores = [], 0.0
                 for layer in layers:
                     q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
-                    a = real_token_activations(task, batch, capture.activations[layer.name])
-                    g = grads[layer.name].to(q.dtype)
-                    a = a.to(q.dtype)
+                    a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
+                    g = upcast(grads[layer.name], q.dtype)
                     if isinstance(q, LowRankQuery) and layer.name in reconstructed and \
                             _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
                         q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here

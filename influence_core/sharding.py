@@ -100,11 +100,17 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     mine = [i for i in range(num_shards) if distributed.owns(i) and not _readable_shard(shard_path(directory, i))]
     per_token = shard_args.top_k_tokens > 0
     args = ScoreArguments(**{**asdict(score_args), "per_token": per_token, "progress": False})
-    bar = tqdm(mine, desc=f"score shards (rank {distributed.rank()})", disable=not score_args.progress, leave=False)
-    for index in bar:
+    work = {}
+    for index in mine:
         start, stop = index * shard_args.shard_size, min(num_rows, (index + 1) * shard_args.shard_size)
         rows = np.arange(start, stop)
-        needed = rows if allowed is None else rows[allowed[:, start:stop].any(axis=0)]
+        work[index] = rows if allowed is None else rows[allowed[:, start:stop].any(axis=0)]
+    # a model sharded over the ranks (FSDP) needs as many forward passes on every rank: the others' missing ones
+    # are run on one row and discarded
+    extra = distributed.padding_rounds(model, sum(-(-len(n) // shard_args.batch_size) for n in work.values()))
+    bar = tqdm(mine, desc=f"score shards (rank {distributed.rank()})", disable=not score_args.progress, leave=False)
+    for index in bar:
+        needed = work[index]
         table = _empty_table([l.name for l in layers])
         if len(needed):
             chosen = torch.as_tensor(needed)
@@ -112,6 +118,9 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
             scores = compute_scores(model, layers, task, batches, preconditioned_queries, query_names, args)
             table = _shard_table(scores, needed, train_ids, allowed, train, shard_args.top_k_tokens)
         _write_atomic(table, shard_path(directory, index))
+    if extra:
+        filler = {k: v[:1] for k, v in train.items()}
+        compute_scores(model, layers, task, [filler] * extra, preconditioned_queries, query_names, args)
     distributed.barrier()
     return directory
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .batch import sequence_shape
+from .distributed import weight_sample
 from .experts import ExpertProjection, expert_views, has_fused_experts
 from .families import family_patterns
 
@@ -175,9 +176,7 @@ def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
     for layer in layers:
         weight = layer.module.weight.detach()
         digest.update(f"{layer.name}:{tuple(weight.shape)}:{layer.has_bias};".encode())
-        flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64).cpu()
-        digest.update(sample.numpy().tobytes())
+        digest.update(weight_sample(layer.module.weight).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
