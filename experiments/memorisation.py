@@ -99,3 +99,7 @@ def run(cfg: DictConfig, run_dir) -> None:
                "(paper Sec 5.3.3): longest common token n-gram over the completion, per model; queries whose "
                "passage is not in the corpus are listed (passage_in_corpus false) and left out of the verdict.", cfg)
     print(table.to_markdown(index=False, floatfmt=".3g"))
+
+
+if __name__ == "__main__":
+    main()
