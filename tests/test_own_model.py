@@ -176,3 +176,11 @@ def test_sequences_outside_the_corpus_score_like_corpus_rows(plain, tmp_path):
     assert len(list((tmp_path / "factors" / "gpt2").iterdir())) == 1  # the corpus's factors, fitted once
     scale = abs(full.matrix()).max()  # float32 rounding differs with the batch's padding width
     assert scored.matrix()[:, 0] == pytest.approx(full.matrix()[:, 3], abs=1e-5 * scale)
+
+
+@pytest.mark.parametrize("study", list(__import__("experiments.cli", fromlist=["STUDIES"]).STUDIES))
+def test_every_study_runs_as_a_module(study):
+    """`python -m experiments.<study>` reaches its Hydra app (a module without its __main__ call runs nothing)."""
+    result = subprocess.run([sys.executable, "-m", f"experiments.{study}", "--cfg", "job"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "figures_dir:" in result.stdout, result.stderr[-1000:]
