@@ -206,15 +206,29 @@ def load_corpus(path: str | Path, tokenizer, max_length: int, split: str = "trai
 
 
 def corpus_from_texts(texts: Sequence[str], tokenizer, max_length: int, name: str,
-                      metadata: pd.DataFrame | None = None) -> Corpus:
-    """Sequences that are not a file on disk (probe sequences, translations) as a Corpus to score; over-long
-    texts are refused (naming the first)."""
+                      metadata: pd.DataFrame | None = None, truncation: bool = False) -> Corpus:
+    """Sequences that are not a file on disk (probe sequences, translations, a fine-tuning set) as a Corpus to
+    score; over-long texts are refused (naming the first) unless truncation=True (the count is printed)."""
     texts = list(texts)
-    encoded = tokenize_sequences(texts, tokenizer, max_length=max_length)
-    encoded.pop("lengths")
+    encoded = tokenize_sequences(texts, tokenizer, max_length=max_length, truncation=truncation)
+    lengths = encoded.pop("lengths")
+    if truncation:
+        full = torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+        if int((full > lengths).sum()):
+            print(f"{name}: {int((full > lengths).sum())} of {len(texts)} sequences truncated to {max_length} tokens")
     encoded["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
     metadata = metadata if metadata is not None else pd.DataFrame(index=range(len(texts)))
-    return Corpus(name, "", "text", texts, metadata.reset_index(drop=True), encoded, cache_key({"texts": texts}))
+    return Corpus(name, "", "text", texts, metadata.reset_index(drop=True), encoded,
+                  cache_key({"texts": texts, "max_length": max_length, "truncation": truncation}),
+                  int((full > lengths).sum()) if truncation else 0)
+
+
+def training_batches(encoded: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Tokenized sequences (input_ids, attention_mask (N, T)) -> batches labelled with their own tokens, -100 at
+    padding (the summed training loss L(z) of each sequence)."""
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+    return iterate_batches({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                            "labels": labels}, batch_size)
 
 
 def engine_queries(queries: Sequence[Query]) -> list[EngineQuery]:

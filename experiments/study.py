@@ -9,7 +9,7 @@ reads them and refuses to compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,11 +23,11 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from experiments import pipeline  # noqa: E402
-from experiments.common import InfluenceRun  # noqa: E402
 from experiments.loading import model_max_length  # noqa: E402
 from experiments.queries import Query as WorldQuery  # noqa: E402
 from experiments.queries import load_query_file  # noqa: E402
 from experiments.results import StudyRecord, verdict_row, write_rows, write_study  # noqa: E402
+from influence_core import InfluenceScores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
@@ -66,6 +66,16 @@ class StudyInputs:
     @property
     def encoded(self) -> dict[str, torch.Tensor]:
         return self.corpus.encoded
+
+
+@dataclass
+class InfluenceRun:
+    """A model's dense scores of the study's queries over its corpus, with the token ids they refer to."""
+
+    scores: InfluenceScores
+    train_input_ids: torch.Tensor  # (N, T), right-padded
+    train_attention_mask: torch.Tensor  # (N, T)
+    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 def model_config(name: str) -> DictConfig:

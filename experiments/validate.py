@@ -124,8 +124,8 @@ def digits_mlp_setup(cfg: DictConfig, name: str = "digits_mlp") -> ValidationSet
 
 def language_model_setup(name: str, cfg: DictConfig, artifacts: Path) -> ValidationSetup | None:
     """A GPT-NeoX of the zoo on a random subset of its training sequences (truncated), queries from its world."""
-    from experiments.common import training_batches
     from experiments.loading import load_model_and_tokenizer, load_text_dataset, tokenize_sequences
+    from experiments.pipeline import training_batches
     from influence_core import Query, encode_queries
 
     if name == "micro_lm":

@@ -40,8 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.word_order import flip_contrast, group_means, sharp_reduction_verdict
 from experiments import pipeline
-from experiments.common import run_influence, training_batches
-from experiments.loading import model_max_length, tokenize_sequences
+from experiments.loading import model_max_length
 from experiments.pipeline import cache_key, numerical_settings
 from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
 from experiments.queries import Query as StudyQuery
@@ -50,7 +49,7 @@ from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, Stu
 from experiments.zoo import world as W
 from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, world_probes
 from experiments.zoo.train import completion_logprob
-from influence_core import CausalLMTask, Query
+from influence_core import CausalLMTask, iterate_batches, model_fingerprint, track_layers
 
 QUERY_SETS = {  # query_set -> its label in the verdicts (each set has its own verdict: never pooled)
     "forward": "forward queries",
@@ -177,8 +176,11 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
             fact_docs.append(f"{template.format(**fact.slots)} {filler}")
     replay = rng.sample(inputs.train_texts, min(settings.replay_docs, len(inputs.train_texts)))
     texts = fact_docs + replay
-    encoded = tokenize_sequences(texts, inputs.tokenizer, max_length=int(cfg.data.max_length), truncation=True)
-    encoded.pop("lengths")
+    context = model_max_length(inputs.model)  # the study corpus's length limit (study.load_study_inputs)
+    max_length = min(int(cfg.data.max_length), context) if cfg.data.get("max_length") else context
+    corpus = pipeline.corpus_from_texts(texts, inputs.tokenizer, max_length,
+                                        name=f"word-order fine-tuning set of {inputs.model_name}",
+                                        truncation=bool(cfg.data.truncation))
 
     def measure(model) -> list[dict]:
         """log p of the true completion minus the mean log p of the other new facts' completions (the margin):
@@ -199,7 +201,7 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
     before = pd.DataFrame(measure(inputs.model))
     model = copy.deepcopy(inputs.model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    batches = training_batches(encoded, settings.batch_size)
+    batches = iterate_batches(corpus.encoded, settings.batch_size)
     task = CausalLMTask()
     generator = torch.Generator().manual_seed(settings.seed)
     for _ in range(settings.steps):
@@ -215,15 +217,19 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
     table["change"] = table["log_p_after"] - table["log_p_before"]
     table["margin_change"] = table["margin_after"] - table["margin_before"]
 
-    # Influence of the fine-tuning documents on both orders, in the fine-tuned model.
-    queries = [Query(f"{r.fact}:{r.order}", r.prompt, r.completion) for r in table.itertuples()]
+    # Influence of the fine-tuning documents on both orders, in the fine-tuned model, through the one pipeline
+    # (factors fitted on the fine-tuning set, cached by the fine-tuned weights' fingerprint).
+    queries = [StudyQuery(f"{r.fact}:{r.order}", r.prompt, r.completion) for r in table.itertuples()]
+    tuned = pipeline.LoadedModel(f"{inputs.model_name}-finetuned", f"{inputs.loaded.path} fine-tuned in memory",
+                                 model, inputs.tokenizer, model_fingerprint(track_layers(model, ["*"])))
     influence = OmegaConf.merge(cfg.influence, {"per_token": False, "progress": False})
-    run = run_influence(model, inputs.tokenizer, encoded, queries, influence, factors_dir=None)
+    scoring = pipeline.ScoringSettings.from_config({"query_rank": None, "tfidf": {"top_k": None}, "top_k_tokens": 0})
+    scores = pipeline.score_model(tuned, corpus, queries, influence, scoring, cfg.artifacts, progress=False).matrix()
     own = []
     for q_index, row in enumerate(table.itertuples()):
         fact_index = int(row.fact[1:])
         docs = range(fact_index * settings.docs_per_fact, (fact_index + 1) * settings.docs_per_fact)
-        own.append(float(run.scores.total[q_index, list(docs)].mean()))
+        own.append(float(scores[q_index, list(docs)].mean()))
     table["influence_of_own_fact_documents"] = own
     return table, {"fact_documents": len(fact_docs), "replay_documents": len(replay), "steps": settings.steps}
 
