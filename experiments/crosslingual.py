@@ -38,7 +38,8 @@ from analysis.trends import verdict_row
 from experiments import pipeline
 from experiments.loading import model_max_length, tokenize_sequences
 from experiments.results import write_rows
-from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, scored_models, top_sequences)
+from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
+                               top_sequences)
 from experiments.translation import Translator, translator_from_config
 from influence_core.task import IGNORE_INDEX
 
@@ -298,7 +299,7 @@ def differences_figure(differences: pd.DataFrame, languages) -> plt.Figure:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/crosslingual")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

@@ -27,7 +27,7 @@ from analysis.abstraction import size_trend
 from experiments.queries import Query
 from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
                                write_abstraction_figures, write_abstraction_tables)
-from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput
+from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage
 
 PAPER = "Sec 5.3.1, math and code (top sequences of math_clips and binary_search per model size)"
 CATEGORIES = ("same topic", "same family, other topic", "other family")
@@ -65,7 +65,7 @@ def category_shares(world: pd.DataFrame) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/math_code")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

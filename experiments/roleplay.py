@@ -25,7 +25,7 @@ from analysis.trends import verdict_row
 from experiments.queries import Query
 from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
                                write_abstraction_figures, write_abstraction_tables)
-from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput
+from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage
 
 PAPER = "Sec 5.3.5 (top sequences of shutdown, paperclips, superintelligent per model size)"
 KINDS = ("ai_shutdown", "ai_fiction", "ordinary_dialogue", "other")
@@ -53,7 +53,7 @@ def kind_shares(world: pd.DataFrame) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/roleplay")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

@@ -36,7 +36,7 @@ from analysis.abstraction import (bm25_baseline, model_claim, model_summary, que
 from experiments import pipeline
 from experiments.queries import Query
 from experiments.study import (CONFIG_DIR, RELATIONS, WORLD_COLUMNS, StudyInputs, StudyOutput, focus_queries,
-                               relation, scored_models, top_sequences)
+                               relation, run_stage, scored_models, top_sequences)
 from influence_core.tfidf import BM25Index
 
 PAPER = "Sec 5.3.1 (top influential sequences per model size, Figs 11-13 style)"
@@ -342,7 +342,7 @@ def relation_shares(world: pd.DataFrame) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/scale")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

@@ -292,6 +292,18 @@ def scored_models(cfg: DictConfig, out: StudyOutput | None = None):
 STAGES = ("all", "score", "gather")
 
 
+def score_stage(cfg: DictConfig) -> None:
+    """Score every configured model's corpus (cached, resumable shards); under torchrun each rank its shards."""
+    from influence_core import distributed
+
+    queries = study_queries(cfg)
+    for name in cfg.models:
+        inputs = model_inputs(cfg, name, queries)
+        cached_influence(inputs, cfg)
+        if distributed.is_main():
+            print(f"scored {name}: {len(queries)} queries, shards in {inputs.model_scores.scores_dir / 'shards'}")
+
+
 def run_stage(run, cfg: DictConfig, run_dir) -> None:
     """A study's entry point, by `stage`:
 
@@ -301,16 +313,28 @@ def run_stage(run, cfg: DictConfig, run_dir) -> None:
             (hydra/launcher=submitit_slurm on a cluster);
     gather  analyse the saved scores of every configured model, computing nothing (compute=false):
             `python -m experiments.sparsity 'models=[zoo_s,zoo_l]' stage=gather` draws the cross-size figures.
+
+    Under torchrun (`torchrun --nproc_per_node N -m experiments.sparsity ...`) the ranks fit the factors and
+    score the corpus shards together; then rank 0 alone analyses the saved scores (the study's extra, small
+    scoring passes, e.g. probes or translations, run there in one process) and writes the results.
     """
+    import torch.distributed as dist
+
+    from influence_core import distributed
+
     stage = cfg.get("stage", "all")
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: use one of {list(STAGES)}")
+    if distributed.init_from_environment():
+        if stage != "gather":
+            score_stage(cfg)
+        distributed.barrier()
+        dist.destroy_process_group()
+        if not distributed.is_main():
+            return
+    elif stage == "score":
+        score_stage(cfg)
     if stage == "score":
-        queries = study_queries(cfg)
-        for name in cfg.models:
-            inputs = model_inputs(cfg, name, queries)
-            cached_influence(inputs, cfg)
-            print(f"scored {name}: {len(queries)} queries, shards in {inputs.model_scores.scores_dir / 'shards'}")
         print(f"stage=score done for {list(cfg.models)}; draw the figures with stage=gather and every model listed")
         return
     if stage == "gather":

@@ -44,7 +44,7 @@ from experiments.loading import model_max_length
 from experiments.pipeline import cache_key, numerical_settings
 from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
 from experiments.queries import Query as StudyQuery
-from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, scored_models,
+from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
                                study_queries, top_sequences, verdict)
 from experiments.zoo import world as W
 from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, world_probes
@@ -253,7 +253,7 @@ def cached_finetune(inputs, cfg: DictConfig) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="experiment/word_order")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    run_stage(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def run(cfg: DictConfig, run_dir) -> None:

@@ -249,3 +249,24 @@ def test_memorisation(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert {"shutdown", "ordinary_dialogue"} <= set(table["query"])  # the focus queries the zoo has
     assert table["top1_coverage"].between(0, 1).all() and table["max_coverage_top_k"].ge(table["top1_coverage"]).all()
     assert read_study(tmp_path).figures == {"contains_passage": "contains_passage.png"}
+
+
+def test_a_study_under_torchrun_scores_on_two_ranks(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
+    """torchrun: the two ranks fit and score the corpus shards together, rank 0 alone writes the study; its
+    scores equal one process's to float32 rounding (the DDP tolerance of tests/test_distributed.py)."""
+    overrides = [o for o in micro_overrides(micro_zoo, tmp_path / "artifacts")] + [
+        "bootstrap_samples=20", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "experiments.sparsity", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = list((tmp_path / "artifacts" / "scores" / "micro").glob("*/shards/manifest.json"))
+    assert len(shards) == 1 and "rank 1" not in done.stdout  # one corpus's shards; rank 0 printed alone
+    run_study("sparsity", micro_zoo, study_artifacts, tmp_path / "single", "bootstrap_samples=20")
+    two = pd.read_parquet(tmp_path / "run" / "scores.parquet")
+    one = pd.read_parquet(tmp_path / "single" / "scores.parquet")
+    assert list(two["query"]) == list(one["query"]) and list(two["train_index"]) == list(one["train_index"])
+    scale = one["influence"].abs().max()
+    assert (two["influence"] - one["influence"]).abs().max() <= 1e-5 * scale
+    assert read_study(tmp_path / "run").study == "sparsity"
