@@ -1,8 +1,9 @@
 """Load a causal language model, its tokenizer and a text dataset the Hugging Face way.
 
 The same calls serve the zoo (``artifacts/zoo/zoo_m/model``) and real models (``EleutherAI/pythia-410m``,
-``gpt2``). No network is assumed: hub names resolve only from the local Hugging Face cache, so set
-``HF_HUB_OFFLINE=1`` and put the weights on disk first.
+``gpt2``). No network is assumed: a name that is neither a local folder nor in the local Hugging Face cache is
+refused at once, before anything is tried on the hub; downloading is allowed only when asked for with
+``HF_HUB_OFFLINE=0`` (then ``from_pretrained`` fetches as usual).
 """
 
 from __future__ import annotations
@@ -44,14 +45,23 @@ def _resolve_dtype(dtype) -> torch.dtype | str:
     return names[dtype]
 
 
+def downloads_allowed() -> bool:
+    """Only an explicit ``HF_HUB_OFFLINE=0`` lets from_pretrained go to the hub; unset means offline."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
+
+
 def _check_exists(name_or_path: str, what: str) -> None:
+    """Refuse, in one line and without touching the network, a name that is not a local folder or file and not in
+    the Hugging Face cache (unless downloads are allowed): a mistyped `zoo_sx/model` must not wait on the hub."""
     path = Path(name_or_path).expanduser()
-    if path.exists():
+    if path.exists() or _in_hub_cache(name_or_path):
         return
-    if _looks_like_path(name_or_path) and not _in_hub_cache(name_or_path):
+    if _looks_like_path(name_or_path) or not downloads_allowed():
         raise FileNotFoundError(
-            f"{what} path {str(path)!r} does not exist (relative to {os.getcwd()}). For a zoo model run `make zoo` first (models land in "
-            f"artifacts/zoo/<size>/model); for a hub model, download it on a machine with network and copy it here."
+            f"{what} path {str(path)!r} does not exist (relative to {os.getcwd()}) and is not in the Hugging Face "
+            f"cache (HF_HOME). For a zoo model run `make zoo` first (models land in artifacts/zoo/<size>/model); "
+            f"for a hub model, put it in the cache or a folder made with save_pretrained, or allow downloading "
+            f"with HF_HUB_OFFLINE=0."
         )
 
 
@@ -71,8 +81,9 @@ def load_model_and_tokenizer(name_or_path: str | Path, dtype="float32", device: 
     device = resolve_device(device)  # refuses a bad or unavailable device before the weights are read
     _check_exists(name_or_path, "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        local = not downloads_allowed()
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype), local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "unset")
         raise OSError(

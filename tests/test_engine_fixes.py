@@ -319,12 +319,13 @@ def test_empty_jsonl_is_a_clear_error(tmp_path):
         load_text_dataset(tmp_path / "train.jsonl")
 
 
-@pytest.mark.parametrize("name", ["artifacts/zoo/zoo_sx/model", "./mdl", "artifacts/mdl"])
+@pytest.mark.parametrize("name", ["artifacts/zoo/zoo_sx/model", "./mdl", "artifacts/mdl", "zoo_sx/model"])
 def test_mistyped_relative_model_path_fails_at_once(tmp_path, monkeypatch, name):
     from experiments.loading import load_model_and_tokenizer
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts").mkdir()  # "artifacts/mdl" is a path here, not the hub repo artifacts/mdl
+    # "zoo_sx/model" could be a hub repo: without HF_HUB_OFFLINE=0 nothing is tried on the hub
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="does not exist"):
