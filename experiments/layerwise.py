@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from analysis.abstraction import split_flagged
 from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
 from experiments import pipeline
 from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, run_stage,
@@ -126,20 +127,30 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("layerwise", run_dir, cfg.figures_dir)
+    k, pool = int(cfg.top_k), int(cfg.top_k_tokens)
+    if pool < k:
+        raise ValueError(f"top_k_tokens={pool} < top_k={k}: the spurious rule needs token scores for at least the top "
+                         "k candidates; set top_k_tokens >= top_k")
     share_rows, centre_rows, band_rows, panels, maps = [], [], [], [], []
-    tops = []
+    tops, flagged_all, counts_all = [], [], []
     for inputs, run in scored_models(cfg, out):
-        top_table = top_sequences(inputs, run, cfg.top_k_tokens)
-        tops.append(top_table)
-        maps += layer_token_maps(inputs, top_table, focus_queries(cfg, inputs.queries), cfg)
+        candidates = top_sequences(inputs, run, pool)  # each query's top `pool`, with token scores and the flag
+        split = split_flagged(candidates, k)  # the counted top k: positive and not flagged by the spurious rule
+        tops.append(candidates.groupby("query", sort=False).head(int(cfg.top_k_shown)))
+        flagged_all.append(split.flagged)
+        counts_all.append(split.counts)
+        maps += layer_token_maps(inputs, candidates, focus_queries(cfg, inputs.queries), cfg)
         block_influence, blocks = per_block(run.scores.per_layer, run.scores.layer_names)  # (Q, N, B)
         depths = np.linspace(0, 1, len(blocks)) if len(blocks) > 1 else np.zeros(1)
         band_map = bands(len(blocks)) if len(blocks) >= 3 else {}
         world = WORLD_COLUMNS <= set(inputs.train_metadata.columns)  # relatedness by construction needs them
         focus = focus_queries(cfg, inputs.queries)
         for q_index, query in enumerate(inputs.queries):
-            top = [i for i, _ in run.scores.top(q_index, cfg.top_k)]
-            top_blocks = block_influence[q_index, top]  # (k, B)
+            top = split.kept.loc[split.kept["query"] == query.name, "train_id"].astype(int).tolist()
+            if not top:
+                continue  # no positive, not-flagged sequence (counted in spurious_counts)
+            flagged = set(split.flagged.loc[split.flagged["query"] == query.name, "train_id"].astype(int))
+            top_blocks = block_influence[q_index, top]  # (k', B), k' <= k
             for b, share in enumerate(layer_shares(top_blocks).tolist()):
                 share_rows.append({"model": inputs.model_name, "query": query.name, "kind": QUERY_KIND.get(query.study, query.study or "query"),
                                    "block": blocks[b], "depth": depths[b], "share": share,
@@ -153,16 +164,16 @@ def run(cfg: DictConfig, run_dir) -> None:
                 panels.append((inputs.model_name, query.name, matrix))
             rankings = {"all": run.scores.total[q_index]}
             rankings.update({band: block_influence[q_index][:, idx].sum(-1) for band, idx in band_map.items()})
-            for band, values in rankings.items():
-                chosen = torch.topk(values, cfg.top_k_band).indices.tolist()
+            for band, values in rankings.items():  # flagged sequences (checked on the whole model's tokens) left out
+                ranked = torch.argsort(values, descending=True).tolist()
+                chosen = [i for i in ranked[: cfg.top_k_band + len(flagged)] if i not in flagged][: cfg.top_k_band]
                 band_rows.append({
                     "model": inputs.model_name, "query": query.name, "band": band,
                     "token_overlap": float(np.mean([token_overlap(query, inputs.train_texts[i], inputs.tokenizer)
                                                     for i in chosen])),
                     "relevant": float(np.mean([is_relevant(query, inputs.train_metadata.iloc[i]) for i in chosen]))
                     if world else float("nan"),
-                    "same_top_as_all": len(set(chosen) & set(torch.topk(run.scores.total[q_index], cfg.top_k_band)
-                                                             .indices.tolist())) / cfg.top_k_band,
+                    "same_top_as_all": len(set(chosen) & set(top[: cfg.top_k_band])) / cfg.top_k_band,
                 })
     shares, centres, band_table = pd.DataFrame(share_rows), pd.DataFrame(centre_rows), pd.DataFrame(band_rows)
     out.table("layer_shares", shares)
@@ -206,9 +217,15 @@ def run(cfg: DictConfig, run_dir) -> None:
                             "needs at least 3 layers", float("nan"), "", None))
     verdicts = pd.DataFrame(rows)
     verdicts = out.verdicts(verdicts)
+    flagged = pd.concat(flagged_all, ignore_index=True).drop(columns=["tokens", "token_scores"])
+    out.table("flagged_spurious", flagged.assign(text=flagged["text"].str.slice(0, 160).str.replace("\n", " ")))
+    out.table("spurious_counts", pd.concat(counts_all, ignore_index=True))
     out.top_sequences(pd.concat(tops))
     out.readme("Layer-wise influence per model size (paper Figs 17-21): per-layer shares of the top sequences' "
-               "influence, heat maps sorted by centre of mass, band-restricted rankings and the verdict table.", cfg)
+               "influence, heat maps sorted by centre of mass, band-restricted rankings and the verdict table. "
+               f"The counted top {k} of each query are its positive sequences that the spurious rule keeps "
+               f"(token-wise ||a||_2 / ||a||_1 <= 2/3, checked among its top {pool}); flagged ones are listed in "
+               "flagged_spurious, counted in spurious_counts, and left out of every statistic and figure.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))
     print(band_summary.to_markdown(index=False, floatfmt=".3g"))
 

@@ -71,6 +71,11 @@ def test_layerwise(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert "needs at least 3 layers" in set(verdicts["statistic"])  # the micro model has two layers
     assert (tmp_path / "layer_profile.png").exists()
+    counts = pd.read_csv(tmp_path / "spurious_counts.csv")  # the spurious rule applied to the counted top 50
+    assert set(shares["query"]) <= set(counts["query"]) and (counts["kept"] <= 50).all()
+    assert (counts["candidates"] == 75).all() and (counts["kept"] + counts["flagged"] <= 75).all()
+    flagged = pd.read_csv(tmp_path / "flagged_spurious.csv")
+    assert len(flagged) == counts["flagged"].sum() and flagged["spurious"].astype(bool).all()
 
 
 def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
