@@ -4,6 +4,7 @@ hydra-submitit-launcher on SLURM), then stage=gather draws the cross-model figur
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,24 @@ def test_submitit_launcher_is_configured_when_installed():
         cfg = compose(config_name="experiment/sparsity", overrides=["hydra/launcher=submitit_slurm"],
                       return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_
+
+
+def test_pythia_sweep_config_runs_unchanged_once_the_weights_are_in_the_hf_cache(plain, tmp_path):  # noqa: F811
+    """sweep=pythia selects configs/model/pythia-*.yaml (EleutherAI/pythia-*) and the paper's App E queries; with a
+    model in the Hugging Face cache under that name (here the plain GPT-2, standing in for the weights) a study
+    scores it offline with no other change."""
+    import shutil
+
+    snapshot = tmp_path / "hf" / "hub" / "models--EleutherAI--pythia-70m" / "snapshots" / ("0" * 40)
+    shutil.copytree(plain["gpt2"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.sparsity", "sweep=pythia", "models=[pythia-70m]", "stage=score",
+         f"data.path={plain['corpus']}", "data.truncation=true", "queries.names=[water,shutdown]",
+         f"artifacts={tmp_path / 'artifacts'}", "influence.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scored pythia-70m: 2 queries" in done.stdout
+    assert [p.name for p in (tmp_path / "artifacts" / "scores").iterdir()] == ["pythia-70m"]
