@@ -216,6 +216,13 @@ def make_command(run_dir: Path) -> str:
     return MAKE_RESULTS
 
 
+def missing_studies(root: Path | str = ".") -> list[str]:
+    """Each zoo study without figures/<study>/study.json, with the command that makes it."""
+    root = Path(root)
+    return [f"figures/{study}/{STUDY_FILE} does not exist yet: {make_command(Path('figures') / study)} "
+            "(after `make zoo`)" for study in STUDIES if not (root / "figures" / study / STUDY_FILE).exists()]
+
+
 def discover_runs(root: Path | str = ".", exclude: Path | None = None) -> list[Path]:
     """Run folders with a study.json under root/figures and root/outputs (the site folder `exclude` aside)."""
     root = Path(root)
@@ -580,6 +587,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"report: {error}")
     for line in report.skipped:
         print(f"report: skipped {line}")
+    if not args.run_dirs:
+        for line in missing_studies(Path.cwd()):
+            print(f"report: not in the site: {line}")
     if args.screenshot and report.pages:
         shoot(report, args, command)
     print(f"report: {len(report.runs)} runs, {len(report.pages)} query pages; the site is {report.index} "

@@ -362,3 +362,11 @@ def test_a_row_off_contract_is_reported_not_fatal(tmp_path):
     assert line.startswith("small: query pages stopped") and "1 tokens but 4 token_scores" in line
     assert len([p for p in report.pages if p.model == "tiny"]) == 2  # the other model's pages are built
     assert line in (report.out_dir / "runs" / "broken" / "index.html").read_text().replace("&#39;", "'")
+
+
+def test_missing_zoo_studies_are_named_with_their_command(tmp_path):
+    (tmp_path / "figures" / "sparsity").mkdir(parents=True)
+    (tmp_path / "figures" / "sparsity" / "study.json").write_text("{}")
+    lines = report_module.missing_studies(tmp_path)
+    assert len(lines) == len(report_module.STUDIES) - 1 and not any("figures/sparsity/" in line for line in lines)
+    assert "figures/roleplay/study.json does not exist yet: `make roleplay` (after `make zoo`)" in lines
