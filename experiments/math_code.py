@@ -18,15 +18,12 @@ from __future__ import annotations
 import re
 
 import hydra
-import matplotlib.pyplot as plt
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from analysis.abstraction import size_trend
+from experiments.abstraction import finish_abstraction, stacked_shares_figure, start_abstraction, world_trend
 from experiments.queries import Query
-from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
-                               write_abstraction_figures, write_abstraction_tables)
 from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage
 
 PAPER = "Sec 5.3.1, math and code (top sequences of math_clips and binary_search per model size)"
@@ -71,12 +68,7 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("math_code", run_dir, cfg.figures_dir)
-    studies = list(cfg.query_studies)
-    result = run_abstraction(cfg, out, studies, category_rows, WORLD_COLUMNS | {"family"})
-    label = "math and code"
-    write_abstraction_tables(out, result)
-    write_abstraction_figures(out, result, cfg, PAPER, label)
-    rows = abstraction_verdicts(result, cfg, label)
+    result, rows = start_abstraction(cfg, out, category_rows, WORLD_COLUMNS | {"family"}, PAPER, "math and code")
     if result.has_world and not result.world.empty:
         world = result.world
         shares = category_shares(world)
@@ -85,37 +77,17 @@ def run(cfg: DictConfig, run_dir) -> None:
         math = world[world["study"] == "math"]
         if not math.empty:
             out.table("math_number_overlap", math.groupby("model", sort=False)["shares_numbers"].mean().reset_index())
-        kinds = [s for s in studies if s in set(shares["study"])]
-        fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), sharey=True, squeeze=False)
-        for ax, study in zip(axes.flat, kinds):
-            mine = shares[shares["study"] == study]
-            bottom = 0
-            for name in CATEGORIES:
-                ax.bar(mine["model"], mine[name], bottom=bottom, label=name)
-                bottom = bottom + mine[name].to_numpy()
-            ax.set_title(f"ours, synthetic world: {study} queries, top {cfg.top_k}", fontsize=8)
-        axes.flat[0].set_ylabel("share of counted top sequences")
-        axes.flat[-1].legend(fontsize=7)
-        fig.tight_layout()
-        out.figure("category_shares", fig, paper="Sec 5.3.1 math and code: ours (synthetic world), category by "
-                                                 "construction")
-        for study in kinds:
-            rows.append(size_trend(shares[shares["study"] == study], "same topic",
-                                   f"ours (synthetic world): larger models' top {study} sequences are related "
-                                   "solutions of the same kind (same topic)", "increasing",
-                                   float(cfg.thresholds.trend_correlation), float(cfg.thresholds.alpha),
-                                   int(cfg.thresholds.min_models), int(cfg.bootstrap_samples), int(cfg.seed)))
-    verdicts = out.verdicts(rows, n_seeds=n_seeds(result.summary))
-    out.readme("Math and code (paper Sec 5.3.1): top_sequences_by_size shows each query's top sequences per model "
-               "as in the paper (tokens shaded red/teal by influence); abstraction_per_query, abstraction_by_model "
-               "and the verdicts measure on any corpus whether they are token matches (overlap with the query's "
-               "words minus that of its k best BM25 matches outside the top k; share of the top influence from "
-               "sequences sharing no completion word; top-1 influence; trends across sizes, underpowered with one "
-               "seed per size). " + SPURIOUS_NOTE + " " + query_set_note(studies) + " Ours, only when the corpus "
-               "has the synthetic world's columns: top_sequence_categories, category_shares (same problem type or "
-               "algorithm, same family, other) and math_number_overlap.", cfg)
-    print(result.summary.to_markdown(index=False, floatfmt=".3g"))
-    print(verdicts.to_markdown(index=False, floatfmt=".3g"))
+        kinds = [s for s in cfg.query_studies if s in set(shares["study"])]
+        out.figure("category_shares", stacked_shares_figure(
+            [(f"ours, synthetic world: {study} queries, top {cfg.top_k}", shares[shares["study"] == study])
+             for study in kinds], CATEGORIES, "share of counted top sequences"),
+            paper="Sec 5.3.1 math and code: ours (synthetic world), category by construction")
+        rows += [world_trend(cfg, shares[shares["study"] == study], "same topic", f"ours (synthetic world): larger "
+                             f"models' top {study} sequences are related solutions of the same kind (same topic)")
+                 for study in kinds]
+    finish_abstraction(out, result, rows, cfg, "Math and code (paper Sec 5.3.1).",
+                       "Ours, only when the corpus has the synthetic world's columns: top_sequence_categories, "
+                       "category_shares (same problem type or algorithm, same family, other) and math_number_overlap.")
 
 
 if __name__ == "__main__":

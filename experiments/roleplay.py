@@ -15,16 +15,14 @@ size, with an ordinary-dialogue query as control.
 from __future__ import annotations
 
 import hydra
-import matplotlib.pyplot as plt
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from analysis.abstraction import size_trend, weighted_share_difference
+from analysis.abstraction import weighted_share_difference
 from analysis.trends import verdict_row
+from experiments.abstraction import finish_abstraction, stacked_shares_figure, start_abstraction, world_trend
 from experiments.queries import Query
-from experiments.scale import (SPURIOUS_NOTE, abstraction_verdicts, n_seeds, query_set_note, run_abstraction,
-                               write_abstraction_figures, write_abstraction_tables)
 from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage
 
 PAPER = "Sec 5.3.5 (top sequences of shutdown, paperclips, superintelligent per model size)"
@@ -59,30 +57,16 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir) -> None:
     """The study on a composed config, writing into run_dir (and figures_dir when set)."""
     out = StudyOutput("roleplay", run_dir, cfg.figures_dir)
-    studies = list(cfg.query_studies)
-    result = run_abstraction(cfg, out, studies, kind_rows, WORLD_COLUMNS)
-    label = "role-play"
-    write_abstraction_tables(out, result)
-    write_abstraction_figures(out, result, cfg, PAPER, label)
-    rows = abstraction_verdicts(result, cfg, label)
+    result, rows = start_abstraction(cfg, out, kind_rows, WORLD_COLUMNS, PAPER, "role-play")
     if result.has_world and not result.world.empty:
         world = result.world
         shares = kind_shares(world)
         out.table("top_sequence_kinds", world)
         out.table("influence_share_by_kind", shares)
-        queries = list(dict.fromkeys(shares["query"]))
-        fig, axes = plt.subplots(1, len(queries), figsize=(4.5 * len(queries), 3.2), squeeze=False)
-        for ax, query in zip(axes.flat, queries):
-            group = shares[shares["query"] == query]
-            bottom = 0
-            for kind in KINDS:
-                ax.bar(group["model"], group[kind], bottom=bottom, label=kind)
-                bottom = bottom + group[kind].to_numpy()
-            ax.set_title(f"ours, synthetic world: {query}, top {cfg.top_k}", fontsize=8)
-            ax.set_ylabel("share of positive influence")
-        axes.flat[0].legend(fontsize=7)
-        fig.tight_layout()
-        out.figure("influence_share_by_kind", fig, paper="Sec 5.3.5: ours (synthetic world), kinds by construction")
+        out.figure("influence_share_by_kind", stacked_shares_figure(
+            [(f"ours, synthetic world: {query}, top {cfg.top_k}", shares[shares["query"] == query])
+             for query in dict.fromkeys(shares["query"])], KINDS, "share of positive influence"),
+            paper="Sec 5.3.5: ours (synthetic world), kinds by construction")
         shutdown = shares[shares["query"] == "shutdown"]
         if len(shutdown):
             largest = shutdown.loc[shutdown["parameters"].idxmax(), "model"]
@@ -97,21 +81,12 @@ def run(cfg: DictConfig, run_dir) -> None:
                               float(cfg.thresholds.similar_minus_ordinary), "increasing",
                               float(cfg.thresholds.alpha), min_models=1)
             rows.append({**row, "scope": f"model {largest}"})
-            rows.append(size_trend(shutdown, "similar", "ours (synthetic world): the share of similar behaviour among "
-                                   "shutdown's top sequences grows with model size", "increasing",
-                                   float(cfg.thresholds.trend_correlation), float(cfg.thresholds.alpha),
-                                   int(cfg.thresholds.min_models), int(cfg.bootstrap_samples), int(cfg.seed)))
-    verdicts = out.verdicts(rows, n_seeds=n_seeds(result.summary))
-    out.readme("Role-play (paper Sec 5.3.5): top_sequences_by_size shows each query's top sequences per model as in "
-               "the paper (tokens shaded red/teal by influence); abstraction_per_query, abstraction_by_model and the "
-               "verdicts measure on any corpus whether they are token matches (overlap with the query's words "
-               "minus that of its k best BM25 matches outside the top k; share of the top influence from sequences "
-               "sharing no completion word; top-1 influence; trends across sizes, underpowered with one seed per "
-               "size). " + SPURIOUS_NOTE + " " + query_set_note(studies) + " Ours, only when the corpus has the "
-               "synthetic world's topic column: top_sequence_kinds and influence_share_by_kind (AI-shutdown "
-               "dialogue, AI fiction, ordinary dialogue, other), with an ordinary-dialogue control query.", cfg)
-    print(result.summary.to_markdown(index=False, floatfmt=".3g"))
-    print(verdicts.to_markdown(index=False, floatfmt=".3g"))
+            rows.append(world_trend(cfg, shutdown, "similar", "ours (synthetic world): the share of similar behaviour "
+                                    "among shutdown's top sequences grows with model size"))
+    finish_abstraction(out, result, rows, cfg, "Role-play (paper Sec 5.3.5).",
+                       "Ours, only when the corpus has the synthetic world's topic column: top_sequence_kinds and "
+                       "influence_share_by_kind (AI-shutdown dialogue, AI fiction, ordinary dialogue, other), with an "
+                       "ordinary-dialogue control query.")
 
 
 if __name__ == "__main__":

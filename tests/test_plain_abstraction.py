@@ -67,7 +67,7 @@ def test_abstraction_study_on_a_plain_corpus(study, plain, tmp_path):  # noqa: F
 
 
 def test_shaded_lines_wrap_and_window():
-    from experiments.scale import shaded_lines
+    from experiments.abstraction import shaded_lines
 
     lines = shaded_lines(["ab", "cd\nef", "ghij"], [1.0, -2.0, None], width=4)
     assert lines == [[("ab", 1.0), ("cd", -2.0)], [("ef", -2.0), ("gh", None)], [("ij", None)]]
