@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from experiments.queries import Query
+from experiments.records import read_records
 
 GROUPS = ("rewordings", "name_removed", "meaning_changed", "irrelevant", "order_flipped", "flipped_relation_removed")
 GROUP_LABELS = {  # bar labels of the figure
@@ -51,20 +52,19 @@ class Probe(NamedTuple):
 
 
 def load_probe_file(path: str | Path, queries: Sequence[Query] | None = None) -> list[Probe]:
-    """Probes from a YAML probe file, in file order; with `queries` (the study's query set), every probe query
-    must be one of them, with the same prompt and completion where the file states them.
+    """Probes from a probe file (.yaml, .json, or .jsonl: one {query, groups} per line), in file order; with
+    `queries` (the study's query set), every probe query must be one of them, with the same prompt and
+    completion where the file states them.
 
     Refused with a one-line error: a missing file, an entry without `query` or `groups`, an unknown or repeated
     group, a query lacking one of the six groups, an empty or non-text sequence, a group with no sequences that is
     not marked `text_found: false`, a query named twice, a query not in `queries`, a prompt/completion mismatch.
     Groups marked `text_found: false` are left out, and printed.
     """
-    import yaml
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"probe file {path} does not exist; give probe_file=FILE (see configs/probes/)")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_records(path)  # .yaml, .json, or .jsonl (one {query, groups} entry per line)
     entries = raw.get("queries") if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"probe file {path}: expected a non-empty 'queries' list of {{query, groups}}")

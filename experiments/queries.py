@@ -11,9 +11,10 @@ completion; every other field is optional metadata (the synthetic world fills th
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments.records import read_records
 
 QUERY_FILE_TYPES = (".json", ".jsonl", ".yaml", ".yml")
 # Fields that document a query in a file (configs/queries/paper.yaml) without being part of the measurement.
@@ -64,24 +65,7 @@ class Query:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
-        return rows
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(path.read_text())
-    else:
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
+    raw = read_records(path)
     if isinstance(raw, dict) and "queries" in raw:
         raw = raw["queries"]
     if not isinstance(raw, list):

@@ -18,11 +18,12 @@ translated by a given file or by a translation model, or the study refuses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.records import read_records
 
 HOW_TO_CONFIGURE = ("give translation.file=FILE (a .jsonl/.json of {\"text\": <English source>, \"ko\": ..., "
                     "\"tr\": ...}; for the zoo: python -m experiments.zoo.translations DATASET writes one) or "
@@ -73,21 +74,12 @@ class FileTranslator:
         self.description = f"given translations from {self.path}" + (f" ({'; '.join(notes[:3])})" if notes else "")
 
     def _read_rows(self) -> list:
-        if self.path.suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{self.path}:{number} is not valid JSON ({error})") from error
-            return rows
-        if self.path.suffix == ".json":
-            rows = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(rows, list):
-                raise ValueError(f"{self.path}: a .json translations file holds a list of rows")
-            return rows
-        raise ValueError(f"translation.file={self.path}: give a .jsonl or .json file")
+        if self.path.suffix not in (".jsonl", ".json"):
+            raise ValueError(f"translation.file={self.path}: give a .jsonl or .json file")
+        rows = read_records(self.path)
+        if not isinstance(rows, list):
+            raise ValueError(f"{self.path}: a .json translations file holds a list of rows")
+        return rows
 
     def _row(self, text: str) -> dict:
         row = self.rows.get(text)

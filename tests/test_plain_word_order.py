@@ -74,3 +74,21 @@ def test_probe_files_are_checked(tmp_path):
         bad.write_text(body)
         with pytest.raises((ValueError, KeyError), match=message):
             load_probe_file(bad, queries)
+
+
+def test_a_probe_file_can_be_jsonl(tmp_path):
+    """The same probes as the paper's YAML file, written one {query, groups} entry per line, load identically."""
+    import json
+
+    import yaml
+
+    queries = load_query_file(ROOT / "configs" / "queries" / "paper.yaml")
+    entries = yaml.safe_load((ROOT / "configs" / "probes" / "word_order_paper.yaml").read_text())["queries"]
+    lines = tmp_path / "probes.jsonl"
+    lines.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    assert load_probe_file(lines, queries) == load_probe_file(ROOT / "configs" / "probes" / "word_order_paper.yaml",
+                                                              queries)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(entries[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:2 is not valid JSON"):
+        load_probe_file(broken, queries)
