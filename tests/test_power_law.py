@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.power_law import fit_power_law_tail, ks_distance, power_law_mle, top_share
+from analysis.power_law import ks_distance, power_law_mle, top_share
+from analysis.tails import fit_tail
 
 
 def test_exponent_of_a_pareto_sample_is_recovered():
     rng = np.random.default_rng(0)
     sample = rng.pareto(2.0, 20000) + 1  # density exponent alpha = 3
-    fit = fit_power_law_tail(sample, tail_fraction=0.2, bootstrap_samples=100)
+    fit = fit_tail(sample, tail_fraction=0.2, bootstrap_samples=100)
     assert fit.alpha == pytest.approx(3.0, abs=3 * fit.alpha_standard_error)
     assert fit.ks_p_value > 0.1
     assert fit.likelihood_ratios["exponential"][0] > 0
@@ -19,7 +20,7 @@ def test_exponent_of_a_pareto_sample_is_recovered():
 
 def test_an_exponential_tail_is_rejected():
     rng = np.random.default_rng(1)
-    fit = fit_power_law_tail(rng.exponential(1.0, 20000), tail_fraction=0.1, bootstrap_samples=100)
+    fit = fit_tail(rng.exponential(1.0, 20000), tail_fraction=0.1, bootstrap_samples=100)
     assert fit.ks_p_value < 0.05
     assert fit.likelihood_ratios["exponential"][0] < 0
 
@@ -41,4 +42,4 @@ def test_top_share_by_brute_force():
 
 def test_too_few_positive_values_is_an_error():
     with pytest.raises(ValueError, match="positive influences"):
-        fit_power_law_tail(np.array([1.0, -1.0, 2.0]))
+        fit_tail(np.array([1.0, -1.0, 2.0]))
