@@ -111,6 +111,18 @@ def cluster_bootstrap(table: pd.DataFrame, statistic: Callable = np.mean, seed_c
                     "cluster percentile (" + ", then ".join(r for r in ("seed", "unit") if r in resample) + ")")
 
 
+def seeded_ci(table: pd.DataFrame, statistic: Callable = np.mean, seed_column: str = "seed",
+              unit_column: str = "unit", value_column: str = "value", confidence: float = 0.95,
+              n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """A CI over a study's units that honours its training seeds: with one seed, bootstrap_ci over the rows (one
+    row per unit); with several, cluster_bootstrap (seeds drawn, then units within each drawn seed)."""
+    if table[seed_column].nunique() <= 1:
+        return bootstrap_ci(table[value_column].to_numpy(dtype=np.float64), statistic, confidence, n_resamples,
+                            seed=seed)
+    return cluster_bootstrap(table, statistic, seed_column, unit_column, value_column, confidence, n_resamples,
+                             seed=seed)
+
+
 def paired_log_ratios(numerator, denominator, labels=None) -> np.ndarray:
     """r_i = ln(a_i / b_i) for paired (n,) arrays; ValueError naming the first row with b_i <= 0 or a_i <= 0.
 

@@ -111,18 +111,9 @@ def flip_contrast(scores: pd.DataFrame, keys: Sequence[str] = ("model", "query")
                                               "n_rewordings", "n_flipped"])
 
 
-def sharp_reduction(scores: pd.DataFrame, fraction: float, confidence: float = 0.95, n_resamples: int = 2000,
-                    seed: int = 0) -> dict:
-    """For one model's probe scores over its queries: C = mean_q (fraction * R_q - F_q) and the rewordings' pooled
-    mean M = mean_q R_q, each with a stratified bootstrap CI; queries lacking either group are left out.
-
-    Returns {estimate, ci_low, ci_high, rewordings_mean, rewordings_ci_low, rewordings_ci_high, n_queries}."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
-    _check(scores, ["query", "group", "influence"])
-    rng = np.random.default_rng(seed)
-    contrast, rewording = [], []
-    point_c, point_m = [], []
+def _query_draws(scores: pd.DataFrame, fraction: float, n_resamples: int, rng: np.random.Generator):
+    """One seed's probe scores -> per query (fraction * R*_q - F*_q, R*_q) bootstrap draws (B,) and points."""
+    contrast, rewording, point_c, point_m = [], [], [], []
     for _, table in scores.groupby("query", sort=False):
         a = table.loc[table["group"] == REWORDINGS, "influence"].to_numpy(dtype=np.float64)
         b = table.loc[table["group"] == FLIPPED, "influence"].to_numpy(dtype=np.float64)
@@ -133,19 +124,50 @@ def sharp_reduction(scores: pd.DataFrame, fraction: float, confidence: float = 0
         rewording.append(draws_a)
         point_c.append(fraction * a.mean() - b.mean())
         point_m.append(a.mean())
-    if not contrast:
+    return contrast, rewording, point_c, point_m
+
+
+def sharp_reduction(scores: pd.DataFrame, fraction: float, confidence: float = 0.95, n_resamples: int = 2000,
+                    seed: int = 0) -> dict:
+    """For one model size's probe scores over its queries: C = mean_q (fraction * R_q - F_q) and the rewordings'
+    pooled mean M = mean_q R_q, each with a stratified bootstrap CI; queries lacking either group are left out.
+
+    With a `seed` column holding several training seeds (models of the same size), C and M are means over seeds
+    of each seed's value, and the CI is two-level: every replicate draws the seeds with replacement, then uses
+    each drawn seed's stratified probe resample. Without it (or with one seed) the one-level CI above.
+
+    Returns {estimate, ci_low, ci_high, rewordings_mean, rewordings_ci_low, rewordings_ci_high, n_queries,
+    n_seeds}."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+    _check(scores, ["query", "group", "influence"])
+    rng = np.random.default_rng(seed)
+    by_seed = [table for _, table in scores.groupby("seed", sort=True)] if "seed" in scores.columns else [scores]
+    per_seed = []  # (C draws (B,), M draws (B,), C point, M point, queries) per seed
+    for table in by_seed:
+        contrast, rewording, point_c, point_m = _query_draws(table, fraction, n_resamples, rng)
+        if contrast:
+            per_seed.append((np.mean(contrast, axis=0), np.mean(rewording, axis=0), float(np.mean(point_c)),
+                             float(np.mean(point_m)), len(contrast)))
+    if not per_seed:
         raise ValueError(f"no query has both {REWORDINGS!r} and {FLIPPED!r} probes")
-    c_low, c_high = _percentile(np.mean(contrast, axis=0), confidence)
-    m_low, m_high = _percentile(np.mean(rewording, axis=0), confidence)
-    return {"estimate": float(np.mean(point_c)), "ci_low": c_low, "ci_high": c_high,
-            "rewordings_mean": float(np.mean(point_m)), "rewordings_ci_low": m_low, "rewordings_ci_high": m_high,
-            "n_queries": len(contrast)}
+    c_draws, m_draws = np.stack([p[0] for p in per_seed]), np.stack([p[1] for p in per_seed])  # (S, B)
+    if len(per_seed) > 1:
+        picks = rng.integers(0, len(per_seed), (n_resamples, len(per_seed)))  # (B, S) seeds drawn per replicate
+        columns = np.arange(n_resamples)[:, None]
+        c_draws, m_draws = c_draws[picks, columns].T, m_draws[picks, columns].T
+    c_low, c_high = _percentile(c_draws.mean(axis=0), confidence)
+    m_low, m_high = _percentile(m_draws.mean(axis=0), confidence)
+    return {"estimate": float(np.mean([p[2] for p in per_seed])), "ci_low": c_low, "ci_high": c_high,
+            "rewordings_mean": float(np.mean([p[3] for p in per_seed])), "rewordings_ci_low": m_low,
+            "rewordings_ci_high": m_high, "n_queries": max(p[4] for p in per_seed), "n_seeds": len(per_seed)}
 
 
 def sharp_reduction_verdict(scores: pd.DataFrame, fraction: float, label: str, confidence: float = 0.95,
                             n_resamples: int = 2000, seed: int = 0) -> dict:
     """The verdict row (analysis.trends.verdict_row) of "flipping the word order sharply reduces influence" for one
-    model's probe scores; `label` names the model and queries in the statistic. See the module docstring."""
+    model size's probe scores (its seeds in a `seed` column, if several); `label` names the models and queries in
+    the statistic. See the module docstring."""
     test = sharp_reduction(scores, fraction, confidence, n_resamples, seed)
     positive = test["rewordings_ci_low"] > 0
     estimate = test["estimate"] if positive else float("nan")
@@ -153,7 +175,8 @@ def sharp_reduction_verdict(scores: pd.DataFrame, fraction: float, label: str, c
         "flipping the word order sharply reduces influence",
         f"{label}: mean over {test['n_queries']} queries of ({fraction:g} x mean influence of rewordings - mean "
         f"influence of order-flipped probes); > 0: flipped probes keep less than {fraction:g} of it",
-        estimate, test["ci_low"], test["ci_high"], None, n_models=1, n_seeds=1, threshold=0.0, direction="greater",
+        estimate, test["ci_low"], test["ci_high"], None, n_models=1, n_seeds=test["n_seeds"], threshold=0.0,
+        direction="greater",
         alpha=1 - confidence, min_models=1, null=0.0)
     row["note"] = (f"rewordings' mean influence {test['rewordings_mean']:.4g} ({confidence:.0%} CI {test['rewordings_ci_low']:.4g} "
                    f"to {test['rewordings_ci_high']:.4g})" + ("" if positive else

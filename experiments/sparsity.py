@@ -25,10 +25,11 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from analysis.bootstrap import bootstrap_ci
+from analysis.bootstrap import seeded_ci
 from analysis.power_law import survival, top_share
 from analysis.tails import fit_tail
 from analysis.trends import threshold_verdict
+from experiments import pipeline
 from experiments.study import (CONFIG_DIR, StudyOutput, focus_queries, run_stage, scored_models, scores_frame,
                               top_sequences)
 from influence_core.tfidf import tfidf_candidates
@@ -105,6 +106,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     fits, shares, panels, raw, skipped, tops, duplicates = [], [], [], [], [], [], []
     for inputs, run in scored_models(cfg, out):
         queries, duplicates = unique_queries(inputs.queries)
+        size = pipeline.non_embedding_parameters(inputs.model)
         focus = focus_queries(cfg, queries)
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         raw.append(scores_frame(run, inputs).assign(model=inputs.model_name))
@@ -123,12 +125,13 @@ def run(cfg: DictConfig, run_dir) -> None:
                     skipped.append({"model": inputs.model_name, "query": query.name, "candidates": candidate_set,
                                     "reason": str(error)})
                     continue
-                fits.append({"model": inputs.model_name, "query": query.name, "candidates": candidate_set,
+                fits.append({"model": inputs.model_name, "seed": inputs.loaded.seed or 0, "parameters": size,
+                             "query": query.name, "candidates": candidate_set,
                              "sequences": len(chosen), "positive": int((chosen > 0).sum()),
                              **fitted[candidate_set].as_row()})
             for fraction, share in top_share(everything, tuple(cfg.top_fractions)).items():
-                shares.append({"model": inputs.model_name, "query": query.name, "top_fraction": fraction,
-                               "share": share})
+                shares.append({"model": inputs.model_name, "seed": inputs.loaded.seed or 0, "parameters": size,
+                               "query": query.name, "top_fraction": fraction, "share": share})
             if query.name in focus and "unfiltered" in fitted:
                 panels.append((inputs.model_name, query.name, values, fitted["unfiltered"]))
     fits, shares = pd.DataFrame(fits), pd.DataFrame(shares)
@@ -141,7 +144,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     out.table("top_shares", shares)
     out.figure("influence_tails", survival_figure(panels), paper="Fig 8")
     out.figure("top_shares", share_figure(shares[shares["query"].isin([p[1] for p in panels])]), paper="Fig 9")
-    out.verdicts(verdict_rows(fits, shares, cfg, n_models=len(cfg.models)))
+    out.verdicts(verdict_rows(fits, shares, cfg))
     out.top_sequences(pd.concat(tops))
     out.readme("Power-law fits of each query's positive influences, unfiltered and TF-IDF-filtered, against "
                "exponential, lognormal, Weibull and truncated power-law tails (paper Figs 8-9, Table 1), the share "
@@ -153,38 +156,48 @@ def run(cfg: DictConfig, run_dir) -> None:
           .to_markdown(index=False, floatfmt=".3g"))
 
 
-def verdict_rows(fits: pd.DataFrame, shares: pd.DataFrame, cfg: DictConfig, n_models: int) -> list[dict]:
+def seeded(table: pd.DataFrame, values, statistic, cfg: DictConfig):
+    """The CI of statistic(values) over the table's (size, query) units, honouring its training seeds
+    (analysis.bootstrap.seeded_ci: one seed, a bootstrap over the rows; several, seeds then units)."""
+    units = table.assign(unit=table["parameters"].astype(str) + ":" + table["query"], value=np.asarray(values, float))
+    return seeded_ci(units, statistic, n_resamples=cfg.ci_resamples)
+
+
+def verdict_rows(fits: pd.DataFrame, shares: pd.DataFrame, cfg: DictConfig) -> list[dict]:
     """The paper's sparsity claims, each a statistic over the unfiltered (model, query) fits with a bootstrap CI
-    over them, judged against cfg.thresholds."""
+    over them (over seeds, then fits, where a size has several seeds), judged against cfg.thresholds.
+    fits and shares: one row per fit / share with columns model, seed, parameters, query and the values."""
     t = cfg.thresholds
     unfiltered = fits[fits["candidates"] == "unfiltered"] if len(fits) else fits
+    frame = unfiltered if len(unfiltered) else shares
+    n_models = int(frame["parameters"].nunique()) if len(frame) else 0
+    n_seeds = int(frame.groupby("parameters")["seed"].nunique().max()) if len(frame) else 1
     rows = []
     if len(unfiltered):
         plausible = plausible_power_law(unfiltered, t.ks_p_value).to_numpy(dtype=float)
-        ci = bootstrap_ci(plausible, np.mean, n_resamples=cfg.ci_resamples)
+        ci = seeded(unfiltered, plausible, np.mean, cfg)
         rows.append(threshold_verdict(
             "the tail of influences follows a power law", f"share of (model, query) fits with KS p > "
-            f"{t.ks_p_value} and R vs exponential > 0 (unfiltered)", ci.estimate, ci.low, ci.high, n_models, 1,
-            t.plausible_share, "greater"))
+            f"{t.ks_p_value} and R vs exponential > 0 (unfiltered)", ci.estimate, ci.low, ci.high, n_models,
+            n_seeds, t.plausible_share, "greater"))
         lognormal = unfiltered["R_vs_lognormal"].to_numpy(dtype=float)
-        ci = bootstrap_ci((lognormal > 0).astype(float), np.mean, n_resamples=cfg.ci_resamples)
+        ci = seeded(unfiltered, (lognormal > 0).astype(float), np.mean, cfg)
         rows.append(threshold_verdict(
             "a power law describes the tail better than a lognormal (ours: the paper compares other tails)",
-            "share of fits with R vs lognormal > 0", ci.estimate, ci.low, ci.high, n_models, 1, 0.5, "greater"))
-        ci = bootstrap_ci(unfiltered["alpha"].to_numpy(dtype=float), np.median, n_resamples=cfg.ci_resamples)
+            "share of fits with R vs lognormal > 0", ci.estimate, ci.low, ci.high, n_models, n_seeds, 0.5, "greater"))
+        ci = seeded(unfiltered, unfiltered["alpha"].to_numpy(dtype=float), np.median, cfg)
         rows.append(threshold_verdict("power-law exponents lie between about 2 and 4.3", "median alpha",
-                                      ci.estimate, ci.low, ci.high, n_models, 1, tuple(t.alpha_range), "inside"))
+                                      ci.estimate, ci.low, ci.high, n_models, n_seeds, tuple(t.alpha_range), "inside"))
     for fraction, threshold, claim in ((0.01, t.top1_share_max, "influence is spread over many sequences, not a few "
                                         "memorised ones (top 1% holds 12-52%)"),
                                        (min(cfg.top_fractions), t.top_smallest_share_max,
                                         "a handful of sequences does not dominate")):
-        chosen = shares[shares["top_fraction"] == fraction]["share"].to_numpy(dtype=float) if len(shares) else []
+        chosen = shares[shares["top_fraction"] == fraction] if len(shares) else shares
         if len(chosen):
-            ci = bootstrap_ci(chosen, np.median, n_resamples=cfg.ci_resamples)
+            ci = seeded(chosen, chosen["share"].to_numpy(dtype=float), np.median, cfg)
             rows.append(threshold_verdict(claim, f"median share of positive influence in the top {fraction:.1%}",
-                                          ci.estimate, ci.low, ci.high, n_models, 1, threshold, "less"))
+                                          ci.estimate, ci.low, ci.high, n_models, n_seeds, threshold, "less"))
     return rows
-
 
 
 if __name__ == "__main__":

@@ -196,11 +196,14 @@ class StudyOutput:
         self.table("top_sequences_readable", readable)
         self.tables["top_sequences"] = "top_sequences.jsonl"
 
-    def verdicts(self, verdicts: pd.DataFrame | Sequence[dict], n_seeds: int = 1) -> pd.DataFrame:
+    def verdicts(self, verdicts: pd.DataFrame | Sequence[dict], n_seeds: int | None = None) -> pd.DataFrame:
         """The verdict table in the contract's shape. A row without its own n_models / n_seeds gets the number of
-        models this study scored and `n_seeds`, the training seeds per model (one for zoo v1 and the plain models)."""
+        model sizes this study scored and `n_seeds`, by default the most training seeds of one size among them
+        (size_groups; one for zoo v1 and the plain models)."""
         rows = verdicts.to_dict("records") if isinstance(verdicts, pd.DataFrame) else list(verdicts)
-        self.verdict_rows = [verdict_row(**{"n_models": len(self.inputs), "n_seeds": n_seeds, **row}) for row in rows]
+        groups = size_groups([inputs.loaded.record() for inputs in self.inputs])
+        n_seeds = n_seeds if n_seeds is not None else max((len(names) for _, names in groups), default=1)
+        self.verdict_rows = [verdict_row(**{"n_models": len(groups), "n_seeds": n_seeds, **row}) for row in rows]
         frame = pd.DataFrame(self.verdict_rows)
         self.table("verdicts", frame)
         return frame
@@ -369,6 +372,27 @@ def relation(query: WorldQuery, doc: pd.Series) -> str:
     if doc["topic"] in query.relevant_topics:
         return RELATIONS[2]
     return RELATIONS[3]
+
+
+def size_groups(records: Sequence) -> list[tuple[str, list[str]]]:
+    """Models that are training seeds of one size grouped, smallest first: [(label, model names)].
+
+    records: ModelRecord-like (name, architecture, non_embedding_parameters, seed). Models share a group when
+    they have the same architecture and parameter count and distinct known seeds; any other model (a seed not
+    given, or repeated) is a group of its own. The label is the model's name, or for several seeds
+    "<n> seeds of <architecture> <parameters> (<names>)"."""
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((r.non_embedding_parameters, r.architecture), []).append(r)
+    out = []
+    for (size, architecture), members in sorted(groups.items(), key=lambda item: item[0][0]):
+        seeds = [m.seed for m in members]
+        if len(members) > 1 and None not in seeds and len(set(seeds)) == len(seeds):
+            names = [m.name for m in members]
+            out.append((f"{len(names)} seeds of {architecture} {size:,} ({', '.join(names)})", names))
+        else:
+            out += [(m.name, [m.name]) for m in members]
+    return out
 
 
 def model_sizes(inputs_list: Sequence[StudyInputs]) -> dict[str, int]:

@@ -45,7 +45,7 @@ from experiments.pipeline import cache_key, numerical_settings
 from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
 from experiments.queries import Query as StudyQuery
 from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
-                               study_queries, top_sequences, verdict)
+                               size_groups, study_queries, top_sequences, verdict)
 from experiments.zoo import world as W
 from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, world_probes
 from experiments.zoo.train import completion_logprob
@@ -266,7 +266,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     for inputs, run in scored_models(cfg, out):
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
         sizes[inputs.model_name] = inputs.loaded.record().non_embedding_parameters
-        score_tables.append(score_probes(inputs, probes, cfg))
+        score_tables.append(score_probes(inputs, probes, cfg).assign(seed=inputs.loaded.seed or 0))
         accuracy_rows += completion_accuracy(inputs)
         if not cfg.finetune.enabled or cfg.finetune.steps <= 0:
             continue
@@ -299,11 +299,11 @@ def run(cfg: DictConfig, run_dir) -> None:
                    paper="Figs 24-25 (their protocol applied to the flipped queries; ours)")
 
     rows = []
-    for model in models:
+    for size, names in size_groups([i.loaded.record() for i in out.inputs]):  # the seeds of one size pooled: a two-level CI (seeds, then probes)
         for key, label in QUERY_SETS.items():
-            mine = scores[(scores["model"] == model) & (scores["query_set"] == key)]
+            mine = scores[scores["model"].isin(names) & (scores["query_set"] == key)]
             if len(mine):
-                rows.append(sharp_reduction_verdict(mine, float(cfg.flip_fraction), f"{model}, {label}", confidence,
+                rows.append(sharp_reduction_verdict(mine, float(cfg.flip_fraction), f"{size}, {label}", confidence,
                                                     samples))
     if accuracy_rows:
         accuracy = pd.DataFrame(accuracy_rows)

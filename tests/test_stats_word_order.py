@@ -84,3 +84,17 @@ def test_no_positive_rewording_influence_cannot_be_reduced():
     assert "no positive influence to reduce" in row["note"]
     with pytest.raises(ValueError, match="fraction"):
         sharp_reduction(KNOWN, 1.5)
+
+
+def test_sharp_reduction_over_seeds_is_the_mean_of_the_seeds_with_a_two_level_ci():
+    """Seed 0 is KNOWN (C = 2.75); seed 1 has constant probes with C = 0.5 * 8 - 2 = 2: the estimate is their mean
+    2.375, and the two-level CI spans both seeds' values (seeds drawn with replacement)."""
+    seed1 = table({("a", "rewordings"): [8.0, 8.0], ("a", "order_flipped"): [2.0, 2.0]})
+    both = pd.concat([KNOWN.assign(seed=0), seed1.assign(seed=1)], ignore_index=True)
+    test = sharp_reduction(both, 0.5, n_resamples=2000)
+    assert test["estimate"] == pytest.approx((2.75 + 2.0) / 2) and test["n_seeds"] == 2
+    assert test["rewordings_mean"] == pytest.approx((7.5 + 8.0) / 2)
+    assert test["ci_low"] <= 2.0 + 1e-9 and test["ci_high"] >= 2.75 - 1e-9  # all-seed-1 and all-seed-0 replicates
+    assert sharp_reduction_verdict(both, 0.5, "size m")["n_seeds"] == 2
+    one = sharp_reduction(KNOWN.assign(seed=0), 0.5, n_resamples=1000)  # one seed: the one-level CI, unchanged
+    assert one == {**sharp_reduction(KNOWN, 0.5, n_resamples=1000), "n_seeds": 1}

@@ -275,3 +275,18 @@ def test_a_study_under_torchrun_scores_on_two_ranks(micro_zoo, study_artifacts, 
     scale = one["influence"].abs().max()
     assert (two["influence"] - one["influence"]).abs().max() <= 1e-5 * scale
     assert read_study(tmp_path / "run").study == "sparsity"
+
+
+def test_size_groups_pool_only_distinct_seeds_of_one_shape():
+    from types import SimpleNamespace as R
+
+    from experiments.study import size_groups
+
+    records = [R(name="l_s0", architecture="GPTNeoX", non_embedding_parameters=900, seed=0),
+               R(name="s_s0", architecture="GPTNeoX", non_embedding_parameters=100, seed=0),
+               R(name="s_s1", architecture="GPTNeoX", non_embedding_parameters=100, seed=1),
+               R(name="llama", architecture="Llama", non_embedding_parameters=100, seed=0),  # same count, other shape
+               R(name="a", architecture="GPT2", non_embedding_parameters=500, seed=None),  # seeds unknown: apart
+               R(name="b", architecture="GPT2", non_embedding_parameters=500, seed=None)]
+    assert size_groups(records) == [("2 seeds of GPTNeoX 100 (s_s0, s_s1)", ["s_s0", "s_s1"]),
+                                    ("llama", ["llama"]), ("a", ["a"]), ("b", ["b"]), ("l_s0", ["l_s0"])]
