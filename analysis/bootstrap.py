@@ -111,6 +111,28 @@ def cluster_bootstrap(table: pd.DataFrame, statistic: Callable = np.mean, seed_c
                     "cluster percentile (" + ", then ".join(r for r in ("seed", "unit") if r in resample) + ")")
 
 
+def nested_bootstrap(units_by_seed: Sequence[np.ndarray], statistic: Callable[[np.ndarray], float],
+                     confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """CI of statistic(rows) for units that are rows of any shape (e.g. a query's layer profile (D,)), grouped by
+    training seed: units_by_seed[s] is (n_s, ...). Each replicate draws the seeds with replacement (when there
+    are several), then n_s units with replacement within each drawn seed, stacks them and applies the statistic;
+    percentile interval, NaN replicates (e.g. a resample lacking one kind of unit) left out."""
+    groups = [np.asarray(u, dtype=np.float64) for u in units_by_seed if len(u)]
+    if not groups:
+        raise ValueError("no units to resample")
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_resamples)
+    for b in range(n_resamples):
+        chosen = rng.integers(0, len(groups), len(groups)) if len(groups) > 1 else [0]
+        draws[b] = statistic(np.concatenate([groups[s][rng.integers(0, len(groups[s]), len(groups[s]))]
+                                             for s in chosen]))
+    draws = draws[np.isfinite(draws)]
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail]) if len(draws) else (np.nan, np.nan)
+    return Interval(float(statistic(np.concatenate(groups))), float(low), float(high), confidence, len(groups),
+                    "nested percentile (seeds, then units)" if len(groups) > 1 else "percentile over units")
+
+
 def seeded_ci(table: pd.DataFrame, statistic: Callable = np.mean, seed_column: str = "seed",
               unit_column: str = "unit", value_column: str = "value", confidence: float = 0.95,
               n_resamples: int = 2000, seed: int = 0) -> Interval:

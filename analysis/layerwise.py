@@ -49,3 +49,26 @@ def bands(num_blocks: int) -> dict[str, list[int]]:
         raise ValueError(f"{num_blocks} blocks cannot be split into thirds; use a model with at least 3 layers")
     edges = np.array_split(np.arange(num_blocks), 3)
     return {"lower": edges[0].tolist(), "middle": edges[1].tolist(), "upper": edges[2].tolist()}
+
+
+# ---- statistics of the verdicts: each a function of a (units, ...) array, resampled by analysis.bootstrap ------
+
+def peak_of_mean_profile(profiles: np.ndarray) -> float:
+    """profiles (Q, D): per query its share of influence per block times the number of blocks (1 = uniform).
+    Returns max_d mean_q profiles[q, d], the largest block's share of the average profile over uniform."""
+    return float(np.asarray(profiles, dtype=np.float64).mean(axis=0).max())
+
+
+def kind_difference(rows: np.ndarray) -> float:
+    """rows (n, 2): [value, 1 for kind a / 0 for kind b]. mean(value | a) - mean(value | b); NaN when a kind is
+    absent (a bootstrap replicate without it is left out)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    a, b = rows[rows[:, 1] == 1, 0], rows[rows[:, 1] == 0, 0]
+    return float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+
+
+def middle_minus_others(rows: np.ndarray) -> float:
+    """rows (Q, 3): per query a statistic of the top sequences ranked by the lower, middle and upper third of the
+    layers. mean_q (middle_q - min(lower_q, upper_q)): < 0 when the middle third gives the lowest value."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return float((rows[:, 1] - np.minimum(rows[:, 0], rows[:, 2])).mean())

@@ -20,10 +20,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from analysis.abstraction import split_flagged
-from analysis.layerwise import bands, centre_of_mass, layer_shares, per_block
+from analysis.bootstrap import nested_bootstrap
+from analysis.layerwise import (bands, centre_of_mass, kind_difference, layer_shares, middle_minus_others,
+                                peak_of_mean_profile, per_block)
+from analysis.trends import threshold_verdict
 from experiments import pipeline
 from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, run_stage,
-                              scored_models, token_overlap, top_sequences, verdict)
+                              scored_models, size_groups, token_overlap, top_sequences)
 
 QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
               "code": "math/code", "roleplay": "role-play"}
@@ -192,31 +195,8 @@ def run(cfg: DictConfig, run_dir) -> None:
             {"model": m, "query": q, "layer": layer, "influence": float(v)}
             for m, q, matrix, _ in maps for layer, v in enumerate(matrix.sum(1))]))
 
-    largest = cfg.models[-1]
-    mine = shares[shares["model"] == largest].groupby("depth")["relative_share"].mean()
-    kinds = centres[centres["model"] == largest].groupby("kind")["centre_of_mass"]
-    rows = [verdict("averaged over queries, influence is spread roughly uniformly over layers",
-                    f"{largest}: largest mean layer share / uniform share", float(mine.max()),
-                    f"min {mine.min():.2f}", bool(mine.max() < 2.0))]
-    if {"factual", "math/code"} <= set(kinds.groups):
-        factual, math = kinds.get_group("factual"), kinds.get_group("math/code")
-        difference = float(factual.mean() - math.mean())
-        error = float(np.sqrt(factual.var() / len(factual) + math.var() / len(math)))
-        rows.append(verdict("factual queries sit higher in the network than math/code queries",
-                            f"{largest}: centre of mass (factual) - (math/code), in relative depth", difference,
-                            f"+- {error:.3f} (standard error)",
-                            None if abs(difference) < 2 * error else difference > 0))
-    band_means = band_table[band_table["model"] == largest].groupby("band")["token_overlap"].mean()
-    if {"lower", "middle", "upper"} <= set(band_means.index):
-        rows.append(verdict("the middle third of the layers gives the most abstract top sequences",
-                            f"{largest}: token overlap of the top {cfg.top_k_band} (middle band; lower, upper)",
-                            float(band_means["middle"]), f"lower {band_means['lower']:.3f}, upper {band_means['upper']:.3f}",
-                            bool(band_means["middle"] < min(band_means["lower"], band_means["upper"]))))
-    else:
-        rows.append(verdict("the middle third of the layers gives the most abstract top sequences",
-                            "needs at least 3 layers", float("nan"), "", None))
-    verdicts = pd.DataFrame(rows)
-    verdicts = out.verdicts(verdicts)
+    rows = layerwise_verdicts(shares, centres, band_table, [i.loaded.record() for i in out.inputs], cfg)
+    verdicts = out.verdicts(rows)
     flagged = pd.concat(flagged_all, ignore_index=True).drop(columns=["tokens", "token_scores"])
     out.table("flagged_spurious", flagged.assign(text=flagged["text"].str.slice(0, 160).str.replace("\n", " ")))
     out.table("spurious_counts", pd.concat(counts_all, ignore_index=True))
@@ -228,6 +208,49 @@ def run(cfg: DictConfig, run_dir) -> None:
                "flagged_spurious, counted in spurious_counts, and left out of every statistic and figure.", cfg)
     print(verdicts.to_markdown(index=False, floatfmt=".3g"))
     print(band_summary.to_markdown(index=False, floatfmt=".3g"))
+
+
+def layerwise_verdicts(shares: pd.DataFrame, centres: pd.DataFrame, band_table: pd.DataFrame, records,
+                       cfg: DictConfig) -> list[dict]:
+    """The paper's three layer-wise claims for the largest model size (its training seeds pooled: a bootstrap over
+    seeds, then queries; analysis.bootstrap.nested_bootstrap), each judged against cfg.thresholds.
+
+    shares: (model, query, depth, relative_share) rows; centres: (model, query, kind, centre_of_mass);
+    band_table: (model, query, band, token_overlap); records: the models' ModelRecords."""
+    t, samples = cfg.thresholds, int(cfg.bootstrap_samples)
+    label, names = size_groups(records)[-1]
+    n_seeds = len(names)
+    rows = []
+
+    def judged(claim, statistic, units, function, threshold, direction, needs=""):
+        if needs or not any(len(u) for u in units):
+            return threshold_verdict(claim, needs or statistic, float("nan"), float("nan"), float("nan"), 1,
+                                     n_seeds, threshold, direction)
+        ci = nested_bootstrap(units, function, n_resamples=samples, seed=int(cfg.seed))
+        return threshold_verdict(claim, statistic, ci.estimate, ci.low, ci.high, 1, n_seeds, threshold, direction)
+
+    profiles = [shares[shares["model"] == m].pivot_table(index="query", columns="depth", values="relative_share",
+                                                         sort=False).to_numpy() for m in names]
+    rows.append(judged("averaged over queries, influence is spread roughly uniformly over layers",
+                       f"{label}: largest block's share of the mean profile over queries / uniform share",
+                       profiles, peak_of_mean_profile, float(t.uniform_peak_max), "less"))
+    kinds = [centres[(centres["model"] == m) & centres["kind"].isin(["factual", "math/code"])] for m in names]
+    units = [np.column_stack([k["centre_of_mass"], (k["kind"] == "factual").astype(float)]) for k in kinds]
+    both = all({"factual", "math/code"} <= set(k["kind"]) for k in kinds)
+    rows.append(judged("factual queries sit higher in the network than math/code queries",
+                       f"{label}: mean centre of mass (relative depth) of factual minus math/code queries", units,
+                       kind_difference, float(t.factual_minus_math_min), "greater",
+                       "" if both else "needs factual and math/code queries"))
+    overlap = [band_table[band_table["model"] == m].pivot_table(index="query", columns="band", values="token_overlap",
+                                                                sort=False) for m in names]
+    has_bands = all({"lower", "middle", "upper"} <= set(o.columns) for o in overlap)
+    rows.append(judged("the middle third of the layers gives the most abstract top sequences",
+                       f"{label}: mean over queries of the token overlap of the top {cfg.top_k_band} ranked by the "
+                       "middle third minus the lower of the lower / upper thirds' (< 0: middle most abstract)",
+                       [o[["lower", "middle", "upper"]].to_numpy() for o in overlap] if has_bands else [],
+                       middle_minus_others, float(t.middle_minus_others_max), "less",
+                       "" if has_bands else "needs at least 3 layers"))
+    return rows
 
 
 if __name__ == "__main__":
