@@ -39,7 +39,7 @@ from experiments import pipeline
 from experiments.loading import model_max_length, tokenize_sequences
 from experiments.results import write_rows
 from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
-                               top_sequences)
+                               size_groups, top_sequences)
 from experiments.translation import Translator, translator_from_config
 from influence_core.task import IGNORE_INDEX
 
@@ -218,29 +218,36 @@ def differences_table(grids: dict, sizes: dict[str, int], languages, n_resamples
     return pd.DataFrame(rows)
 
 
-def crosslingual_verdicts(differences: pd.DataFrame, languages) -> list[dict]:
-    pooled = differences[differences["query"] == "(pooled)"]
+def crosslingual_verdicts(differences: pd.DataFrame, grids: dict, languages, records, n_resamples: int) -> list[dict]:
+    """The paper's two cross-lingual claims. At the smallest size (its training seeds pooled: every (model, query)
+    grid a cluster of the bootstrap), D near zero; across sizes, D per query rising with size, tested within
+    blocks of (query, training seed) so that sizes are only compared within one seed."""
+    groups = size_groups(records)
+    label, smallest = groups[0]
+    seeds = {r.name: r.seed or 0 for r in records}
     per_query = differences[differences["query"] != "(pooled)"]
-    smallest = pooled.sort_values("parameters", kind="stable")["model"].iloc[0]
     rows = []
     for language in languages:
         name = LANGUAGE_NAMES.get(language, language)
-        small = pooled[(pooled["model"] == smallest) & (pooled["language"] == language)].iloc[0]
+        small = pooled_translated_minus_english({key: grid for key, grid in grids.items() if key[0] in smallest},
+                                                language, n_resamples=n_resamples)
         rows.append(verdict_row(
             f"{name} translations of the top English sequences have near-zero influence at the smallest size "
             "(paper: 810M)",
-            f"{smallest}: D = mean over queries and sequences of ({name} - English) influence / mean English "
+            f"{label}: D = mean over queries and sequences of ({name} - English) influence / mean English "
             f"influence of the query's top sequences (-1: none; 0: as English); near zero: D < {NEAR_ZERO}; CI: "
-            f"cluster bootstrap (queries, then sequences), {int(small['n_sequences'])} translated sequences",
-            small["difference"], small["ci_low"], small["ci_high"], None, n_models=1, n_seeds=1,
+            f"cluster bootstrap ((model, query), then sequences), {small.n_sequences} translated sequences",
+            small.estimate, small.ci_low, small.ci_high, None, n_models=1, n_seeds=len(smallest),
             threshold=NEAR_ZERO, direction="decreasing", min_models=1))
-        trend = size_trend(per_query[per_query["language"] == language].rename(columns={"parameters": "size",
-                                                                                         "difference": "value"}))
+        mine = per_query[per_query["language"] == language]
+        blocks = mine["query"] + " | seed " + mine["model"].map(seeds).astype(str)
+        trend = size_trend(mine.assign(query=blocks).rename(columns={"parameters": "size", "difference": "value"}))
+        n_seeds = max(len(names) for _, names in groups)
         rows.append(verdict_row(
             f"{name} translations' influence relative to English rises with model size",
-            f"mean over queries of Spearman(D per query, log parameters) over {trend.n_models} sizes and "
-            f"{trend.n_queries} queries; p: permutation of sizes within queries; CI: bootstrap over queries",
-            trend.estimate, trend.ci_low, trend.ci_high, trend.p_value, n_models=trend.n_models, n_seeds=1,
+            f"mean over (query, seed) blocks of Spearman(D per query, log parameters) over {trend.n_models} sizes "
+            f"and {trend.n_queries} blocks; p: permutation of sizes within blocks; CI: bootstrap over blocks",
+            trend.estimate, trend.ci_low, trend.ci_high, trend.p_value, n_models=trend.n_models, n_seeds=n_seeds,
             threshold=0.0, direction="increasing"))
     return rows
 
@@ -341,7 +348,9 @@ def run(cfg: DictConfig, run_dir) -> None:
         panels = {f"{model} ({sizes[model]:,})": grids[(model, query)] for model in by_size if (model, query) in grids}
         out.figure(f"crosslingual_heatmaps_{query}", heatmap_figure(query, panels, norm), paper=PAPER)
     out.figure("crosslingual_differences", differences_figure(differences, languages), paper=f"{PAPER} (summary, ours)")
-    verdicts = out.verdicts(crosslingual_verdicts(differences, languages))
+    verdicts = out.verdicts(crosslingual_verdicts(differences, grids, languages,
+                                                  [i.loaded.record() for i in out.inputs],
+                                                  int(cfg.bootstrap_samples)))
     out.top_sequences(pd.concat(tops))
 
     per_model = coverage.groupby("model", sort=False).sum(numeric_only=True)
