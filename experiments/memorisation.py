@@ -22,10 +22,11 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from analysis.bootstrap import bootstrap_ci
+from analysis.bootstrap import seeded_ci
 from analysis.memorisation import contains_passage_at_k, passage_coverage
 from analysis.trends import threshold_verdict
-from experiments.study import CONFIG_DIR, StudyOutput, focus_queries, run_stage, scored_models, top_sequences
+from experiments.study import (CONFIG_DIR, StudyOutput, focus_queries, run_stage, scored_models, size_groups,
+                               top_sequences)
 
 
 def sequence_ids(inputs, rows) -> list[list[int]]:
@@ -78,21 +79,22 @@ def run(cfg: DictConfig, run_dir) -> None:
     rows, tops = [], []
     for inputs, run in scored_models(cfg, out):
         names = focus_queries(cfg, inputs.queries, count=len(inputs.queries))
-        rows += query_rows(inputs, run, names, cfg.top_k)
+        rows += [{**row, "seed": inputs.loaded.seed or 0} for row in query_rows(inputs, run, names, cfg.top_k)]
         tops.append(top_sequences(inputs, run, cfg.top_k_tokens))
     table = pd.DataFrame(rows)
     out.table("passage_coverage", table)
     out.figure("contains_passage", share_figure(table, cfg.top_k), paper="Sec 5.3.3")
     verdicts = []
-    for model, group in table.groupby("model", sort=False):
-        chosen = group[group["passage_in_corpus"]][f"contains_at_{cfg.top_k}"].to_numpy(dtype=float)
-        if len(chosen):
-            ci = bootstrap_ci(chosen, np.mean, n_resamples=cfg.ci_resamples)
+    for label, names in size_groups([i.loaded.record() for i in out.inputs]):  # a size's seeds pooled
+        group = table[table["model"].isin(names) & table["passage_in_corpus"]]
+        if len(group):
+            chosen = group.assign(unit=group["query"], value=group[f"contains_at_{cfg.top_k}"].astype(float))
+            ci = seeded_ci(chosen, np.mean, n_resamples=cfg.ci_resamples)
             verdicts.append(threshold_verdict(
                 "the top influential sequences contain the exact passage",
-                f"{model}: share of queries (passage in the corpus: {len(chosen)}) whose top {cfg.top_k} contains "
-                "the whole completion", ci.estimate, ci.low, ci.high, 1, 1, cfg.thresholds.contains_share,
-                "greater"))
+                f"{label}: share of queries (passage in the corpus: {group['query'].nunique()}) whose top "
+                f"{cfg.top_k} contains the whole completion", ci.estimate, ci.low, ci.high, 1, len(names),
+                cfg.thresholds.contains_share, "greater"))
     out.verdicts(verdicts)
     out.top_sequences(pd.concat(tops))
     out.readme("Whether each query's top influential sequences contain the passage its completion continues "
