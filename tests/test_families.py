@@ -14,7 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from engine_models import gpt_neox, query_batches, token_batches
 from influence_core import CausalLMTask, FactorArguments, fit_factors, track_layers
-from influence_core.baselines import parameter_gradients
+from influence_core.reference.baselines import parameter_gradients
 from influence_core.families import FAMILIES
 from test_scores import block_preconditioner, influence
 
@@ -190,7 +190,7 @@ def test_unsupported_fused_experts_are_refused_not_skipped():
 
 
 def test_curvature_methods_refuse_expert_views():
-    from influence_core.gnh import gnh_vector_product
+    from influence_core.reference.gnh import gnh_vector_product
 
     model = tiny("qwen3_moe")
     layers = track_layers(model)
