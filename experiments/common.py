@@ -59,6 +59,7 @@ def run_influence(model, tokenizer, train_encoded: dict[str, torch.Tensor], quer
     start = time.perf_counter()
     scored = train_encoded if score_indices is None else {k: v[list(score_indices)] for k, v in train_encoded.items()}
     scores = compute_scores(model, layers, task, training_batches(scored, cfg.score_batch_size), preconditioned,
-                            [q.name for q in queries], ScoreArguments(per_token=cfg.per_token, progress=cfg.progress))
+                            [q.name for q in queries], ScoreArguments(per_token=cfg.per_token, progress=cfg.progress,
+                                                                          output_blocks=cfg.output_blocks))
     timings["scores"] = time.perf_counter() - start
     return InfluenceRun(scores, scored["input_ids"], scored["attention_mask"], timings)

@@ -60,6 +60,10 @@ def check_influence_settings(influence: DictConfig) -> None:
     damping = influence.get("damping")
     if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
         raise ValueError(f"influence.damping={damping!r}: give a number >= 0, or null for damping_factor x mean eigenvalue")
+    blocks = influence.get("output_blocks")
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1):
+        raise ValueError(f"influence.output_blocks={blocks!r}: give an integer >= 1 dividing every tracked layer's "
+                         "output width, or null for the whole gradient covariance")
     fit = influence.get("num_fit_sequences")
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
@@ -113,7 +117,7 @@ def factor_arguments(influence: DictConfig) -> FactorArguments:
     """The influence config group -> FactorArguments (unknown keys in the group are Hydra's to refuse)."""
     return FactorArguments(strategy=influence.strategy, damping_factor=influence.damping_factor,
                            damping=influence.damping, fisher=influence.fisher, seed=influence.seed,
-                           dtype=influence.dtype, progress=influence.progress)
+                           dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks)
 
 
 def numerical_settings(influence: DictConfig) -> dict:
@@ -345,7 +349,8 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
         model, layers, task, target.encoded, stored, [q.name for q in queries], plan.scores_dir / "shards",
         ShardArguments(shard_size=scoring.shard_size, batch_size=influence.score_batch_size,
                        top_k_tokens=scoring.top_k_tokens),
-        ScoreArguments(progress=progress and influence.progress, query_rank=scoring.query_rank),
+        ScoreArguments(progress=progress and influence.progress, query_rank=scoring.query_rank,
+                       output_blocks=influence.output_blocks),
         candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
@@ -375,7 +380,7 @@ def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
     for layer in plan.layers:
         scores = compute_scores(loaded.model, [layer], task, iterate_batches(scored.encoded, influence.score_batch_size),
                                 {layer.name: preconditioned[layer.name]}, [q.name for q in queries],
-                                ScoreArguments(per_token=True, progress=False))
+                                ScoreArguments(per_token=True, progress=False, output_blocks=influence.output_blocks))
         per_layer.append(scores.per_token.double().numpy())  # (Q, N', T)
     return np.stack(per_layer, axis=2)
 

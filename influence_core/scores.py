@@ -46,6 +46,7 @@ class ScoreArguments:
     low_rank: bool | None = None  # None: compress where query_rank truncates; True: every layer, factored path; False: none
     dense_query_bytes: int = 2**30  # rank-r queries also kept dense (for the cheaper path) while they fit in this
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
+    output_blocks: int | None = None  # dense layers: contract k blocks of output rows one after another (None: at once)
 
     def __post_init__(self) -> None:
         for name in ("per_token", "progress"):
@@ -57,6 +58,8 @@ class ScoreArguments:
             check_rank(self.query_rank)
         check_number("dense_query_bytes", self.dense_query_bytes, 0, integer=True)
         check_number("low_rank_chunk", self.low_rank_chunk, 1, integer=True)
+        if self.output_blocks is not None:
+            check_number("output_blocks", self.output_blocks, 1, integer=True)
 
 
 class LayerGradients(dict):
@@ -235,10 +238,10 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                     if args.per_token:
                         token_scores = token_scores + tokens
                     continue
-                layer_scores.append(dense_scores(q, per_sequence_gradients(a, g)))
+                scores, tokens = dense_layer_scores(q, a, g, args.per_token, args.output_blocks)
+                layer_scores.append(scores)
                 if args.per_token:
-                    # sum_o g_{t,o} (q a_t)_o without forming per-token gradients: (Q, B, T)
-                    token_scores = token_scores + torch.einsum("bto,qbto->qbt", g, torch.einsum("qoi,bti->qbto", q, a))
+                    token_scores = token_scores + tokens
             stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
             check_finite(stacked, "influence scores")
             per_layer_parts.append(stacked.cpu())
@@ -255,6 +258,33 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
         per_token = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_token_parts], dim=1)
     return InfluenceScores(query_names, names, per_layer.sum(dim=-1), per_layer, per_token)
 
+
+
+def dense_layer_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool,
+                       output_blocks: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's scores sum_{o,i} q[k,o,i] D[n,o,i], (Q, B), and with per_token its token split
+    sum_o g_{t,o} (q a_t)_o, (Q, B, T), without forming per-token gradients; q (Q, d_out, d_in), a (B, T, d_in),
+    g (B, T, d_out). With k output blocks the rows o are taken k slices at a time and the parts summed (the same
+    numbers up to summation order), so only (B, d_out / k, d_in) of D and (Q, B, T, d_out / k) of q a_t are in flight.
+    """
+    d_out = q.shape[1]
+    if output_blocks is None:
+        return _dense_rows(q, a, g, per_token)
+    if d_out % output_blocks:
+        raise ValueError(f"output_blocks={output_blocks} does not divide d_out={d_out}; choose a divisor of every "
+                         "tracked layer's output width")
+    size = d_out // output_blocks
+    parts = [_dense_rows(q[:, j * size : (j + 1) * size], a, g[..., j * size : (j + 1) * size], per_token)
+             for j in range(output_blocks)]
+    return sum(p[0] for p in parts), (sum(p[1] for p in parts) if per_token else None)
+
+
+def _dense_rows(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool):
+    """(Q, B) scores and (Q, B, T) token scores (None without per_token) of the output rows q and g hold."""
+    scores = dense_scores(q, per_sequence_gradients(a, g))
+    if not per_token:
+        return scores, None
+    return scores, torch.einsum("bto,qbto->qbt", g, torch.einsum("qoi,bti->qbto", q, a))
 
 
 def _factor_chunks(query: LowRankQuery, budget: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
