@@ -45,6 +45,7 @@ def cache_key(parts: dict) -> str:
 
 # ---- settings ------------------------------------------------------------------------------------------------------
 
+AUTO_LAYERS = "auto"  # influence.module_patterns: the family registry's MLP layers
 INTEGER_SETTINGS = {"fit_batch_size": 1, "query_batch_size": 1, "score_batch_size": 1, "seed": 0}
 
 
@@ -68,15 +69,16 @@ def check_influence_settings(influence: DictConfig) -> None:
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
     patterns = influence.get("module_patterns")
-    if patterns is not None and (not patterns or isinstance(patterns, str)):
-        raise ValueError(f"influence.module_patterns={patterns!r}: give a list of module-path globs, e.g. ['*mlp*'], "
-                         "or null for the model family's MLP layers (influence_core.families)")
+    if patterns != AUTO_LAYERS and (not patterns or isinstance(patterns, str)):
+        raise ValueError(f"influence.module_patterns={patterns!r}: give '{AUTO_LAYERS}' for the model family's MLP "
+                         "layers (influence_core.families) or a list of module-path globs, e.g. ['*mlp*']")
 
 
 def influence_layers(model, influence: DictConfig):
-    """The tracked layers: influence.module_patterns, or with null the family registry's MLP layers."""
-    patterns = influence.get("module_patterns")
-    return track_layers(model, None if patterns is None else list(patterns))
+    """The tracked layers: with module_patterns 'auto' the family registry's MLP layers, else the modules matching
+    the listed globs."""
+    patterns = influence.module_patterns
+    return track_layers(model) if patterns == AUTO_LAYERS else track_layers(model, list(patterns))
 
 
 @dataclass
@@ -288,11 +290,13 @@ def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     factor_numbers = {k: v for k, v in numbers.items() if k not in ("query_batch_size", "score_batch_size",
                                                                     "per_token", "max_length")}
     fit_count = min(influence.num_fit_sequences or len(corpus), len(corpus))
+    layer_names = [l.name for l in layers]  # resolved: 'auto' means whatever the registry selects for this model
     factors_dir = Path(artifacts) / "factors" / loaded.name / cache_key(
-        {"model": loaded.fingerprint, "corpus": corpus.fingerprint, "fit_count": fit_count, "influence": factor_numbers})
+        {"model": loaded.fingerprint, "corpus": corpus.fingerprint, "fit_count": fit_count, "influence": factor_numbers,
+         "layers": layer_names})
     scores_dir = Path(artifacts) / "scores" / loaded.name / cache_key(
         {"factors": str(factors_dir), "scored": (scored or corpus).fingerprint,
-         "queries": [q.to_dict() for q in queries], "influence": numbers,
+         "queries": [q.to_dict() for q in queries], "influence": numbers, "layers": layer_names,
          "scoring": {k: v for k, v in scoring.__dict__.items() if k != "fit_checkpoint_every"}})
     return ScorePlan(layers, factors_dir, scores_dir, fit_count)
 
