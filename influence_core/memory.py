@@ -58,7 +58,6 @@ class LayerMemory:
     scoring_per_sequence: int
     queries: int
     captures_per_token: int
-    output_blocks: int = 1
 
 
 @dataclass
@@ -113,8 +112,7 @@ def layer_memory(layer: TrackedLayer, factor_bytes: int, model_bytes: int, queri
         correction_per_sequence=2 * block * d_in * factor_bytes,
         scoring_per_sequence=block * d_in * factor_bytes,
         queries=query_numbers * 4,
-        captures_per_token=(d_in + d_out) * model_bytes,
-        output_blocks=k)
+        captures_per_token=(d_in + d_out) * model_bytes)
 
 
 def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: int, queries: int = 32,

@@ -193,11 +193,6 @@ class EigenbasisFactors(LayerFactors):
         return cls(name, tensors[f"{name}.eigenvalues"], tensors[f"{name}.activation_eigenvectors"],
                    tensors[f"{name}.gradient_eigenvectors"])
 
-    @property
-    def output_blocks(self) -> int | None:
-        """k for a block-diagonal Q_S, None for a full one."""
-        return self.gradient_eigenvectors.shape[0] if self.gradient_eigenvectors.dim() == 3 else None
-
     def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
         """Computed in the factors' dtype; returned in v's dtype, but never below float32."""
         dtype = accumulation_dtype(v.dtype)
