@@ -45,7 +45,7 @@ import torch
 from benchmarks.workloads import LoadedWorkload, Workload, describe, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors, iterate_batches,
                             query_gradients, track_layers)
-from influence_core.factors import batch_generator
+from influence_core.factors.passes import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
 SYSTEMS = ("floor", "ours", "kronfluence", "kronfluence_shared")

@@ -30,7 +30,7 @@ import torch
 
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, Task, compute_scores, fit_factors,
                             iterate_batches, query_gradients, track_layers)
-from influence_core.factors import read_tensors
+from influence_core.factors.stages import read_tensors
 
 FIGURES = Path("figures/bench")
 TOP_K = 10

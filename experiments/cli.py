@@ -112,18 +112,27 @@ def study_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def plan_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from experiments.model_shapes import meta_model
     from influence_core import track_layers
-    from influence_core.memory import GIB, plan_memory
+    from influence_core.memory import GIB, plan_memory, plan_output_blocks
 
     model = meta_model(args.model, args.dtype)
     layers = track_layers(model, list(args.patterns))
+    settings = dict(queries=args.queries, query_rank=args.rank or None, factor_dtype=args.factor_dtype)
+    budget = int(args.budget_gib * GIB)
     try:
-        plan = plan_memory(layers, model, args.tokens, args.queries, args.rank or None, args.factor_dtype,
-                           budget=int(args.budget_gib * GIB))
+        if args.output_blocks is None:
+            plan = plan_output_blocks(layers, model, args.tokens, budget, **settings)
+        else:
+            plan = plan_memory(layers, model, args.tokens, budget=budget, output_blocks=args.output_blocks, **settings)
     except ValueError as error:
         raise SystemExit(f"influence-lab plan: {error}") from None
     print(f"{args.model} ({type(model).__name__}, {args.dtype}), {args.tokens} tokens, {args.queries} queries at "
           f"rank {args.rank or 'full'}, factors in {args.factor_dtype}")
     print(plan.table())
+    if args.output_blocks is None and plan.output_blocks is not None:
+        whole = plan_memory(layers, model, args.tokens, batch_size=1, **settings)
+        print(f"without output blocks one sequence needs {whole.peak / GIB:.2f} GiB > {args.budget_gib:g} GiB; with "
+              f"{plan.output_blocks} output blocks (influence.output_blocks={plan.output_blocks}: S block-diagonal, "
+              f"correction and scoring per block) the peak is {plan.peak / GIB:.2f} GiB at batch {plan.batch_size}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -159,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", help="the model's dtype (default: bfloat16)")
     plan.add_argument("--factor-dtype", default="float32", help="factor dtype: float32 or float64")
     plan.add_argument("--patterns", nargs="+", default=["*mlp*"], help="tracked module globs (default: *mlp*)")
+    plan.add_argument("--output-blocks", type=int, help="split S into this many output blocks (default: none when "
+                                                        "the factors fit, else the fewest that fit)")
 
     report = commands.add_parser("report", help="the HTML report of finished runs (folders with study.json)",
                                  add_help=False)

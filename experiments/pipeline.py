@@ -45,6 +45,7 @@ def cache_key(parts: dict) -> str:
 
 # ---- settings ------------------------------------------------------------------------------------------------------
 
+AUTO_LAYERS = "auto"  # influence.module_patterns: the family registry's MLP layers
 INTEGER_SETTINGS = {"fit_batch_size": 1, "query_batch_size": 1, "score_batch_size": 1, "seed": 0}
 
 
@@ -60,19 +61,24 @@ def check_influence_settings(influence: DictConfig) -> None:
     damping = influence.get("damping")
     if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
         raise ValueError(f"influence.damping={damping!r}: give a number >= 0, or null for damping_factor x mean eigenvalue")
+    blocks = influence.get("output_blocks")
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1):
+        raise ValueError(f"influence.output_blocks={blocks!r}: give an integer >= 1 dividing every tracked layer's "
+                         "output width, or null for the whole gradient covariance")
     fit = influence.get("num_fit_sequences")
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
     patterns = influence.get("module_patterns")
-    if patterns is not None and (not patterns or isinstance(patterns, str)):
-        raise ValueError(f"influence.module_patterns={patterns!r}: give a list of module-path globs, e.g. ['*mlp*'], "
-                         "or null for the model family's MLP layers (influence_core.families)")
+    if patterns != AUTO_LAYERS and (not patterns or isinstance(patterns, str)):
+        raise ValueError(f"influence.module_patterns={patterns!r}: give '{AUTO_LAYERS}' for the model family's MLP "
+                         "layers (influence_core.families) or a list of module-path globs, e.g. ['*mlp*']")
 
 
 def influence_layers(model, influence: DictConfig):
-    """The tracked layers: influence.module_patterns, or with null the family registry's MLP layers."""
-    patterns = influence.get("module_patterns")
-    return track_layers(model, None if patterns is None else list(patterns))
+    """The tracked layers: with module_patterns 'auto' the family registry's MLP layers, else the modules matching
+    the listed globs."""
+    patterns = influence.module_patterns
+    return track_layers(model) if patterns == AUTO_LAYERS else track_layers(model, list(patterns))
 
 
 @dataclass
@@ -113,7 +119,7 @@ def factor_arguments(influence: DictConfig) -> FactorArguments:
     """The influence config group -> FactorArguments (unknown keys in the group are Hydra's to refuse)."""
     return FactorArguments(strategy=influence.strategy, damping_factor=influence.damping_factor,
                            damping=influence.damping, fisher=influence.fisher, seed=influence.seed,
-                           dtype=influence.dtype, progress=influence.progress)
+                           dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks)
 
 
 def numerical_settings(influence: DictConfig) -> dict:
@@ -298,11 +304,13 @@ def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     factor_numbers = {k: v for k, v in numbers.items() if k not in ("query_batch_size", "score_batch_size",
                                                                     "per_token", "max_length")}
     fit_count = min(influence.num_fit_sequences or len(corpus), len(corpus))
+    layer_names = [l.name for l in layers]  # resolved: 'auto' means whatever the registry selects for this model
     factors_dir = Path(artifacts) / "factors" / loaded.name / cache_key(
-        {"model": loaded.fingerprint, "corpus": corpus.fingerprint, "fit_count": fit_count, "influence": factor_numbers})
+        {"model": loaded.fingerprint, "corpus": corpus.fingerprint, "fit_count": fit_count, "influence": factor_numbers,
+         "layers": layer_names})
     scores_dir = Path(artifacts) / "scores" / loaded.name / cache_key(
         {"factors": str(factors_dir), "scored": (scored or corpus).fingerprint,
-         "queries": [q.to_dict() for q in queries], "influence": numbers,
+         "queries": [q.to_dict() for q in queries], "influence": numbers, "layers": layer_names,
          "scoring": {k: v for k, v in scoring.__dict__.items() if k != "fit_checkpoint_every"}})
     return ScorePlan(layers, factors_dir, scores_dir, fit_count)
 
@@ -359,7 +367,8 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
         model, layers, task, target.encoded, stored, [q.name for q in queries], plan.scores_dir / "shards",
         ShardArguments(shard_size=scoring.shard_size, batch_size=influence.score_batch_size,
                        top_k_tokens=scoring.top_k_tokens),
-        ScoreArguments(progress=progress and influence.progress, query_rank=scoring.query_rank),
+        ScoreArguments(progress=progress and influence.progress, query_rank=scoring.query_rank,
+                       output_blocks=influence.output_blocks),
         candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
@@ -389,7 +398,7 @@ def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
     for layer in plan.layers:
         scores = compute_scores(loaded.model, [layer], task, iterate_batches(scored.encoded, influence.score_batch_size),
                                 {layer.name: preconditioned[layer.name]}, [q.name for q in queries],
-                                ScoreArguments(per_token=True, progress=False))
+                                ScoreArguments(per_token=True, progress=False, output_blocks=influence.output_blocks))
         per_layer.append(scores.per_token.double().numpy())  # (Q, N', T)
     return np.stack(per_layer, axis=2)
 

@@ -6,13 +6,13 @@
 Per model: f = log p(label | test point) (MLP) or log p(completion | prompt) (LM); influence of a random subset
 of training points on each test point / query, by
   - estimators: EK-FAC, K-FAC, diagonal, identity (gradient dot product), all via influence_core.fit_factors,
-    and LiSSA (influence_core.lissa), on the same tracked layers and the same damping;
+    and LiSSA (influence_core.reference.lissa), on the same tracked layers and the same damping;
   - ground truth 1, exact: (G + lambda)^{-1} q with G the dense Gauss-Newton Hessian of all tracked layers, cross-layer
     blocks included (small models), or conjugate gradient on exact GNH-vector products, preconditioned by EK-FAC
     (which speeds CG up without changing what it converges to); `exact_layerwise` (dense models only) drops the
     cross-layer blocks: the best any layer-wise method (EK-FAC, K-FAC, diagonal) can do;
   - ground truth 2, PBRF (paper Eq 7) at a small epsilon, optimised from the trained weights for each training point
-    (influence_core.pbrf: L-BFGS, preconditioned by (G + lambda)^{-1/2} when G is dense, else by EK-FAC); every solve
+    (influence_core.reference.pbrf: L-BFGS, preconditioned by (G + lambda)^{-1/2} when G is dense, else by EK-FAC); every solve
     reports its final gradient, and points whose solves did not converge are left out of the PBRF correlations
     (counted in the table). `pbrf_one_copy` (dense models): the same at epsilon = 1/N, one added copy.
 Damping, for every method: lambda_l = damping_factor x mean EK-FAC eigenvalue of layer l (paper: 0.1), one absolute
@@ -45,11 +45,11 @@ from torch import nn  # noqa: E402
 
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, Task, compute_scores, fit_factors,  # noqa: E402
                             iterate_batches, query_gradients, track_layers)
-from influence_core.baselines import (exact_gauss_newton, exact_ihvp, flatten_layers, parameter_gradients,  # noqa: E402
+from influence_core.reference.baselines import (exact_gauss_newton, exact_ihvp, flatten_layers, parameter_gradients,  # noqa: E402
                                       unflatten_layers)
-from influence_core.gnh import conjugate_gradient, gnh_vector_product, layer_damping_vector, num_tracked_parameters  # noqa: E402
-from influence_core.lissa import LissaArguments, lissa_ihvp  # noqa: E402
-from influence_core.pbrf import PBRFArguments, pbrf_influence  # noqa: E402
+from influence_core.reference.gnh import conjugate_gradient, gnh_vector_product, layer_damping_vector, num_tracked_parameters  # noqa: E402
+from influence_core.reference.lissa import LissaArguments, lissa_ihvp  # noqa: E402
+from influence_core.reference.pbrf import PBRFArguments, pbrf_influence  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FACTOR_STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")

@@ -1,19 +1,25 @@
-"""Small helpers on batches (dicts of tensors whose first dimension is the row, i.e. sequence, index), and the
-precision rule of the engine: the model runs in its own dtype (bf16/fp16/fp32), everything the engine sums or
-contracts runs in `accumulation_dtype` (float32 at least)."""
+"""Small helpers on batches (dicts of tensors whose first dimension is the row, i.e. sequence, index): row counts,
+devices, padding masks, finiteness checks, the eval-mode context every pass runs in; and the precision rule of the
+engine: the model runs in its own dtype (bf16/fp16/fp32), everything the engine sums or contracts runs in
+`accumulation_dtype` (float32 at least)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .task import Task
 
 Batch = Mapping[str, Any]
 
 
 def row_count(batch: Batch) -> int:
-    """Number of rows (sequences) of a batch: the first dimension of its first tensor (input_ids if present)."""
+    """Number of rows (sequences) of a batch, or of a whole data set given as a dict of (N, ...) tensors: the first
+    dimension of input_ids if present, else of the first tensor with a dimension."""
     ids = batch.get("input_ids")
     if isinstance(ids, torch.Tensor):
         return int(ids.shape[0])
@@ -42,6 +48,24 @@ def refuse_one_shot(batches: Iterable, what: str) -> None:
     if iter(batches) is batches:
         raise TypeError(f"{what} got a one-shot iterator ({type(batches).__name__}) but iterates the batches more "
                         "than once; pass a list or a re-iterable (e.g. a DataLoader)")
+
+
+def single_rows(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Every row of every batch as a batch of one (tensors sliced [i : i + 1], other values kept)."""
+    for batch in batches:
+        for i in range(row_count(batch)):
+            yield {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """model.eval() inside, the model's own training flag restored after (dropout off while the engine measures)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -73,5 +97,23 @@ def upcast(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse a tensor with a NaN or inf, naming what it is."""
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(f"{what} contains NaN or inf; check the model's outputs and the input data")
+
+
+def token_weights(task: "Task", batch: Batch, activation: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1) float mask of real input tokens (task.token_mask; all ones without one), aligned with the captured
+    activations a (B, T, d_in), in a's device and dtype."""
+    mask = task.token_mask(batch)
+    if mask is None:
+        return activation.new_ones(*activation.shape[:2], 1)
+    return mask.to(activation.device, activation.dtype).reshape(*activation.shape[:2], 1)
+
+
+def real_token_activations(task: "Task", batch: Batch, activation: torch.Tensor) -> torch.Tensor:
+    """a (B, T, d_in) with padding tokens zeroed; a itself, not a masked copy, when every token is real."""
+    mask = task.token_mask(batch)
+    if mask is None or bool(mask.all()):
+        return activation
+    return activation * token_weights(task, batch, activation)

@@ -29,11 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batch import accumulation_dtype, check_finite, check_nonempty, model_device, row_count, to_device, upcast
-from .factors import FactorMismatchError, Factors, check_number, per_sequence_gradients, real_token_activations
+from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
+                    real_token_activations, row_count, to_device, upcast)
+from .factors.types import FactorMismatchError, Factors, check_number
 from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
-from .task import Batch, Task, trim_padding
-from .tracking import LayerCapture, TrackedLayer, layer_fingerprints, tracked_parameters_require_grad
+from .task import Task, trim_padding
+from .tracking import (LayerCapture, TrackedLayer, layer_fingerprints, per_sequence_gradients,
+                       tracked_parameters_require_grad)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ScoreArguments:
     low_rank: bool | None = None  # None: compress where query_rank truncates; True: every layer, factored path; False: none
     dense_query_bytes: int = 2**30  # rank-r queries also kept dense (for the cheaper path) while they fit in this
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
+    output_blocks: int | None = None  # dense layers: contract k blocks of output rows one after another (None: at once)
 
     def __post_init__(self) -> None:
         for name in ("per_token", "progress"):
@@ -55,6 +58,8 @@ class ScoreArguments:
             check_rank(self.query_rank)
         check_number("dense_query_bytes", self.dense_query_bytes, 0, integer=True)
         check_number("low_rank_chunk", self.low_rank_chunk, 1, integer=True)
+        if self.output_blocks is not None:
+            check_number("output_blocks", self.output_blocks, 1, integer=True)
 
 
 class LayerGradients(dict):
@@ -111,28 +116,23 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     if factors is not None:
         factors.check_layers(layers)
     collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-            for index, batch in enumerate(tqdm(batches, desc="query gradients", disable=not progress, leave=False)):
-                check_nonempty(batch, index, "query")
-                _check_query_labels(task, batch, seen)
-                seen += row_count(batch)
-                batch, _ = trim_padding(to_device(batch, model))
-                capture.clear(batch)
-                loss = task.query_loss(model, batch)
-                check_finite(loss, "query loss")
-                grads = capture.output_gradients(loss)
-                for layer in layers:
-                    # a, g upcast first: the outer products sum over tokens in float32 at least, not the model's bf16
-                    a = real_token_activations(task, batch, upcast(capture.activations[layer.name]))
-                    d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
-                    check_finite(d, f"query gradient of layer '{layer.name}'")
-                    collected[layer.name].append((factors.precondition(layer.name, d) if factors is not None else d).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for index, batch in enumerate(tqdm(batches, desc="query gradients", disable=not progress, leave=False)):
+            check_nonempty(batch, index, "query")
+            _check_query_labels(task, batch, seen)
+            seen += row_count(batch)
+            batch, _ = trim_padding(to_device(batch, model))
+            capture.clear(batch)
+            loss = task.query_loss(model, batch)
+            check_finite(loss, "query loss")
+            grads = capture.output_gradients(loss)
+            for layer in layers:
+                # a, g upcast first: the outer products sum over tokens in float32 at least, not the model's bf16
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name]))
+                d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
+                check_finite(d, f"query gradient of layer '{layer.name}'")
+                collected[layer.name].append((factors.precondition(layer.name, d) if factors is not None else d).cpu())
     if not collected[layers[0].name]:
         raise ValueError("no queries given")
     # layer by layer, each layer's parts freed once joined: peak one layer above the result, not the whole result
@@ -216,44 +216,39 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             size = q.shape[0] * q.shape[1] * q.shape[2] * q.left.element_size()
             if size <= budget:
                 reconstructed[n], budget = q.dense(), budget - size
-    was_training = model.training
-    model.eval()
-    try:
-        with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-            for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
-                check_nonempty(batch, index, "training")
-                batch, dropped = trim_padding(to_device(batch, model))  # per-token scores get the dropped columns back
-                capture.clear(batch)
-                loss = task.training_loss(model, batch)
-                check_finite(loss, "training loss")
-                grads = capture.output_gradients(loss)
-                layer_scores, token_scores = [], 0.0
-                for layer in layers:
-                    q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
-                    a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
-                    g = upcast(grads[layer.name], q.dtype)
-                    if isinstance(q, LowRankQuery) and layer.name in reconstructed and \
-                            _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
-                        q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
-                    if isinstance(q, LowRankQuery):
-                        tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
-                        layer_scores.append(tokens.sum(dim=-1))
-                        if args.per_token:
-                            token_scores = token_scores + tokens
-                        continue
-                    layer_scores.append(dense_scores(q, per_sequence_gradients(a, g)))
+    with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
+            check_nonempty(batch, index, "training")
+            batch, dropped = trim_padding(to_device(batch, model))  # per-token scores get the dropped columns back
+            capture.clear(batch)
+            loss = task.training_loss(model, batch)
+            check_finite(loss, "training loss")
+            grads = capture.output_gradients(loss)
+            layer_scores, token_scores = [], 0.0
+            for layer in layers:
+                q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
+                g = upcast(grads[layer.name], q.dtype)
+                if isinstance(q, LowRankQuery) and layer.name in reconstructed and \
+                        _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
+                    q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
+                if isinstance(q, LowRankQuery):
+                    tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
+                    layer_scores.append(tokens.sum(dim=-1))
                     if args.per_token:
-                        # sum_o g_{t,o} (q a_t)_o without forming per-token gradients: (Q, B, T)
-                        token_scores = token_scores + torch.einsum("bto,qbto->qbt", g, torch.einsum("qoi,bti->qbto", q, a))
-                stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
-                check_finite(stacked, "influence scores")
-                per_layer_parts.append(stacked.cpu())
+                        token_scores = token_scores + tokens
+                    continue
+                scores, tokens = dense_layer_scores(q, a, g, args.per_token, args.output_blocks)
+                layer_scores.append(scores)
                 if args.per_token:
-                    if dropped:  # zeros on the trimmed padding columns
-                        token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
-                    per_token_parts.append(token_scores.cpu())
-    finally:
-        model.train(was_training)
+                    token_scores = token_scores + tokens
+            stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
+            check_finite(stacked, "influence scores")
+            per_layer_parts.append(stacked.cpu())
+            if args.per_token:
+                if dropped:  # zeros on the trimmed padding columns
+                    token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
+                per_token_parts.append(token_scores.cpu())
     if not per_layer_parts:
         raise ValueError("the training data is empty: no batches to score")
     per_layer = torch.cat(per_layer_parts, dim=1)
@@ -263,6 +258,33 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
         per_token = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_token_parts], dim=1)
     return InfluenceScores(query_names, names, per_layer.sum(dim=-1), per_layer, per_token)
 
+
+
+def dense_layer_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool,
+                       output_blocks: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's scores sum_{o,i} q[k,o,i] D[n,o,i], (Q, B), and with per_token its token split
+    sum_o g_{t,o} (q a_t)_o, (Q, B, T), without forming per-token gradients; q (Q, d_out, d_in), a (B, T, d_in),
+    g (B, T, d_out). With k output blocks the rows o are taken k slices at a time and the parts summed (the same
+    numbers up to summation order), so only (B, d_out / k, d_in) of D and (Q, B, T, d_out / k) of q a_t are in flight.
+    """
+    d_out = q.shape[1]
+    if output_blocks is None:
+        return _dense_rows(q, a, g, per_token)
+    if d_out % output_blocks:
+        raise ValueError(f"output_blocks={output_blocks} does not divide d_out={d_out}; choose a divisor of every "
+                         "tracked layer's output width")
+    size = d_out // output_blocks
+    parts = [_dense_rows(q[:, j * size : (j + 1) * size], a, g[..., j * size : (j + 1) * size], per_token)
+             for j in range(output_blocks)]
+    return sum(p[0] for p in parts), (sum(p[1] for p in parts) if per_token else None)
+
+
+def _dense_rows(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool):
+    """(Q, B) scores and (Q, B, T) token scores (None without per_token) of the output rows q and g hold."""
+    scores = dense_scores(q, per_sequence_gradients(a, g))
+    if not per_token:
+        return scores, None
+    return scores, torch.einsum("bto,qbto->qbt", g, torch.einsum("qoi,bti->qbto", q, a))
 
 
 def _factor_chunks(query: LowRankQuery, budget: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

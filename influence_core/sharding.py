@@ -31,7 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .factors import read_json
+from .batch import row_count
+from .factors.stages import read_json
 from .lowrank import LowRankQuery
 from .scores import ScoreArguments, compute_scores
 from .task import Task, iterate_batches
@@ -77,7 +78,7 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     score_args = score_args or ScoreArguments()
     directory = Path(output_dir)
     query_names = list(query_names)
-    num_rows = len(next(iter(train.values())))
+    num_rows = row_count(train)
     if num_rows == 0:
         raise ValueError("the training data is empty: no sequences to score")
     train_ids = np.arange(num_rows) if train_ids is None else np.asarray(train_ids, dtype=np.int64)

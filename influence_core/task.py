@@ -13,14 +13,15 @@ Labels equal to IGNORE_INDEX (-100) do not count (padding, and the prompt of a q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import Batch, row_count
+
 IGNORE_INDEX = -100
-Batch = Mapping[str, Any]
 
 
 class Task:
@@ -235,7 +236,7 @@ def iterate_batches(encoded: Mapping[str, torch.Tensor], batch_size: int) -> lis
     """Split a dict of (N, ...) tensors into a list of batches of at most batch_size rows."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    n = len(next(iter(encoded.values())))
+    n = row_count(encoded)
     if n == 0:
         raise ValueError("no sequences to batch: the data set is empty")
     return [{k: v[i : i + batch_size] for k, v in encoded.items()} for i in range(0, n, batch_size)]

@@ -301,6 +301,14 @@ class LayerCapture:
         return result
 
 
+def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+    """D_n = sum_t g_t a_t^T, the canonical per-sequence gradient: a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in).
+
+    One batched matmul on the strided g^T (torch.einsum copied its operands into another layout first).
+    """
+    return torch.bmm(output_gradients.transpose(1, 2), activations)
+
+
 def _scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
     """(n, d) values of the rows `index` -> (rows, d), zeros elsewhere."""
     return x.new_zeros(rows, x.shape[-1]).index_copy_(0, index, x.reshape(-1, x.shape[-1]))

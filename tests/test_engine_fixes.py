@@ -10,10 +10,10 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from engine_models import (VOCAB, FixedLabelTask, gpt_neox, query_batches, token_batches)
-from influence_core import (CausalLMTask, FactorArguments, FactorMismatchError, Factors, ScoreArguments,
-                            compute_scores, fit_factors, iterate_batches, precondition_queries, query_gradients,
+from influence_core import (CausalLMTask, FactorArguments, FactorMismatchError, ScoreArguments, compute_scores,
+                            fit_factors, iterate_batches, load_factors, precondition_queries, query_gradients,
                             track_layers)
-from influence_core.baselines import parameter_gradients, unflatten_layers
+from influence_core.reference.baselines import parameter_gradients, unflatten_layers
 from influence_core.sharding import read_scores, score_in_shards, shard_path
 from test_factors import PseudoLabelsAsTraining
 from test_scores import block_preconditioner
@@ -118,7 +118,7 @@ def fitted(tmp_path_factory):
 def test_factors_of_another_model_are_refused_everywhere(fitted):
     other = gpt_neox(seed=1)  # same layer names and shapes, other weights
     layers = track_layers(other)
-    factors = Factors.load(fitted)  # no layers given: checked where they meet layers
+    factors = load_factors(fitted)  # no layers given: checked where they meet layers
     task = CausalLMTask()
     with pytest.raises(FactorMismatchError, match="fingerprint .* refit the factors"):
         query_gradients(other, layers, task, query_batches(), progress=False, factors=factors)
@@ -143,7 +143,7 @@ def test_factors_of_other_shapes_are_refused_clearly(fitted):
     wider = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                              intermediate_size=20, max_position_embeddings=16)).double().eval()
     layers = track_layers(wider)
-    factors = Factors.load(fitted)
+    factors = load_factors(fitted)
     with pytest.raises(FactorMismatchError, match=r"fitted for \(d_out, d_in\+1\) = \(12, 9\), but here it is \(20, 9\)"):
         query_gradients(wider, layers, CausalLMTask(), query_batches(), progress=False, factors=factors)
     raw = query_gradients(wider, layers, CausalLMTask(), query_batches(), progress=False)
@@ -212,9 +212,9 @@ def test_one_token_fitting_data_is_refused():
 
 
 def test_generator_of_batches_is_refused_up_front(monkeypatch):
-    import influence_core.factors as factors_module
+    import influence_core.factors.passes as passes
 
-    monkeypatch.setattr(factors_module, "_covariance_pass", lambda *a: pytest.fail("a pass started"))
+    monkeypatch.setattr(passes, "covariance_pass", lambda *a: pytest.fail("a pass started"))
     model = gpt_neox()
     with pytest.raises(TypeError, match="one-shot iterator .* pass a list or a re-iterable"):
         fit_factors(model, track_layers(model), CausalLMTask(), (b for b in token_batches(4)), FactorArguments(**ARGS))
@@ -264,7 +264,7 @@ def test_damaged_factor_files_are_named(tmp_path, damaged):
             fit_factors(model, layers, CausalLMTask(), token_batches(4), FactorArguments(**ARGS), output_dir=tmp_path)
         return
     with pytest.raises(ValueError, match=f"{path}.* delete it and rerun to recompute"):
-        Factors.load(tmp_path)
+        load_factors(tmp_path)
 
 
 @pytest.fixture()

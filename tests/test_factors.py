@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from engine_models import (ClassificationTask, FixedLabelTask, classification_batches, gpt2, gpt_neox,
                            mlp_classifier, token_batches)
 from influence_core import FactorArguments, fit_factors, track_layers
-from influence_core.baselines import exact_gauss_newton, parameter_gradients, unflatten_layers
+from influence_core.reference.baselines import exact_gauss_newton, parameter_gradients, unflatten_layers
 
 
 def dense_layer_curvature(factors, name: str) -> torch.Tensor:

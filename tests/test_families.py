@@ -14,7 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from engine_models import gpt_neox, query_batches, token_batches
 from influence_core import CausalLMTask, FactorArguments, fit_factors, track_layers
-from influence_core.baselines import parameter_gradients
+from influence_core.reference.baselines import parameter_gradients
 from influence_core.families import FAMILIES
 from test_scores import block_preconditioner, influence
 
@@ -190,7 +190,7 @@ def test_unsupported_fused_experts_are_refused_not_skipped():
 
 
 def test_curvature_methods_refuse_expert_views():
-    from influence_core.gnh import gnh_vector_product
+    from influence_core.reference.gnh import gnh_vector_product
 
     model = tiny("qwen3_moe")
     layers = track_layers(model)
@@ -198,18 +198,57 @@ def test_curvature_methods_refuse_expert_views():
         gnh_vector_product(model, layers, CausalLMTask(), token_batches(2), torch.zeros(5))
 
 
-def test_null_module_patterns_in_the_influence_config_mean_the_registry():
+def influence_config():
     from omegaconf import OmegaConf
-
-    from experiments.pipeline import check_influence_settings, influence_layers
 
     from pathlib import Path
 
-    influence = OmegaConf.load(Path(__file__).parents[1] / "configs" / "influence" / "ekfac.yaml")
-    influence.module_patterns = None
+    return OmegaConf.load(Path(__file__).parents[1] / "configs" / "influence" / "ekfac.yaml")
+
+
+@pytest.mark.parametrize("model_type, expected", [
+    ("opt", ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2", "model.decoder.layers.1.fc1",
+             "model.decoder.layers.1.fc2"]),
+    ("gpt_neox", ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.0.mlp.dense_4h_to_h",
+                  "gpt_neox.layers.1.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h_to_h"])])
+def test_the_config_default_tracks_the_family_mlp(model_type, expected):
+    """influence.module_patterns defaults to 'auto': the registry's MLP layers (OPT's fc1/fc2, which '*mlp*' misses)."""
+    from experiments.pipeline import check_influence_settings, influence_layers
+
+    influence = influence_config()
+    assert influence.module_patterns == "auto"
     check_influence_settings(influence)
-    model = tiny("opt")
-    assert [l.name for l in influence_layers(model, influence)] == [l.name for l in track_layers(model)]
-    influence.module_patterns = "*mlp*"
-    with pytest.raises(ValueError, match="or null for the model family's MLP layers"):
-        check_influence_settings(influence)
+    model = tiny(model_type)
+    assert sorted(l.name for l in influence_layers(model, influence)) == sorted(expected)
+
+
+def test_explicit_patterns_are_honoured_and_null_is_refused():
+    from experiments.pipeline import check_influence_settings, influence_layers
+
+    influence = influence_config()
+    influence.module_patterns = ["*dense_4h_to_h"]
+    check_influence_settings(influence)
+    names = [l.name for l in influence_layers(tiny("gpt_neox"), influence)]
+    assert names == ["gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
+    for bad in (None, "*mlp*", []):
+        influence.module_patterns = bad
+        with pytest.raises(ValueError, match="give 'auto' for the model family's MLP layers .* or a list"):
+            check_influence_settings(influence)
+
+
+def test_cache_keys_hold_the_resolved_layer_names(tmp_path, monkeypatch):
+    """Under 'auto' the same config can mean other layers (another registry entry): the cache folders differ."""
+    import pandas as pd
+
+    import experiments.pipeline as pipeline
+
+    model = tiny("gpt_neox")
+    loaded = pipeline.LoadedModel("tiny", "tiny", model, None, "weights")
+    ids = torch.ones(2, 4, dtype=torch.long)
+    corpus = pipeline.Corpus("c", "train", "text", ["a", "b"], pd.DataFrame(index=range(2)),
+                             {"input_ids": ids, "attention_mask": ids, "labels": ids}, "corpus")
+    settings = pipeline.ScoringSettings()
+    first = pipeline.plan_scores(loaded, corpus, [], influence_config(), settings, tmp_path)
+    monkeypatch.setattr(pipeline, "influence_layers", lambda model, influence: track_layers(model)[:2])
+    fewer = pipeline.plan_scores(loaded, corpus, [], influence_config(), settings, tmp_path)
+    assert first.factors_dir != fewer.factors_dir and first.scores_dir != fewer.scores_dir

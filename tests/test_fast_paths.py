@@ -8,7 +8,7 @@ import torch
 from engine_models import gpt2, gpt_neox, query_batches, token_batches
 from influence_core import (CausalLMTask, FactorArguments, Factors, ScoreArguments, compute_scores, fit_factors,
                             iterate_batches, precondition_queries, query_gradients, track_layers)
-from influence_core import factors as factors_module
+from influence_core.factors import passes
 from influence_core.task import IGNORE_INDEX, sampled_label_surrogate, trim_padding
 from test_factors import FixedLabelTask, dense_layer_curvature
 
@@ -39,7 +39,7 @@ def test_eigenvalue_correction_is_the_same_in_either_rotation_order(make_model, 
     layers = track_layers(model)
     fitted = {}
     for tokens_first in (True, False):
-        monkeypatch.setattr(factors_module, "rotate_tokens_first", lambda *shape, choice=tokens_first: choice)
+        monkeypatch.setattr(passes, "rotate_tokens_first", lambda *shape, choice=tokens_first: choice)
         fitted[tokens_first] = fit_factors(model, layers, FixedLabelTask(), token_batches(10), FactorArguments(**ARGS))
     for layer in layers:
         torch.testing.assert_close(fitted[True].layers[layer.name].eigenvalues,
@@ -76,13 +76,13 @@ def test_trimmed_padding_columns_change_no_factor(monkeypatch):
     layers = track_layers(model)
     fit = padded_columns(token_batches(8, seed=4), 5)
     trimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
-    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: (batch, 0))
+    monkeypatch.setattr(passes, "trim_padding", lambda batch: (batch, 0))
     untrimmed = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
     for layer in layers:
         torch.testing.assert_close(trimmed.layers[layer.name].eigenvalues, untrimmed.layers[layer.name].eigenvalues)
         torch.testing.assert_close(dense_layer_curvature(trimmed, layer.name), dense_layer_curvature(untrimmed, layer.name))
     # the guard: without discarding the dropped columns' uniforms the labels, and so the eigenvalues, differ
-    monkeypatch.setattr(factors_module, "trim_padding", lambda batch: (trim_padding(batch)[0], 0))
+    monkeypatch.setattr(passes, "trim_padding", lambda batch: (trim_padding(batch)[0], 0))
     narrow_draws = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
     assert not torch.allclose(narrow_draws.layers[layers[0].name].eigenvalues, trimmed.layers[layers[0].name].eigenvalues)
 

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from influence_core import (FactorArguments, ScoreArguments, fit_factors, iterate_batches, precondition_queries,
                             query_gradients, track_layers)
 from influence_core import distributed
-from influence_core.factors import read_json
+from influence_core.factors.stages import read_json
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards, scores_matrix
 
 NAMES = ["q0", "q1", "q2"]

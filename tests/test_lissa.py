@@ -7,10 +7,10 @@ import torch
 
 from engine_models import ClassificationTask, classification_batches, gpt2, gpt_neox, mlp_classifier, token_batches
 from influence_core import CausalLMTask, track_layers
-from influence_core.baselines import exact_gauss_newton, exact_ihvp
-from influence_core.gnh import (conjugate_gradient, flat_to_parameters, gnh_vector_product, layer_damping_vector,
+from influence_core.reference.baselines import exact_gauss_newton, exact_ihvp
+from influence_core.reference.gnh import (conjugate_gradient, flat_to_parameters, gnh_vector_product, layer_damping_vector,
                                 num_tracked_parameters, parameters_to_flat, top_eigenvalue, tracked_parameters)
-from influence_core.lissa import LissaArguments, lissa_ihvp
+from influence_core.reference.lissa import LissaArguments, lissa_ihvp
 
 
 def _concat(batches):

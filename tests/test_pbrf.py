@@ -7,9 +7,9 @@ import torch
 
 from engine_models import ClassificationTask, classification_batches, gpt_neox, mlp_classifier, query_batches, token_batches
 from influence_core import CausalLMTask, track_layers
-from influence_core.baselines import exact_gauss_newton, exact_ihvp, parameter_gradients
-from influence_core.gnh import layer_damping_vector
-from influence_core.pbrf import PBRFArguments, pbrf_influence
+from influence_core.reference.baselines import exact_gauss_newton, exact_ihvp, parameter_gradients
+from influence_core.reference.gnh import layer_damping_vector
+from influence_core.reference.pbrf import PBRFArguments, pbrf_influence
 
 
 def _rows(batches):

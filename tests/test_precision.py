@@ -26,9 +26,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 from benchmarks.precision import compare, pearson, relative_error, run_engine, top_k_overlap
 from influence_core import (CausalLMTask, FactorArguments, LayerCapture, fit_factors, iterate_batches,
                             precondition_queries, query_gradients, track_layers)
-from influence_core.batch import accumulation_dtype, upcast
+from influence_core.batch import accumulation_dtype, real_token_activations, upcast
 from influence_core.distributed import resolve_device
-from influence_core.factors import read_tensors, real_token_activations
+from influence_core.factors.stages import read_tensors
 from influence_core.scores import compute_scores
 from influence_core.tracking import tracked_parameters_require_grad
 

@@ -9,9 +9,10 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from engine_models import gpt2, gpt_neox, query_batches, token_batches
-from influence_core import (CausalLMTask, FactorArguments, FactorMismatchError, Factors, ScoreArguments,
-                            compute_scores, fit_factors, precondition_queries, query_gradients, track_layers)
-from influence_core.baselines import exact_gauss_newton, exact_ihvp, parameter_gradients, unflatten_layers
+from influence_core import (CausalLMTask, FactorArguments, FactorMismatchError, ScoreArguments, compute_scores,
+                            fit_factors, load_factors, precondition_queries, query_gradients, track_layers)
+from influence_core.factors.types import DiagonalFactors, IdentityFactors
+from influence_core.reference.baselines import exact_gauss_newton, exact_ihvp, parameter_gradients, unflatten_layers
 from test_factors import dense_layer_curvature
 
 ARGS = dict(dtype="float64", progress=False)
@@ -29,9 +30,9 @@ def block_preconditioner(factors, layers) -> torch.Tensor:
     for layer in layers:
         lf, damping = factors.layers[layer.name], factors.damping_for(layer.name)
         size = layer.num_parameters
-        if lf.eigenvalues is None:
+        if isinstance(lf, IdentityFactors):
             blocks.append(torch.eye(size, dtype=torch.float64))
-        elif lf.activation_eigenvectors is None:
+        elif isinstance(lf, DiagonalFactors):
             blocks.append(torch.diag(1 / (lf.eigenvalues.flatten() + damping)))
         else:
             blocks.append(torch.linalg.inv(dense_layer_curvature(factors, layer.name) + damping * torch.eye(size, dtype=torch.float64)))
@@ -136,30 +137,30 @@ def test_save_load_round_trip_and_resume(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["stages_done"] == ["covariance", "eigendecomposition", "eigenvalue_correction", "factors"]
 
-    loaded = Factors.load(tmp_path, layers, args)
+    loaded = load_factors(tmp_path, layers, args)
     for name in fitted.layers:
         torch.testing.assert_close(loaded.layers[name].eigenvalues, fitted.layers[name].eigenvalues)
     torch.testing.assert_close(influence(model, layers, loaded, query_batches(), fit).total,
                                influence(model, layers, fitted, query_batches(), fit).total)
 
     # A rerun reuses the files: no pass over the data.
-    import influence_core.factors as factors_module
-    monkeypatch.setattr(factors_module, "_covariance_pass", lambda *a: pytest.fail("covariance refitted"))
-    monkeypatch.setattr(factors_module, "_correction_pass", lambda *a: pytest.fail("correction refitted"))
+    import influence_core.factors.passes as passes
+    monkeypatch.setattr(passes, "covariance_pass", lambda *a: pytest.fail("covariance refitted"))
+    monkeypatch.setattr(passes, "correction_pass", lambda *a: pytest.fail("correction refitted"))
     fit_factors(model, layers, task, fit, args, output_dir=tmp_path)
 
 
 def test_interrupted_fit_resumes_from_the_last_stage(tmp_path, monkeypatch):
     model = gpt_neox()
     layers = track_layers(model)
-    import influence_core.factors as factors_module
-    real_correction = factors_module._correction_pass
-    monkeypatch.setattr(factors_module, "_correction_pass", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    import influence_core.factors.passes as passes
+    real_correction = passes.correction_pass
+    monkeypatch.setattr(passes, "correction_pass", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, layers, CausalLMTask(), token_batches(8), FactorArguments(**ARGS), output_dir=tmp_path)
     assert (tmp_path / "covariance.safetensors").exists()
-    monkeypatch.setattr(factors_module, "_correction_pass", real_correction)
-    monkeypatch.setattr(factors_module, "_covariance_pass", lambda *a: pytest.fail("covariance refitted"))
+    monkeypatch.setattr(passes, "correction_pass", real_correction)
+    monkeypatch.setattr(passes, "covariance_pass", lambda *a: pytest.fail("covariance refitted"))
     resumed = fit_factors(model, layers, CausalLMTask(), token_batches(8), FactorArguments(**ARGS), output_dir=tmp_path)
     monkeypatch.undo()
     fresh = fit_factors(model, layers, CausalLMTask(), token_batches(8), FactorArguments(**ARGS))
@@ -173,14 +174,14 @@ def test_mismatched_factor_files_are_refused(tmp_path):
     fit_factors(model, layers, CausalLMTask(), token_batches(8), FactorArguments(**ARGS), output_dir=tmp_path)
     other = gpt_neox(seed=1)
     with pytest.raises(FactorMismatchError, match="model_fingerprint"):
-        Factors.load(tmp_path, track_layers(other), FactorArguments(**ARGS))
+        load_factors(tmp_path, track_layers(other), FactorArguments(**ARGS))
     with pytest.raises(FactorMismatchError, match="strategy"):
         fit_factors(model, layers, CausalLMTask(), token_batches(8), FactorArguments(strategy="kfac", **ARGS),
                     output_dir=tmp_path)
     with pytest.raises(FactorMismatchError, match="layer_names"):
-        Factors.load(tmp_path, layers[:2], FactorArguments(**ARGS))
+        load_factors(tmp_path, layers[:2], FactorArguments(**ARGS))
     with pytest.raises(FileNotFoundError, match="no fitted factors"):
-        Factors.load(tmp_path / "nothing", layers)
+        load_factors(tmp_path / "nothing", layers)
 
 
 def test_damping_override():

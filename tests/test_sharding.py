@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import influence_core.factors as factors_module
+import influence_core.factors.passes as passes
 import influence_core.sharding as sharding
 from engine_models import gpt_neox, query_batches, token_batches
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
@@ -119,7 +119,7 @@ def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
     layers = track_layers(model)
     fit = token_batches(16, batch_size=4)
     args = FactorArguments(checkpoint_every=1, **ARGS)
-    real = factors_module._pseudo_gradients
+    real = passes.pseudo_gradients
     calls = []
 
     def counting(*a, **k):
@@ -128,7 +128,7 @@ def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(factors_module, "_pseudo_gradients", counting)
+    monkeypatch.setattr(passes, "pseudo_gradients", counting)
     fail_at = 3  # third covariance batch: two are checkpointed
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)

@@ -106,7 +106,7 @@ def test_ekfac_eigenvalues_are_the_exact_gnh_diagonal_in_their_eigenbasis():
     from engine_models import ClassificationTask, classification_batches, mlp_classifier
     from experiments.validate import eigenbasis_check
     from influence_core import FactorArguments, fit_factors, track_layers
-    from influence_core.baselines import exact_gauss_newton
+    from influence_core.reference.baselines import exact_gauss_newton
 
     model = mlp_classifier(seed=1)
     layers = track_layers(model, ["*"])

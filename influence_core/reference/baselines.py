@@ -17,10 +17,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .factors import to_device, token_weights
-from .scores import per_sequence_gradients
-from .task import IGNORE_INDEX, Batch, Task
-from .tracking import LayerCapture, TrackedLayer, tracked_parameters, tracked_parameters_require_grad
+from ..batch import Batch, eval_mode, row_count, single_rows, to_device, token_weights
+from ..task import IGNORE_INDEX, Task
+from ..tracking import (LayerCapture, TrackedLayer, per_sequence_gradients, tracked_parameters,
+                        tracked_parameters_require_grad)
 
 
 def flatten_parameter_tensors(layers: Sequence[TrackedLayer], grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -50,28 +50,16 @@ def unflatten_layers(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> dict
     return out
 
 
-def _single_examples(batches: Iterable[Batch]) -> Iterable[Batch]:
-    for batch in batches:
-        size = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
-        for i in range(size):
-            yield {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def parameter_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
                         loss: str = "training") -> torch.Tensor:
     """Brute-force per-example gradient of the training (or query) loss, one example at a time, (N, P)."""
     params = tracked_parameters(layers)
     rows = []
-    was_training = model.training
-    model.eval()
-    try:
-        with tracked_parameters_require_grad(layers):
-            for example in _single_examples(batches):
-                example = to_device(example, model)
-                value = task.training_loss(model, example) if loss == "training" else task.query_loss(model, example)
-                rows.append(flatten_parameter_tensors(layers, torch.autograd.grad(value, params)).detach())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tracked_parameters_require_grad(layers):
+        for example in single_rows(batches):
+            example = to_device(example, model)
+            value = task.training_loss(model, example) if loss == "training" else task.query_loss(model, example)
+            rows.append(flatten_parameter_tensors(layers, torch.autograd.grad(value, params)).detach())
     return torch.stack(rows)
 
 
@@ -86,35 +74,30 @@ def exact_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer], task: T
     size = sum(l.num_parameters for l in layers)
     gnh = torch.zeros(size, size, dtype=torch.float64)
     num_examples = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-            for batch in batches:
-                batch = to_device(batch, model)
-                capture.clear(batch)
-                logits, labels = task.forward(model, batch)  # (B, T, C)
-                valid = labels != IGNORE_INDEX
-                p = torch.softmax(logits.detach().double(), dim=-1) * valid.unsqueeze(-1)
-                sqrt_p = p.sqrt()
-                activations = {l.name: capture.activations[l.name] * token_weights(task, batch, capture.activations[l.name])
-                               for l in layers}
-                num_positions, num_classes = logits.shape[1], logits.shape[2]
-                for t in range(num_positions):
-                    if not bool(valid[:, t].any()):
-                        continue
-                    for c in range(num_classes):
-                        r = torch.zeros_like(p)
-                        r[:, t] = -p[:, t] * sqrt_p[:, t, c : c + 1]  # R_t[:, c] = sqrt(p_c) (e_c - p)
-                        r[:, t, c] += sqrt_p[:, t, c]
-                        loss = (logits * r.to(logits.dtype)).sum()
-                        grads = capture.output_gradients(loss, retain_graph=True)
-                        v = flatten_layers(layers, {l.name: per_sequence_gradients(activations[l.name], grads[l.name])
-                                                    for l in layers}).double()  # (B, P)
-                        gnh.addmm_(v.T, v)  # in place: a fresh (P, P) temporary per step is slow
-                num_examples += logits.shape[0]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for batch in batches:
+            batch = to_device(batch, model)
+            capture.clear(batch)
+            logits, labels = task.forward(model, batch)  # (B, T, C)
+            valid = labels != IGNORE_INDEX
+            p = torch.softmax(logits.detach().double(), dim=-1) * valid.unsqueeze(-1)
+            sqrt_p = p.sqrt()
+            activations = {l.name: capture.activations[l.name] * token_weights(task, batch, capture.activations[l.name])
+                           for l in layers}
+            num_positions, num_classes = logits.shape[1], logits.shape[2]
+            for t in range(num_positions):
+                if not bool(valid[:, t].any()):
+                    continue
+                for c in range(num_classes):
+                    r = torch.zeros_like(p)
+                    r[:, t] = -p[:, t] * sqrt_p[:, t, c : c + 1]  # R_t[:, c] = sqrt(p_c) (e_c - p)
+                    r[:, t, c] += sqrt_p[:, t, c]
+                    loss = (logits * r.to(logits.dtype)).sum()
+                    grads = capture.output_gradients(loss, retain_graph=True)
+                    v = flatten_layers(layers, {l.name: per_sequence_gradients(activations[l.name], grads[l.name])
+                                                for l in layers}).double()  # (B, P)
+                    gnh.addmm_(v.T, v)  # in place: a fresh (P, P) temporary per step is slow
+            num_examples += row_count(batch)
     if num_examples == 0:
         raise ValueError("no examples to form the Gauss-Newton Hessian from")
     return gnh / num_examples

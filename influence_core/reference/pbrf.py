@@ -40,10 +40,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .factors import check_finite, to_device
+from ..batch import Batch, check_finite, eval_mode, row_count, to_device
+from ..task import IGNORE_INDEX, Task
+from ..tracking import TrackedLayer, refuse_expert_views
 from .gnh import flat_to_parameters, num_tracked_parameters, parameters_to_flat
-from .task import IGNORE_INDEX, Batch, Task
-from .tracking import TrackedLayer, refuse_expert_views
 
 
 @dataclass
@@ -181,92 +181,90 @@ def pbrf_influence(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             else by_gradient
     names = _parameter_names(model, layers)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)  # only delta is differentiated
-    model.eval()
     start = time.perf_counter()
-    try:
-        data = [to_device(b, model) for b in data]
-        with torch.no_grad():
-            reference = []
-            num_sequences = 0
-            for batch in data:
-                logits, labels = task.forward(model, batch)
-                reference.append(logits.double())
-                num_sequences += logits.shape[0]
-        f_base = query_log_probs(model, task, queries)
-        signs = (1.0, -1.0) if args.central else (1.0,)
-        influence = torch.zeros(len(f_base), len(examples), dtype=torch.float64)
-        grad_norms = torch.zeros(len(examples), len(signs), dtype=torch.float64)
-        relative = torch.zeros(len(examples), len(signs), dtype=torch.float64)
-        errors = torch.full((len(examples), len(signs)), float("nan"), dtype=torch.float64)
-        converged = torch.zeros(len(examples), len(signs), dtype=torch.bool)
-        evaluations = torch.zeros(len(examples), len(signs), dtype=torch.long)
-        final_gradients = torch.zeros(len(examples), len(signs), size, dtype=torch.float64)
-        bar = tqdm(total=len(examples) * len(signs), desc="PBRF solves", disable=not args.progress, leave=False)
-        for m, example in enumerate(examples):
-            example = to_device(example, model)
+    with eval_mode(model):
+        try:
+            data = [to_device(b, model) for b in data]
             with torch.no_grad():
-                example_logits = task.forward(model, example)[0].double()
-            f_values = []
-            warm = None
-            for j, sign in enumerate(signs):
-                eps = sign * args.epsilon
+                reference = []
+                num_sequences = 0
+                for batch in data:
+                    logits, labels = task.forward(model, batch)
+                    reference.append(logits.double())
+                    num_sequences += row_count(batch)
+            f_base = query_log_probs(model, task, queries)
+            signs = (1.0, -1.0) if args.central else (1.0,)
+            influence = torch.zeros(len(f_base), len(examples), dtype=torch.float64)
+            grad_norms = torch.zeros(len(examples), len(signs), dtype=torch.float64)
+            relative = torch.zeros(len(examples), len(signs), dtype=torch.float64)
+            errors = torch.full((len(examples), len(signs)), float("nan"), dtype=torch.float64)
+            converged = torch.zeros(len(examples), len(signs), dtype=torch.bool)
+            evaluations = torch.zeros(len(examples), len(signs), dtype=torch.long)
+            final_gradients = torch.zeros(len(examples), len(signs), size, dtype=torch.float64)
+            bar = tqdm(total=len(examples) * len(signs), desc="PBRF solves", disable=not args.progress, leave=False)
+            for m, example in enumerate(examples):
+                example = to_device(example, model)
+                with torch.no_grad():
+                    example_logits = task.forward(model, example)[0].double()
+                f_values = []
+                warm = None
+                for j, sign in enumerate(signs):
+                    eps = sign * args.epsilon
 
-                def delta_parameters(delta_flat: torch.Tensor) -> dict[str, torch.Tensor]:
-                    return {n: base[n] + eps * d.to(base[n].dtype)
-                            for n, d in zip(names, flat_to_parameters(layers, delta_flat))}
+                    def delta_parameters(delta_flat: torch.Tensor) -> dict[str, torch.Tensor]:
+                        return {n: base[n] + eps * d.to(base[n].dtype)
+                                for n, d in zip(names, flat_to_parameters(layers, delta_flat))}
 
-                def objective_and_gradient(delta_flat: torch.Tensor) -> tuple[float, torch.Tensor]:
-                    """J(delta) and grad J(delta), (P,) canonical flat; one pass over the Bregman data."""
-                    delta = [d.detach().clone().requires_grad_(True) for d in flat_to_parameters(layers, delta_flat)]
-                    gradient = [torch.zeros_like(d) for d in delta]
-                    total = 0.0
+                    def objective_and_gradient(delta_flat: torch.Tensor) -> tuple[float, torch.Tensor]:
+                        """J(delta) and grad J(delta), (P,) canonical flat; one pass over the Bregman data."""
+                        delta = [d.detach().clone().requires_grad_(True) for d in flat_to_parameters(layers, delta_flat)]
+                        gradient = [torch.zeros_like(d) for d in delta]
+                        total = 0.0
 
-                    def params() -> dict[str, torch.Tensor]:  # a fresh graph per backward pass
-                        return {n: base[n] + eps * d.to(base[n].dtype) for n, d in zip(names, delta)}
+                        def params() -> dict[str, torch.Tensor]:  # a fresh graph per backward pass
+                            return {n: base[n] + eps * d.to(base[n].dtype) for n, d in zip(names, delta)}
 
-                    for batch, ref in zip(data, reference):
-                        logits, labels = task.forward(_Bound(model, params()), batch)
-                        part = _kl_to_reference(logits, labels, ref) / (num_sequences * eps * eps)
+                        for batch, ref in zip(data, reference):
+                            logits, labels = task.forward(_Bound(model, params()), batch)
+                            part = _kl_to_reference(logits, labels, ref) / (num_sequences * eps * eps)
+                            for g, d in zip(gradient, torch.autograd.grad(part, delta)):
+                                g += d
+                            total += float(part.detach())
+                        logits, labels = task.forward(_Bound(model, params()), example)
+                        part = _loss_change(logits, labels, example_logits) / eps  # (L(z_m, theta) - L(z_m, theta_s)) / eps
+                        part = part + 0.5 * sum((lam * d.double() ** 2).sum() for lam, d in zip(damping_params, delta))
                         for g, d in zip(gradient, torch.autograd.grad(part, delta)):
                             g += d
                         total += float(part.detach())
-                    logits, labels = task.forward(_Bound(model, params()), example)
-                    part = _loss_change(logits, labels, example_logits) / eps  # (L(z_m, theta) - L(z_m, theta_s)) / eps
-                    part = part + 0.5 * sum((lam * d.double() ** 2).sum() for lam, d in zip(damping_params, delta))
-                    for g, d in zip(gradient, torch.autograd.grad(part, delta)):
-                        g += d
-                    total += float(part.detach())
-                    return total, parameters_to_flat(layers, gradient).double()
+                        return total, parameters_to_flat(layers, gradient).double()
 
-                delta_flat, gradient, initial, count, end = _minimise(objective_and_gradient, transform, size, args,
-                                                                      measure, warm)
-                warm = (end, initial) if args.warm_start else None
-                grad_norms[m, j] = float(gradient.abs().max())
-                relative[m, j] = grad_norms[m, j] / initial if initial > 0 else 0.0
-                errors[m, j] = estimated_error(gradient)
-                converged[m, j] = measure(gradient, initial) <= 1
-                evaluations[m, j] = count
-                final_gradients[m, j] = gradient
-                with torch.no_grad():
-                    f_values.append(query_log_probs(_Bound(model, delta_parameters(delta_flat)), task, queries))
-                bar.update(1)
-            if args.central:
-                influence[:, m] = (f_values[0] - f_values[1]) / (2 * args.epsilon)
-            else:
-                influence[:, m] = (f_values[0] - f_base) / args.epsilon
-        bar.close()
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in base:
-                    p.copy_(base[n])
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+                    delta_flat, gradient, initial, count, end = _minimise(objective_and_gradient, transform, size, args,
+                                                                          measure, warm)
+                    warm = (end, initial) if args.warm_start else None
+                    grad_norms[m, j] = float(gradient.abs().max())
+                    relative[m, j] = grad_norms[m, j] / initial if initial > 0 else 0.0
+                    errors[m, j] = estimated_error(gradient)
+                    converged[m, j] = measure(gradient, initial) <= 1
+                    evaluations[m, j] = count
+                    final_gradients[m, j] = gradient
+                    with torch.no_grad():
+                        f_values.append(query_log_probs(_Bound(model, delta_parameters(delta_flat)), task, queries))
+                    bar.update(1)
+                if args.central:
+                    influence[:, m] = (f_values[0] - f_values[1]) / (2 * args.epsilon)
+                else:
+                    influence[:, m] = (f_values[0] - f_base) / args.epsilon
+            bar.close()
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in base:
+                        p.copy_(base[n])
+            for p, flag in flags:
+                p.requires_grad_(flag)
     check_finite(influence, "PBRF influence")
     return PBRFResult(influence, grad_norms, relative, errors, converged, evaluations, final_gradients,
                       time.perf_counter() - start)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factors import check_finite
+from ..batch import check_finite
+from ..task import Task
+from ..tracking import TrackedLayer
 from .gnh import check_vector_size, gnh_vector_product, num_tracked_parameters, top_eigenvalue
-from .task import Task
-from .tracking import TrackedLayer
 
 
 @dataclass

@@ -19,10 +19,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from .factors import check_finite, to_device
-from .task import IGNORE_INDEX, Batch, Task
+from ..batch import Batch, check_finite, eval_mode, row_count, to_device
+from ..task import IGNORE_INDEX, Task
+from ..tracking import TrackedLayer, refuse_expert_views, tracked_parameters, tracked_parameters_require_grad
 from .baselines import flatten_parameter_tensors
-from .tracking import TrackedLayer, refuse_expert_views, tracked_parameters, tracked_parameters_require_grad
 
 
 def num_tracked_parameters(layers: Sequence[TrackedLayer]) -> int:
@@ -54,11 +54,7 @@ def check_vector_size(layers: Sequence[TrackedLayer], vector: torch.Tensor) -> N
     expected = num_tracked_parameters(layers)
     if vector.shape[-1] != expected:
         raise ValueError(f"vector has {vector.shape[-1]} entries, but the tracked layers have {expected} parameters; "
-                         "use the canonical flat layout of influence_core.baselines.flatten_layers")
-
-
-def _batch_size(batch: Batch) -> int:
-    return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+                         "use the canonical flat layout of influence_core.reference.baselines.flatten_layers")
 
 
 def gnh_vector_product(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
@@ -75,29 +71,24 @@ def gnh_vector_product(model: nn.Module, layers: Sequence[TrackedLayer], task: T
     params = tracked_parameters(layers)
     result = torch.zeros(vectors.shape, dtype=torch.float64)
     num_sequences = 0
-    was_training = model.training
-    model.eval()
-    try:
-        # the math attention kernel is twice differentiable; the fused CPU kernels have no double backward
-        with tracked_parameters_require_grad(layers), sdpa_kernel([SDPBackend.MATH]):
-            for batch in tqdm(batches, desc="GNH-vector product", disable=not progress, leave=False):
-                batch = to_device(batch, model)
-                logits, labels = task.forward(model, batch)  # (B, T, C)
-                valid = (labels != IGNORE_INDEX).unsqueeze(-1)
-                p = torch.softmax(logits.detach().double(), dim=-1) * valid
-                dummy = torch.zeros_like(logits, requires_grad=True)
-                transposed = torch.autograd.grad(logits, params, grad_outputs=dummy, create_graph=True)  # J^T u
-                for k in range(vectors.shape[0]):
-                    v = [t.to(logits.device, logits.dtype) for t in flat_to_parameters(layers, vectors[k])]
-                    dot = sum((jt * vt).sum() for jt, vt in zip(transposed, v))
-                    jv = torch.autograd.grad(dot, dummy, retain_graph=True)[0].double()  # J v, (B, T, C)
-                    hjv = p * jv - p * (p * jv).sum(dim=-1, keepdim=True)  # (diag p - p p^T) J v
-                    grads = torch.autograd.grad(logits, params, grad_outputs=hjv.to(logits.dtype),
-                                                retain_graph=True)
-                    result[k] += parameters_to_flat(layers, grads).double().cpu()
-                num_sequences += _batch_size(batch)
-    finally:
-        model.train(was_training)
+    # the math attention kernel is twice differentiable; the fused CPU kernels have no double backward
+    with eval_mode(model), tracked_parameters_require_grad(layers), sdpa_kernel([SDPBackend.MATH]):
+        for batch in tqdm(batches, desc="GNH-vector product", disable=not progress, leave=False):
+            batch = to_device(batch, model)
+            logits, labels = task.forward(model, batch)  # (B, T, C)
+            valid = (labels != IGNORE_INDEX).unsqueeze(-1)
+            p = torch.softmax(logits.detach().double(), dim=-1) * valid
+            dummy = torch.zeros_like(logits, requires_grad=True)
+            transposed = torch.autograd.grad(logits, params, grad_outputs=dummy, create_graph=True)  # J^T u
+            for k in range(vectors.shape[0]):
+                v = [t.to(logits.device, logits.dtype) for t in flat_to_parameters(layers, vectors[k])]
+                dot = sum((jt * vt).sum() for jt, vt in zip(transposed, v))
+                jv = torch.autograd.grad(dot, dummy, retain_graph=True)[0].double()  # J v, (B, T, C)
+                hjv = p * jv - p * (p * jv).sum(dim=-1, keepdim=True)  # (diag p - p p^T) J v
+                grads = torch.autograd.grad(logits, params, grad_outputs=hjv.to(logits.dtype),
+                                            retain_graph=True)
+                result[k] += parameters_to_flat(layers, grads).double().cpu()
+            num_sequences += row_count(batch)
     if num_sequences == 0:
         raise ValueError("no batches to form the Gauss-Newton-vector product over")
     result = (result / num_sequences).to(vectors.dtype)

@@ -1,0 +1,303 @@
+"""The fitting passes over the data (see the package docstring for the formulas):
+
+    covariance_pass       A = (1 / sum_n T_n) sum a_t a_t^T (d_in, d_in),  S = (1 / N) sum g_t g_t^T (d_out, d_out),
+                          or with k output blocks only S's diagonal blocks S_j, stored (k, b, b), b = d_out / k
+    eigendecomposition    A = Q_A diag(l_A) Q_A^T, S (or each S_j) = Q_S diag(l_S) Q_S^T, in float64
+    correction_pass       Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2, (d_out, d_in), block by block over the output rows;
+                          with no eigenbasis (diagonal strategy) Lambda = (1/N) sum_n D_n^2
+
+Each pass sees this rank's batches (`owned_batches`), sums in FactorArguments.dtype, all-reduces, and can be
+checkpointed every K batches (`PassCheckpoint`). Sampled labels of batch i in pass p come from
+`batch_generator(seed, p, i)`, so the numbers do not depend on how batches are split over processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..batch import Batch, check_finite, check_nonempty, real_token_activations, row_count, to_device, token_weights, upcast
+from ..task import IGNORE_INDEX, Task, sampled_label_surrogate, trim_padding
+from ..tracking import LayerCapture, per_sequence_gradients, tracked_parameters_require_grad
+from .types import FactorArguments, FactorMismatchError
+
+
+def pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch: Batch, args: FactorArguments,
+                      generator: torch.Generator, dropped_columns: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Output pseudo-gradients g (B, T, d_out) per layer; one dict per pseudo-label draw. dropped_columns: padding
+    columns trim_padding removed from the batch (the default sampler then draws the labels of the untrimmed batch).
+
+    "sampled": one draw y ~ p per position (paper). "expected": C weighted draws whose outer products sum to
+    the exact expectation, using H = diag(p) - p p^T = R R^T with R[:, c] = sqrt(p_c) (e_c - p).
+    """
+    capture.clear(batch)
+    if args.fisher == "sampled":
+        if type(task).pseudo_loss is Task.pseudo_loss:  # the default definition: its cheaper twin, same gradient
+            loss = sampled_label_surrogate(*task.forward(model, batch), generator, dropped_columns)
+        else:
+            loss = task.pseudo_loss(model, batch, generator)
+        check_finite(loss, "pseudo loss")
+        return [capture.output_gradients(loss)]
+    logits, labels = task.forward(model, batch)
+    valid = labels != IGNORE_INDEX
+    if bool((valid.sum(dim=1) > 1).any()):
+        raise ValueError("fisher='expected' is exact only with one predicted position per example; use 'sampled'")
+    p = torch.softmax(logits.detach().double(), dim=-1) * valid.unsqueeze(-1)
+    sqrt_p = p.sqrt()
+    draws = []
+    num_classes = logits.shape[-1]
+    for c in range(num_classes):
+        r = -p * sqrt_p[..., c : c + 1]
+        r[..., c] += sqrt_p[..., c]
+        draws.append(capture.output_gradients((logits * r.to(logits.dtype)).sum(), retain_graph=c < num_classes - 1))
+    return draws
+
+
+def rotate_tokens_first(tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether Q_S^T D_n Q_A is cheaper as (g_t Q_S)(a_t Q_A) summed over tokens, T (d_in^2 + d_out^2) multiply-adds
+    per sequence, than by rotating D_n itself, d_out d_in (d_out + d_in): short sequences rotate tokens."""
+    return tokens * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_out + d_in)
+
+
+def gradient_covariance_shape(d_out: int, blocks: int | None) -> tuple[int, ...]:
+    """(d_out, d_out) for the full S, (k, d_out / k, d_out / k) for its k diagonal blocks."""
+    return (d_out, d_out) if blocks is None else (blocks, d_out // blocks, d_out // blocks)
+
+
+def covariance_pass(model, layers, task, batches, args: FactorArguments,
+                    checkpoint: PassCheckpoint | None = None) -> dict[str, torch.Tensor]:
+    """{name}.activation_covariance A (d_in, d_in), {name}.gradient_covariance S (d_out, d_out) or its diagonal blocks
+    (k, b, b) with args.output_blocks = k; num_tokens (real tokens) and num_sequences (N) as 0-d tensors."""
+    dtype = args.torch_dtype
+    sums = {f"{l.name}.activation": torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
+    sums.update({f"{l.name}.gradient": torch.zeros(gradient_covariance_shape(l.out_features, args.output_blocks),
+                                                   dtype=dtype) for l in layers})
+    sums["num_tokens"] = torch.zeros((), dtype=torch.float64)
+    sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
+    sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
+    with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for index, batch, counted in owned_batches(model, batches, checkpoint, sums, "factors: covariance", args.progress):
+            batch, dropped = trim_padding(to_device(batch, model))
+            draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index),
+                                     dropped)
+            if not counted:
+                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
+            for layer in layers:
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
+                _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
+                for grads in draws:
+                    g = upcast(grads[layer.name], dtype).reshape(-1, layer.out_features)
+                    check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
+                    for rows, block in _blocks(sums[f"{layer.name}.gradient"], layer.out_features):
+                        _add_gram(block, g[:, rows])
+            sums["num_tokens"] += float(token_weights(task, batch, a).sum())
+            sums["num_sequences"] += row_count(batch)
+            sums["num_predicted"] += _predicted(task, batch)
+            if checkpoint is not None:
+                checkpoint.step(index, sums)
+    distributed.all_reduce_sum(sums)
+    num_tokens, num_sequences = float(sums["num_tokens"]), float(sums["num_sequences"])
+    if num_sequences == 0:
+        raise ValueError("the fitting data is empty: no batches to fit factors on")
+    _check_predicted(task, float(sums["num_predicted"]))
+    out = {}
+    for layer in layers:
+        name = layer.name
+        out[f"{name}.activation_covariance"] = sums[f"{name}.activation"] / num_tokens
+        out[f"{name}.gradient_covariance"] = sums[f"{name}.gradient"] / num_sequences
+        check_finite(out[f"{name}.activation_covariance"], f"activation covariance of '{name}'")
+    out["num_tokens"] = torch.tensor(num_tokens)
+    out["num_sequences"] = torch.tensor(num_sequences)
+    return out
+
+
+def eigendecomposition(cov: dict[str, torch.Tensor], names: Sequence[str], args: FactorArguments) -> dict[str, torch.Tensor]:
+    """Symmetric eigendecomposition in float64 (small matrices; precision matters for tiny eigenvalues): per layer
+    {name}.{activation,gradient}_{eigenvalues,eigenvectors}; a (k, b, b) block-diagonal S gives (k, b) eigenvalues
+    and (k, b, b) eigenvectors, each block decomposed on its own."""
+    out = {}
+    for name in names:
+        for kind in ("activation", "gradient"):
+            matrix = cov[f"{name}.{kind}_covariance"].double()
+            values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+            out[f"{name}.{kind}_eigenvalues"] = values.to(args.torch_dtype)
+            out[f"{name}.{kind}_eigenvectors"] = vectors.to(args.torch_dtype)
+    return out
+
+
+def correction_pass(model, layers, task, batches, args: FactorArguments, eig: dict[str, torch.Tensor] | None,
+                    checkpoint: PassCheckpoint | None = None) -> dict[str, torch.Tensor]:
+    """{name}.eigenvalues: Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2, (d_out, d_in), with D_n = sum_t g_t a_t^T; no
+    rotation when eig is None. A block-diagonal Q_S (k, b, b) is applied block by block: rows j b .. (j + 1) b of
+    Lambda are (1/N) sum_n (Q_Sj^T D_n[rows] Q_A)^2, so one block's (B, b, d_in) is in flight at a time."""
+    dtype = args.torch_dtype
+    sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
+    sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
+    sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
+    with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
+        for index, batch, counted in owned_batches(model, batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
+            batch, dropped = trim_padding(to_device(batch, model))
+            draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index),
+                                     dropped)
+            if not counted:
+                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
+            for layer in layers:
+                a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
+                q_a = q_s = None
+                if eig is not None:
+                    q_a = eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
+                    q_s = eig[f"{layer.name}.gradient_eigenvectors"].to(a.device)
+                blocks = list(_blocks(q_s, layer.out_features))
+                block_size = blocks[0][0].stop - blocks[0][0].start
+                tokens_first = q_a is not None and rotate_tokens_first(a.shape[1], block_size, layer.input_dim)
+                if tokens_first:
+                    a = a @ q_a
+                for grads in draws:
+                    g = upcast(grads[layer.name], dtype)
+                    for rows, q_sj in blocks:
+                        if tokens_first:
+                            per_sequence = per_sequence_gradients(a, g[..., rows] @ q_sj)  # rotated D_n, (B, b, d_in)
+                        else:
+                            per_sequence = per_sequence_gradients(a, g[..., rows])
+                            if q_a is not None:
+                                per_sequence = q_sj.T @ per_sequence @ q_a
+                        sums[layer.name][rows] += per_sequence.square_().sum(dim=0).cpu()
+            sums["num_sequences"] += row_count(batch)
+            sums["num_predicted"] += _predicted(task, batch)
+            if checkpoint is not None:
+                checkpoint.step(index, sums)
+    distributed.all_reduce_sum(sums)
+    num_sequences = float(sums.pop("num_sequences"))
+    if num_sequences == 0:
+        raise ValueError("the fitting data is empty: no batches to fit factors on")
+    _check_predicted(task, float(sums.pop("num_predicted")))
+    return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
+
+
+def _blocks(q_s: torch.Tensor | None, d_out: int) -> list[tuple[slice, torch.Tensor | None]]:
+    """[(output rows, block)]: for a 2-D matrix (or None: the parameter basis) one block of all d_out rows, for a
+    (k, b, b) stack the k blocks, rows j b .. (j + 1) b."""
+    if q_s is None or q_s.dim() == 2:
+        return [(slice(0, d_out), q_s)]
+    size = q_s.shape[1]
+    return [(slice(j * size, (j + 1) * size), q_s[j]) for j in range(q_s.shape[0])]
+
+
+def _add_gram(target: torch.Tensor, x: torch.Tensor) -> None:
+    """target += x^T x for x (tokens, d); in place on the CPU (a fresh (d, d) temporary per batch is slow)."""
+    if x.device == target.device:
+        target.addmm_(x.T, x)
+    else:
+        target.add_((x.T @ x).cpu())
+
+
+def batch_generator(seed: int, pass_index: int, batch_index: int) -> torch.Generator:
+    """The generator of the sampled labels of one fitting batch: a function of (seed, pass, batch index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) * 4 + pass_index)
+
+
+class PassCheckpoint:
+    """Running sums of a fitting pass saved every K batches (atomically), and restored on a rerun.
+
+    One file per rank: `<stage>.partial.rank<r>.safetensors`, holding this rank's sums (before the all-reduce)
+    and, in its metadata, the index of the next batch and the world size it was made with.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.next_batch = 0
+        self._since_save = 0
+
+    def restore(self, sums: dict[str, torch.Tensor]) -> None:
+        """Load saved sums into `sums` in place and set `next_batch`; nothing to do without a file."""
+        if not self.path.exists():
+            return
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # a damaged file (SafetensorError)
+            raise ValueError(f"pass checkpoint {self.path} is damaged ({error}); delete it and rerun to recompute "
+                             "the pass") from error
+        if int(meta.get("world_size", -1)) != distributed.world_size():
+            raise FactorMismatchError(
+                f"pass checkpoint {self.path} was written by a run with world_size={meta.get('world_size')}, "
+                f"this run has {distributed.world_size()}; rerun with the same number of processes or delete it"
+            )
+        if set(saved) != set(sums) or any(saved[k].shape != sums[k].shape for k in sums):
+            raise FactorMismatchError(f"pass checkpoint {self.path} holds other tensors than this pass; delete it")
+        for key, value in saved.items():
+            sums[key].copy_(value)
+        self.next_batch = int(meta["next_batch"])
+
+    def step(self, index: int, sums: dict[str, torch.Tensor]) -> None:
+        """Called after batch `index` was added to the sums; saves every `every` batches of this rank."""
+        self._since_save += 1
+        if self._since_save >= self.every:
+            self.save(index + 1, sums)
+
+    def save(self, next_batch: int, sums: dict[str, torch.Tensor]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in sums.items()}, str(tmp),
+                  metadata={"next_batch": str(next_batch), "world_size": str(distributed.world_size()),
+                            "rank": str(distributed.rank())})
+        os.replace(tmp, self.path)
+        self._since_save = 0
+
+
+def checkpoint_path(directory: Path, stage: str) -> Path:
+    return directory / f"{stage}.partial.rank{distributed.rank()}.safetensors"
+
+
+def owned_batches(model: nn.Module, batches, checkpoint: PassCheckpoint | None, sums: dict[str, torch.Tensor],
+                   desc: str, progress: bool):
+    """(global index, batch, counted) for this rank's batches (index mod world_size == rank), after a restored
+    checkpoint, all counted. For a model sharded over the ranks (FSDP) every forward pass is a collective, so a rank
+    with fewer batches then repeats one, counted False (run, not added), until it has run as many as the others.
+    """
+    start = 0
+    if checkpoint is not None:
+        checkpoint.restore(sums)
+        start = checkpoint.next_batch
+    total = len(batches) if hasattr(batches, "__len__") else None
+    mine = sum(1 for index in range(start, total if total is not None else sum(1 for _ in batches))
+               if distributed.owns(index))
+    extra = distributed.padding_rounds(model, mine)  # before the first forward: it is a collective too
+    bar = tqdm(batches, desc=desc, total=total, disable=not progress or not distributed.is_main(), leave=False,
+               initial=0)
+    filler = None
+    for index, batch in enumerate(bar):
+        if index < start or not distributed.owns(index):
+            continue
+        check_nonempty(batch, index, "fitting")
+        filler = (index, batch)
+        yield index, batch, True
+    if extra:
+        filler = filler or (0, next(iter(batches)))
+        for _ in range(extra):
+            yield filler[0], filler[1], False
+
+
+# helpers
+
+
+def _predicted(task: Task, batch: Batch) -> float:
+    """Predicted (non-ignored) labels of a batch, 0 when the task cannot tell without a forward pass."""
+    counts = task.label_counts(batch)
+    return 0.0 if counts is None else float(counts.sum())
+
+
+def _check_predicted(task: Task, num_predicted: float) -> None:
+    """Refuse fitting data with nothing to predict (all sequences of one token): the curvature would be 0."""
+    if num_predicted == 0 and type(task).label_counts is not Task.label_counts:
+        raise ValueError("the fitting data has no predicted tokens: every sequence has fewer than 2 tokens (or all "
+                         "labels are -100), so the curvature and damping would be 0; fit on sequences of >= 2 tokens")

@@ -1,0 +1,275 @@
+"""The factor types: how factors are fitted (FactorArguments), what one layer keeps (one LayerFactors class per
+basis), and the fitted set with its checks and the IHVP (Factors). No data passes and no files here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+from ..batch import accumulation_dtype
+from ..tracking import TrackedLayer, layer_fingerprints, model_fingerprint
+
+STRATEGY_NAMES = ("ekfac", "kfac", "diagonal", "identity")
+ACCUMULATION_DTYPES = ("float32", "float64")
+LABEL_SAMPLING = "inverse-cdf/per-batch-generator"  # changes to how pseudo-labels are drawn invalidate saved factors
+Tensors = dict[str, torch.Tensor]  # a stage's tensors, '<layer>.<field>' keys
+
+
+class FactorMismatchError(ValueError):
+    """Factors (in memory or in a directory) fitted on another model, layer set or configuration."""
+
+
+def check_number(name: str, value, minimum: float, integer: bool = False, strict: bool = False) -> None:
+    """Refuse a field that is not a number (int for `integer`), or below `minimum` (at or below with `strict`)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value != value or (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+@dataclass
+class FactorArguments:
+    """How curvature factors are fitted. Defaults follow the paper."""
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac"
+    damping_factor: float = 0.1  # lambda_l = damping_factor x mean(Lambda_l)  (paper: 0.1)
+    damping: float | None = None  # absolute damping for every layer; overrides damping_factor
+    fisher: Literal["sampled", "expected"] = "sampled"  # "expected": exact E_y over classes, one predicted position per example
+    seed: int = 0  # for the sampled labels
+    dtype: str = "float32"  # accumulation dtype of the covariances and the correction
+    progress: bool = True
+    checkpoint_every: int = 0  # with an output_dir, save a pass's running sums every K batches (0: only per stage)
+    output_blocks: int | None = None  # ekfac/kfac: S block-diagonal over this many equal output blocks (None: full S)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy '{self.strategy}'; choose one of {STRATEGY_NAMES}")
+        if self.fisher not in ("sampled", "expected"):
+            raise ValueError(f"unknown fisher '{self.fisher}'; choose 'sampled' or 'expected'")
+        check_number("damping_factor", self.damping_factor, 0)
+        if self.damping is not None:
+            check_number("damping", self.damping, 0)
+        check_number("seed", self.seed, float("-inf"), integer=True)
+        check_number("checkpoint_every", self.checkpoint_every, 0, integer=True)
+        if self.output_blocks is not None:
+            check_number("output_blocks", self.output_blocks, 1, integer=True)
+            if self.strategy not in ("ekfac", "kfac"):
+                raise ValueError(f"output_blocks={self.output_blocks} splits the gradient covariance S, which strategy "
+                                 f"'{self.strategy}' does not have; use ekfac or kfac, or output_blocks=None")
+        if self.dtype not in ACCUMULATION_DTYPES:
+            raise ValueError(
+                f"FactorArguments.dtype={self.dtype!r} is the accumulation dtype of the factors and must be one of "
+                f"{ACCUMULATION_DTYPES}; the model's precision is set on the model (e.g. model.to(torch.bfloat16))")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def fitted_settings(self) -> dict:
+        """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
+        return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype,
+                "label_sampling": LABEL_SAMPLING, "output_blocks": self.output_blocks}
+
+
+def check_output_blocks(layers: Sequence[TrackedLayer], blocks: int | None) -> None:
+    """Refuse an output-block count that does not divide every tracked layer's d_out (blocks are of equal size)."""
+    if blocks is None:
+        return
+    for layer in layers:
+        if layer.out_features % blocks:
+            raise ValueError(f"output_blocks={blocks} does not divide d_out={layer.out_features} of layer "
+                             f"'{layer.name}'; choose a divisor of every tracked layer's output width")
+
+
+def gradient_basis(q_s: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Q_S^T v (transpose) or Q_S v for v (..., d_out, d_in); Q_S (d_out, d_out), or block-diagonal stored (k, b, b)
+    with d_out = k b, applied to the k row blocks of v, each (b, d_in), on its own."""
+    if q_s.dim() == 2:
+        return (q_s.T if transpose else q_s) @ v
+    blocks = v.reshape(*v.shape[:-2], q_s.shape[0], q_s.shape[1], v.shape[-1])  # (..., k, b, d_in)
+    return ((q_s.mT if transpose else q_s) @ blocks).reshape(v.shape)
+
+
+def mean_damping(eigenvalues: torch.Tensor, damping_factor: float, damping: float | None) -> float:
+    """lambda_l = damping if given, else damping_factor x mean(Lambda_l) (paper: 0.1 x the mean eigenvalue)."""
+    return float(damping) if damping is not None else damping_factor * float(eigenvalues.mean())
+
+
+@dataclass
+class LayerFactors:
+    """The fitted curvature of one layer; a subclass per basis says how it preconditions (see each)."""
+
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(d_out, d_in [+1]) the factors were fitted for; None when they hold no tensor (identity)."""
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to save, keyed '<field>' (the caller prefixes the layer name)."""
+        return {}
+
+    def damping_value(self, damping_factor: float, damping: float | None) -> float:
+        """The layer's damping lambda_l; 0 without eigenvalues (see mean_damping)."""
+        return 0.0
+
+    def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
+        """(G_l + damping I)^{-power} v for v (..., d_out, d_in); without curvature (this base): v itself.
+
+        Returned in v's dtype, but never below float32 (a bf16 query gradient gives a float32 preconditioned query:
+        rounding it back to 8 bits would undo the fp32 factors).
+        """
+        return v.to(accumulation_dtype(v.dtype))
+
+
+@dataclass
+class IdentityFactors(LayerFactors):
+    """No curvature (strategy identity): scores are plain gradient dot products q^T r."""
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "IdentityFactors":
+        return cls(name)
+
+
+@dataclass
+class DiagonalFactors(LayerFactors):
+    """A diagonal G_l in the parameter basis (strategy diagonal): (G_l + lambda)^{-1} V = V / (Lambda + lambda)."""
+
+    eigenvalues: torch.Tensor  # Lambda (d_out, d_in) = (1/N) sum_n D_n^2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.eigenvalues.shape[-2:])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"eigenvalues": self.eigenvalues}
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "DiagonalFactors":
+        return cls(name, tensors[f"{name}.eigenvalues"])
+
+    def damping_value(self, damping_factor: float, damping: float | None) -> float:
+        return mean_damping(self.eigenvalues, damping_factor, damping)
+
+    def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
+        """V / (Lambda + damping)^power, computed in the factors' dtype (float32 at least on return)."""
+        dtype = accumulation_dtype(v.dtype)
+        v = v.to(self.eigenvalues.dtype)
+        scale = self.eigenvalues.to(v.device) + damping
+        return (v / (scale if power == 1.0 else scale ** power)).to(dtype)
+
+
+@dataclass
+class EigenbasisFactors(LayerFactors):
+    """A diagonal G_l in the Kronecker eigenbasis (strategies ekfac and kfac), paper Eq 21:
+
+        (G_l + damping I)^{-power} V = Q_S [(Q_S^T V Q_A) / (Lambda + damping)^power] Q_A^T
+
+    power 1: the IHVP, 1/2: a symmetric square root. Q_S is (d_out, d_out), or block-diagonal (k, b, b) with output
+    blocks (types.gradient_basis).
+    """
+
+    eigenvalues: torch.Tensor  # Lambda (d_out, d_in): EK-FAC (1/N) sum_n (Q_S^T D_n Q_A)^2, K-FAC l_S l_A^T
+    activation_eigenvectors: torch.Tensor  # Q_A (d_in, d_in)
+    gradient_eigenvectors: torch.Tensor  # Q_S (d_out, d_out), or (k, d_out / k, d_out / k)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.eigenvalues.shape[-2:])
+
+    def damping_value(self, damping_factor: float, damping: float | None) -> float:
+        return mean_damping(self.eigenvalues, damping_factor, damping)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"activation_eigenvectors": self.activation_eigenvectors,
+                "gradient_eigenvectors": self.gradient_eigenvectors, "eigenvalues": self.eigenvalues}
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> "EigenbasisFactors":
+        return cls(name, tensors[f"{name}.eigenvalues"], tensors[f"{name}.activation_eigenvectors"],
+                   tensors[f"{name}.gradient_eigenvectors"])
+
+    def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
+        """Computed in the factors' dtype; returned in v's dtype, but never below float32."""
+        dtype = accumulation_dtype(v.dtype)
+        v = v.to(self.eigenvalues.dtype)
+        # on v's device (a no-op where they already are): factors are loaded on the CPU, queries live on the model's
+        q_a, q_s, eigenvalues = (t.to(v.device) for t in
+                                 (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
+        rotated = gradient_basis(q_s, v, transpose=True) @ q_a
+        scale = eigenvalues + damping
+        rotated = rotated / (scale if power == 1.0 else scale ** power)
+        return (gradient_basis(q_s, rotated, transpose=False) @ q_a.T).to(dtype)
+
+
+@dataclass
+class Factors:
+    """Fitted factors for a list of tracked layers, plus the manifest that says how they were made."""
+
+    strategy: str
+    layers: dict[str, LayerFactors]
+    manifest: dict = field(default_factory=dict)
+    damping_factor: float = 0.1
+    damping: float | None = None
+
+    def damping_for(self, name: str) -> float:
+        return self.layers[name].damping_value(self.damping_factor, self.damping)
+
+    def with_damping(self, damping_factor: float = 0.1, damping: float | None = None) -> "Factors":
+        """The same factors under another damping (e.g. for an ablation); nothing is refitted."""
+        return Factors(self.strategy, self.layers, self.manifest, damping_factor, damping)
+
+    def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        return self.layers[name].precondition(v, self.damping_for(name))
+
+    def layer_shape(self, name: str) -> tuple[int, int] | None:
+        """(d_out, d_in [+1]) the factors of a layer were fitted for: from its tensors, else the manifest; None if unknown."""
+        shape = self.layers[name].shape
+        if shape is not None:
+            return shape
+        shape = self.manifest.get("layer_shapes", {}).get(name)
+        return tuple(shape) if shape is not None else None
+
+    def check_covers(self, layer_names: Iterable[str]) -> None:
+        missing = [n for n in layer_names if n not in self.layers]
+        if missing:
+            raise FactorMismatchError(f"no factors for layers {sorted(missing)}; fit factors on the same tracked layers")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse factors whose layer shapes differ from `shapes` ({name: (d_out, d_in [+1])})."""
+        self.check_covers(shapes)
+        for name, shape in shapes.items():
+            fitted = self.layer_shape(name)
+            if fitted is not None and tuple(fitted) != tuple(shape):
+                raise FactorMismatchError(
+                    f"the factors of layer '{name}' were fitted for (d_out, d_in+1) = {tuple(fitted)}, but here it is "
+                    f"{tuple(shape)}: the factors come from another model; refit them on this model or pass the "
+                    "factor directory fitted on it")
+
+    def check_fingerprints(self, fingerprints: dict[str, str], names_in_order: Sequence[str] | None = None,
+                           model_print: str | None = None) -> None:
+        """Refuse factors fitted on other weights: per-layer fingerprints (any subset of the fitted layers), or, for
+        factor files made before those were recorded, the whole-model fingerprint when the layers are the same."""
+        saved = self.manifest.get("layer_fingerprints")
+        if saved:
+            for name, value in fingerprints.items():
+                if name in saved and saved[name] != value:
+                    raise FactorMismatchError(
+                        f"the factors of layer '{name}' were fitted on a model with fingerprint {saved[name]}, this "
+                        f"model's is {value}: refit the factors on this model or pass the factor directory fitted on it")
+        elif "model_fingerprint" in self.manifest and model_print is not None and \
+                list(names_in_order or []) == list(self.manifest.get("layer_names", [])):
+            if self.manifest["model_fingerprint"] != model_print:
+                raise FactorMismatchError(
+                    f"the factors were fitted on a model with fingerprint {self.manifest['model_fingerprint']}, this "
+                    f"model's is {model_print}: refit the factors on this model or pass the factor directory fitted on it")
+
+    def check_layers(self, layers: Sequence[TrackedLayer]) -> None:
+        """Refuse factors that do not belong to these tracked layers (names, shapes, model fingerprint)."""
+        layers = list(layers)
+        self.check_shapes({l.name: (l.out_features, l.input_dim) for l in layers})
+        self.check_fingerprints(layer_fingerprints(layers), [l.name for l in layers], model_fingerprint(layers))
