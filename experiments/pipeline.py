@@ -34,6 +34,7 @@ from influence_core.lowrank import compress_queries
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards
 from influence_core.task import IGNORE_INDEX
 from influence_core.tfidf import tfidf_candidates
+from influence_core.tracking import share_inputs
 
 SPURIOUS_DOMINANCE = 2 / 3  # paper Sec 5: ||a||_2 / ||a||_1 of token-wise influences above this: one token dominates
 
@@ -68,6 +69,11 @@ def check_influence_settings(influence: DictConfig) -> None:
     fit = influence.get("num_fit_sequences")
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
+    groups = influence.get("share_inputs")
+    if groups is not None and (isinstance(groups, str) or not all(
+            not isinstance(g, str) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups)):
+        raise ValueError(f"influence.share_inputs={groups!r}: give null or a list of groups of layer-name suffixes "
+                         "that read one input, e.g. [[gate_proj, up_proj]]")
     patterns = influence.get("module_patterns")
     if patterns != AUTO_LAYERS and (not patterns or isinstance(patterns, str)):
         raise ValueError(f"influence.module_patterns={patterns!r}: give '{AUTO_LAYERS}' for the model family's MLP "
@@ -78,7 +84,9 @@ def influence_layers(model, influence: DictConfig):
     """The tracked layers: with module_patterns 'auto' the family registry's MLP layers, else the modules matching
     the listed globs."""
     patterns = influence.module_patterns
-    return track_layers(model) if patterns == AUTO_LAYERS else track_layers(model, list(patterns))
+    layers = track_layers(model) if patterns == AUTO_LAYERS else track_layers(model, list(patterns))
+    groups = influence.get("share_inputs")
+    return share_inputs(layers, [list(g) for g in groups]) if groups else layers
 
 
 @dataclass

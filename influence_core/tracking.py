@@ -55,6 +55,19 @@ class TrackedLayer:
     has_bias: bool
     transposed_weight: bool  # True for GPT-2 Conv1D (weight stored as (d_in, d_out))
     expert_index: int | None = None  # a view of expert e of a fused 3-D parameter (experts.py), else None
+    members: tuple[nn.Module, ...] = ()  # an input-sharing block (share_inputs): modules reading one input
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The modules whose parameters this layer is: the block's members, or the one module."""
+        return self.members or (self.module,)
+
+    @property
+    def member_out_features(self) -> tuple[int, ...]:
+        """d_out of each module, in order; a block's output is their concatenation (out_features their sum)."""
+        if not self.members:
+            return (self.out_features,)
+        return tuple(m.weight.shape[1] if self.transposed_weight else m.weight.shape[0] for m in self.members)
 
     @property
     def input_dim(self) -> int:
@@ -65,8 +78,14 @@ class TrackedLayer:
     def num_parameters(self) -> int:
         return self.out_features * self.input_dim
 
-    def canonical_gradient(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
-        """Parameter-space gradient -> canonical layout (..., d_out, d_in [+1]); bias is the last column."""
+    def canonical_gradient(self, weight_grad, bias_grad) -> torch.Tensor:
+        """Parameter-space gradient -> canonical layout (..., d_out, d_in [+1]); bias is the last column.
+        A block takes one (weight, bias) gradient per member (sequences) and stacks the members' rows."""
+        if self.members:
+            return torch.cat([TrackedLayer(self.name, m, self.in_features, out, self.has_bias, self.transposed_weight)
+                              .canonical_gradient(w, b) for m, out, w, b in
+                              zip(self.members, self.member_out_features, weight_grad,
+                                  bias_grad if self.has_bias else [None] * len(self.members))], dim=-2)
         if self.expert_index is not None:  # a gradient w.r.t. the fused (E, d_out, d_in) parameter: its slice [e]
             weight_grad = weight_grad[..., self.expert_index, :, :]
         w = weight_grad.transpose(-1, -2) if self.transposed_weight else weight_grad
@@ -128,6 +147,41 @@ def track_layers(model: nn.Module, patterns: Sequence[str] | None = None,
     return layers
 
 
+def share_inputs(layers: Sequence[TrackedLayer], groups: Sequence[Sequence[str]]) -> list[TrackedLayer]:
+    """Input-sharing blocks: each group of tracked layers that read the same input (e.g. a SwiGLU MLP's gate_proj
+    and up_proj, or attention's q/k/v) becomes one layer s = [W_1; W_2; ...] a, whose output is the members'
+    concatenated and whose d_out is their sum. EK-FAC then keeps the curvature between the members: one activation
+    covariance A (shared by construction), one gradient covariance S over the joint output, the eigenvalue
+    correction in their joint eigenbasis, instead of dropping the cross-block terms.
+
+    groups: lists of layer-name suffixes matched within one parent module, e.g. [["gate_proj", "up_proj"]]; the
+    block takes the place of its first member, named "<parent>.<m1>+<m2>". Members must have the same d_in, bias
+    and layout; the capture refuses, at the first forward, members whose inputs differ.
+    """
+    by_name = {l.name: l for l in layers}
+    blocks: dict[str, TrackedLayer] = {}
+    absorbed: set[str] = set()
+    for suffixes in groups:
+        parents = {l.name[: -len(suffixes[0]) - 1] for l in layers if l.name.endswith("." + suffixes[0])}
+        for parent in sorted(parents):
+            members = [by_name.get(f"{parent}.{suffix}") for suffix in suffixes]
+            if any(m is None for m in members):
+                missing = [f"{parent}.{s}" for s, m in zip(suffixes, members) if m is None]
+                raise ValueError(f"input-sharing group {list(suffixes)}: {missing[0]} is not a tracked layer; track "
+                                 "every member (module_patterns) or drop the group")
+            first = members[0]
+            if any((m.in_features, m.has_bias, m.transposed_weight, m.expert_index) !=
+                   (first.in_features, first.has_bias, first.transposed_weight, None) for m in members):
+                raise ValueError(f"input-sharing group {[m.name for m in members]}: members differ in d_in, bias or "
+                                 "layout (or are expert views); only plain layers reading one input can share")
+            name = f"{parent}.{'+'.join(suffixes)}"
+            blocks[first.name] = TrackedLayer(name, first.module, first.in_features,
+                                              sum(m.out_features for m in members), first.has_bias,
+                                              first.transposed_weight, None, tuple(m.module for m in members))
+            absorbed.update(m.name for m in members[1:])
+    return [blocks.get(l.name, l) for l in layers if l.name not in absorbed]
+
+
 def _check_registry_selection(model: nn.Module, layers: Sequence[TrackedLayer], fused: Sequence[str],
                               groups: Sequence[str]) -> None:
     """Refuse what the registry would get silently wrong: untracked experts, a tied unembedding."""
@@ -160,10 +214,13 @@ def tracked_parameters(layers: Sequence[TrackedLayer]) -> list[torch.Tensor]:
     """
     params = []
     for layer in layers:
-        # an expert view's parameter is the whole fused tensor; canonical_gradient takes its slice
-        params.append(layer.module.fused if layer.expert_index is not None else layer.module.weight)
-        if layer.has_bias:
-            params.append(layer.module.bias)
+        if layer.expert_index is not None:  # an expert view's parameter is the whole fused tensor; its slice is taken
+            params.append(layer.module.fused)
+            continue
+        for module in layer.modules:  # a block: each member's weight (and bias) in turn
+            params.append(module.weight)
+            if layer.has_bias:
+                params.append(module.bias)
     return params
 
 
@@ -174,9 +231,10 @@ def model_fingerprint(layers: Sequence[TrackedLayer]) -> str:
     """
     digest = hashlib.sha256()
     for layer in layers:
-        weight = layer.module.weight.detach()
-        digest.update(f"{layer.name}:{tuple(weight.shape)}:{layer.has_bias};".encode())
-        digest.update(weight_sample(layer.module.weight).numpy().tobytes())
+        for module in layer.modules:
+            weight = module.weight.detach()
+            digest.update(f"{layer.name}:{tuple(weight.shape)}:{layer.has_bias};".encode())
+            digest.update(weight_sample(module.weight).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -190,7 +248,8 @@ def tracked_parameters_require_grad(layers: Sequence[TrackedLayer]) -> Iterator[
     """Make the tracked weights require grad (so their outputs join the graph) and restore the flags after."""
     saved = []
     for layer in layers:
-        own = [layer.module.fused] if layer.expert_index is not None else layer.module.parameters(recurse=False)
+        own = [layer.module.fused] if layer.expert_index is not None else [
+            p for module in layer.modules for p in module.parameters(recurse=False)]
         for p in own:
             saved.append((p, p.requires_grad))
             p.requires_grad_(True)
@@ -223,9 +282,13 @@ class LayerCapture:
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self.routes: dict[str, tuple[torch.Tensor, int]] = {}  # expert views: (routed token rows, B * T)
+        self._block_inputs: dict[str, torch.Tensor] = {}  # input-sharing blocks: the first member's input
         self.sequence_shape: tuple[int, int] | None = None  # (B, T) of the current forward, when known
 
-    def _hook(self, layer: TrackedLayer):
+    def _hook(self, layer: TrackedLayer, member: int | None = None):
+        if member is not None:
+            return self._member_hook(layer, member)
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if layer.name in self.outputs:
                 raise RuntimeError(
@@ -241,6 +304,30 @@ class LayerCapture:
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
             self.activations[layer.name] = x
             self.outputs[layer.name] = output  # as produced: the loss depends on this tensor, not on a reshaped view
+
+        return hook
+
+    def _member_hook(self, layer: TrackedLayer, member: int):
+        """Member `member` of an input-sharing block: the first keeps the input as the block's activation, every
+        member its output (the block's output is their concatenation); an input unlike the first's is refused."""
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            outputs = self.outputs.setdefault(layer.name, [None] * len(layer.members))
+            if outputs[member] is not None:
+                raise RuntimeError(f"tracked layer '{layer.name}' ran twice in one forward pass; shared layers are "
+                                   "not supported")
+            x = inputs[0].detach()
+            if member == 0:
+                x = self._as_sequences(layer, x)
+                if layer.has_bias:
+                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+                self.activations[layer.name] = x
+                self._block_inputs[layer.name] = inputs[0]
+            else:
+                first = self._block_inputs.get(layer.name)
+                if first is None or (first is not inputs[0] and not torch.equal(first, inputs[0])):
+                    raise RuntimeError(f"input-sharing block '{layer.name}': member {member} reads another input "
+                                       "than the first member (or runs before it); these layers cannot share a block")
+            outputs[member] = output
 
         return hook
 
@@ -262,7 +349,12 @@ class LayerCapture:
         )
 
     def __enter__(self) -> "LayerCapture":
-        self._handles = [l.module.register_forward_hook(self._hook(l)) for l in self.layers]
+        self._handles = []
+        for l in self.layers:
+            if l.members:
+                self._handles += [m.register_forward_hook(self._hook(l, i)) for i, m in enumerate(l.members)]
+            else:
+                self._handles.append(l.module.register_forward_hook(self._hook(l)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -274,6 +366,7 @@ class LayerCapture:
         """Forget the last forward; with `batch`, the next forward is of that batch (sets its (B, T))."""
         self.activations.clear()
         self.outputs.clear()
+        self._block_inputs.clear()
         self.routes.clear()
         self.sequence_shape = sequence_shape(batch) if batch is not None else None
 
@@ -282,8 +375,14 @@ class LayerCapture:
         missing = [l.name for l in self.layers if l.name not in self.outputs]
         if missing:
             raise RuntimeError(f"tracked layers {missing} did not run in the forward pass")
-        names = [l.name for l in self.layers]
-        outputs = [self.outputs[n] for n in names]
+        names, outputs = [], []  # one entry per output tensor (a block has one per member)
+        for layer in self.layers:
+            produced = self.outputs[layer.name]
+            for out in (produced if layer.members else [produced]):
+                if out is None:
+                    raise RuntimeError(f"a member of input-sharing block '{layer.name}' did not run in the forward pass")
+                names.append(layer.name)
+                outputs.append(out)
         for name, out in zip(names, outputs):
             if not out.requires_grad:
                 raise RuntimeError(
@@ -291,14 +390,14 @@ class LayerCapture:
                     "run the forward pass with gradients enabled"
                 )
         grads = torch.autograd.grad(loss, outputs, retain_graph=retain_graph, allow_unused=True)
-        result = {}
+        pieces: dict[str, list[torch.Tensor]] = {}
         for name, out, g in zip(names, outputs, grads):
             # A layer that does not affect the loss (e.g. after the last predicted token) has zero gradient.
             g = torch.zeros_like(out) if g is None else g.detach()
             if name in self.routes:
                 g = _scatter_rows(g, *self.routes[name])
-            result[name] = g.reshape(self.activations[name].shape[0], -1, g.shape[-1])
-        return result
+            pieces.setdefault(name, []).append(g.reshape(self.activations[name].shape[0], -1, g.shape[-1]))
+        return {name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) for name, parts in pieces.items()}
 
 
 def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:

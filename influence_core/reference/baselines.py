@@ -27,6 +27,13 @@ def flatten_parameter_tensors(layers: Sequence[TrackedLayer], grads: Sequence[to
     """Tensors shaped like `tracked_parameters(layers)` (leading batch dims allowed) -> canonical flat (..., P)."""
     out, i = [], 0
     for layer in layers:
+        if layer.members:  # an input-sharing block: (weight, bias) of each member in turn
+            step = 1 + int(layer.has_bias)
+            own = grads[i : i + step * len(layer.members)]
+            i += len(own)
+            canonical = layer.canonical_gradient(own[::step], own[1::step] if layer.has_bias else None)
+            out.append(canonical.reshape(*canonical.shape[:-2], -1))
+            continue
         weight_grad = grads[i]
         bias_grad = grads[i + 1] if layer.has_bias else None
         i += 1 + int(layer.has_bias)

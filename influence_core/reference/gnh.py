@@ -38,10 +38,11 @@ def flat_to_parameters(layers: Sequence[TrackedLayer], flat: torch.Tensor) -> li
         size = layer.num_parameters
         block = flat[start : start + size].reshape(layer.out_features, layer.input_dim)
         start += size
-        weight = block[:, : layer.in_features]
-        out.append(weight.T if layer.transposed_weight else weight)
-        if layer.has_bias:
-            out.append(block[:, -1])
+        for rows in block.split(list(layer.member_out_features), dim=0):  # one piece per member of a block
+            weight = rows[:, : layer.in_features]
+            out.append(weight.T if layer.transposed_weight else weight)
+            if layer.has_bias:
+                out.append(rows[:, -1])
     return out
 
 
