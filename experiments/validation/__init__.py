@@ -9,5 +9,9 @@
     figures.py       the validation figure
     report.py        tables, figures, README.md and study.json through the studies' result path
     reference.py     the engine's ground-truth helpers, wherever the engine keeps them
-    lds/             real retraining: the linear datamodeling score and add-k-copies calibration
+    lds_setup.py     the LDS benchmark's base model, fine-tuning set and queries; the full-set fine-tune
+    finetune.py      the one fine-tuning recipe; retrains cached per (job, seed), resumable, in processes
+    attribution.py   the LDS methods' scores: factor strategies, LiSSA, TrackStar-, TRAK-style, BM25
+    datamodels.py    LDS with bootstrap CIs and the noise ceiling; calibration slope and correlation
+    retraining.py    the LDS benchmark and calibration end to end (`make lds`, experiments/lds.py)
 """

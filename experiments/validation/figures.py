@@ -78,3 +78,42 @@ def figure(results: dict[str, dict], table: pd.DataFrame, ablation: pd.DataFrame
     fig.tight_layout()
     return fig
 
+
+
+def lds_figure(lds: pd.DataFrame) -> plt.Figure:
+    """LDS per method with its bootstrap CI, the retraining noise ceiling as a band."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    order = lds.sort_values("lds", ascending=False)
+    x = np.arange(len(order))
+    ax.bar(x, order.lds, yerr=[order.lds - order.ci_low, order.ci_high - order.lds], capsize=3, color="tab:blue")
+    ceiling = order.iloc[0]
+    ax.axhspan(ceiling.noise_ceiling_low, ceiling.noise_ceiling_high, color="tab:gray", alpha=0.3,
+               label=f"noise ceiling (seed vs seed) {ceiling.noise_ceiling:.2f}")
+    ax.axhline(ceiling.noise_ceiling_mean, color="k", ls="--", lw=0.8,
+               label=f"ceiling of the two-seed mean {ceiling.noise_ceiling_mean:.2f}")
+    ax.set_xticks(x, order.method, rotation=30)
+    ax.set_ylabel("LDS (Spearman, mean over queries)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"LDS over {int(ceiling.subsets)} subsets x {int(ceiling.seeds)} seeds, {int(ceiling.queries)} queries",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_figure(pairs: pd.DataFrame, method: str) -> plt.Figure:
+    """Measured change of log p(completion) against (k/N) x influence, per k; sampled pairs solid, others faint."""
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    colors = dict(zip(sorted(pairs.copies.unique()), ["tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple"]))
+    for k, group in pairs.groupby("copies"):
+        other, own = group[~group.sampled_pair], group[group.sampled_pair]
+        ax.scatter(other[f"predicted_{method}"], other.measured, s=4, alpha=0.15, color=colors[k])
+        ax.scatter(own[f"predicted_{method}"], own.measured, s=18, color=colors[k], label=f"k = {k}")
+    lim = float(np.nanmax(np.abs(np.r_[pairs[f"predicted_{method}"], pairs.measured])))
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7, label="measured = predicted")
+    ax.set_xlabel(f"predicted: (k/N) x {method} influence (nats)")
+    ax.set_ylabel("measured change of log p(completion) (nats)")
+    ax.legend(fontsize=7)
+    ax.set_title("add k copies, continue training", fontsize=9)
+    fig.tight_layout()
+    return fig
