@@ -13,6 +13,8 @@ unit epsilon); slope and Pearson of measured against predicted over the (query, 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
@@ -48,10 +50,12 @@ def bootstrap_mean_spearman(predicted: np.ndarray, measured: np.ndarray, resampl
     generator = np.random.default_rng(seed)
     num_subsets, num_queries = predicted.shape
     values = []
-    for _ in range(resamples):
-        rows = generator.integers(num_subsets, size=num_subsets)
-        cols = generator.integers(num_queries, size=num_queries)
-        values.append(np.nanmean(spearman_per_query(predicted[rows][:, cols], measured[rows][:, cols])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample of constant columns: NaN, left out
+        for _ in range(resamples):
+            rows = generator.integers(num_subsets, size=num_subsets)
+            cols = generator.integers(num_queries, size=num_queries)
+            values.append(np.nanmean(spearman_per_query(predicted[rows][:, cols], measured[rows][:, cols])))
     low, high = np.nanquantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
     return estimate, float(low), float(high)
 
