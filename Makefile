@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup validate validate_zoo report
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup validate validate_zoo lds report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -90,6 +90,9 @@ bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall) and ours 
 
 validate:  ## EK-FAC, K-FAC, diagonal, identity, LiSSA vs exact damped-GNH influence and the PBRF (figures/validate/)
 	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate
+
+lds:  ## fine-tuning LDS (100 half-subsets x 2 seeds) and add-k-copies calibration, 8 methods (~15 CPU min) -> figures/validate/lds/
+	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.lds
 
 validate_zoo:  ## the same on the zoo's zoo_xs (needs `make zoo`; ~40 min on 1 core) -> figures/validate/zoo_xs/
 	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate 'models=[zoo_xs]' figures_dir=figures/validate/zoo_xs

@@ -267,6 +267,7 @@ class ModelScores:
     factors_dir: Path
     scores_dir: Path
     timings_s: dict[str, float] = field(default_factory=dict)
+    training_sequences: int | None = None  # N of the fitting corpus: one added copy is epsilon = 1/N
 
     def matrix(self, column: str = "score") -> np.ndarray:
         """(Q, N) float64 of one score column, NaN where a pair was not scored (BM25-filtered out)."""
@@ -332,7 +333,7 @@ def saved_model_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
         raise FileNotFoundError(f"no saved scores for {loaded.name} in {shards}; compute=false only reads saved "
                                 "results: run the same command with compute=true first")
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers], read_scores(shards),
-                       len(scored or corpus), plan.factors_dir, plan.scores_dir)
+                       len(scored or corpus), plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
 
 
 def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
@@ -380,7 +381,7 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
         candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
     return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
-                       plan.factors_dir, plan.scores_dir, timings)
+                       plan.factors_dir, plan.scores_dir, timings, training_sequences=len(corpus))
 
 
 def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
@@ -438,7 +439,8 @@ def single_token_dominance(token_scores: np.ndarray) -> float:
 def top_sequences(scores: ModelScores, corpus: Corpus, k: int) -> pd.DataFrame:
     """The contract's top_sequences table: per query its k most positively influential sequences.
 
-    Columns: model, query, rank, train_id, influence, text, tokens (decoded pieces), token_scores (aligned with
+    Columns: model, query, rank, train_id, influence (nats of log p(completion) per unit epsilon), influence_per_copy
+    (influence / N: the change one added copy among the N training sequences predicts), text, tokens (decoded pieces), token_scores (aligned with
     tokens; None where not kept), layer:<name>..., single_token_dominance, spurious, and corpus metadata columns.
     """
     order = {name: i for i, name in enumerate(scores.query_names)}
@@ -455,7 +457,9 @@ def top_sequences(scores: ModelScores, corpus: Corpus, k: int) -> pd.DataFrame:
             has_tokens = values is not None and len(values) > 0
             dominance = single_token_dominance(values) if has_tokens else None
             record = {"model": scores.model.name, "query": query, "rank": rank, "train_id": train_id,
-                      "influence": float(row["score"]), "text": corpus.texts[train_id],
+                      "influence": float(row["score"]),
+                      "influence_per_copy": float(row["score"]) / (scores.training_sequences or scores.num_sequences),
+                      "text": corpus.texts[train_id],
                       "tokens": [text for text, _, _ in pieces],
                       "token_scores": [float(np.sum(values[a:b])) for _, a, b in pieces] if has_tokens else None}
             record.update({f"layer:{n}": float(row[f"layer:{n}"]) for n in scores.layer_names})

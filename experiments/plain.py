@@ -157,8 +157,11 @@ def build_model(architecture: str, out_dir: Path, settings: PlainSettings) -> Pa
     out_dir = Path(out_dir)
     target = out_dir / architecture
     stamp = {"architecture": architecture, **asdict(settings)}
-    if (target / "plain.json").exists() and json.loads((target / "plain.json").read_text()) == stamp:
-        return target
+    if (target / "plain.json").exists():
+        saved = json.loads((target / "plain.json").read_text())
+        saved.pop("final_loss", None)  # written beside the settings; not one of them
+        if saved == stamp:
+            return target
     texts = [json.loads(line)["text"] for line in (out_dir / "corpus.jsonl").read_text().splitlines()]
     tokenizer = train_tokenizer(texts, vocab_size=settings.vocab_size)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):

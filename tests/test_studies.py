@@ -61,6 +61,8 @@ def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     first = top.iloc[0]
     assert "".join(first["tokens"]) == first["text"][: len("".join(first["tokens"]))]
     assert abs(sum(first["token_scores"]) - first["influence"]) < 1e-3 * abs(first["influence"]) + 1e-6
+    # influence per unit epsilon and per added copy (epsilon = 1/N, N the training sequences)
+    assert np.allclose(top["influence_per_copy"] * record.corpus.num_sequences, top["influence"])
 
 def test_layerwise(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     run_study("layerwise", micro_zoo, study_artifacts, tmp_path)

@@ -30,7 +30,7 @@ def micro_config(artifacts: Path, *extra: str):
 
 def tiny_language_model_setup():
     """A 2-layer GPT-NeoX (424 tracked parameters), random token data: the CG path of the exact ground truth."""
-    from experiments.validate import ValidationSetup
+    from experiments.validation.setups import ValidationSetup
 
     def concat(batches):
         return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
@@ -43,10 +43,11 @@ def tiny_language_model_setup():
 
 def test_validate_micro(tmp_path, monkeypatch):
     import experiments.validate as validate
+    from experiments.validation import setups
 
     cfg = micro_config(tmp_path, "exact.dense_limit=500")  # digits MLP (610 parameters) -> CG, tiny LM (424) -> dense
-    real_setup = validate.language_model_setup
-    monkeypatch.setattr(validate, "language_model_setup",
+    real_setup = setups.language_model_setup
+    monkeypatch.setattr(setups, "language_model_setup",
                         lambda name, c, a: tiny_language_model_setup() if name == "tiny_lm" else real_setup(name, c, a))
     from omegaconf import open_dict
 
@@ -55,7 +56,7 @@ def test_validate_micro(tmp_path, monkeypatch):
         cfg.language_models["tiny_lm"] = {}
     summary = validate.run(cfg, tmp_path)
     for name in ("correlations.csv", "correlations_long.csv", "damping_ablation.csv", "timings.csv", "validation.png",
-                 "README.md", "manifest.json", "pbrf_convergence.csv", "damping.csv", "diagnostics.csv", "eigenbasis.csv"):
+                 "README.md", "study.json", "pbrf_convergence.csv", "damping.csv", "diagnostics.csv", "eigenbasis.csv"):
         assert (tmp_path / name).exists(), name
     assert set(summary.model) == {"digits_mlp", "tiny_lm"}
     table = pd.read_csv(tmp_path / "correlations_long.csv")
@@ -91,6 +92,11 @@ def test_validate_micro(tmp_path, monkeypatch):
     assert len(damping[damping.model == "tiny_lm"]) == 4 and (damping.damping > 0).all()
     readme = (tmp_path / "README.md").read_text()
     assert "Produced by" in readme and "## PBRF solves" in readme
+    from experiments.results import read_study
+
+    record = read_study(tmp_path)
+    assert record.study == "validate" and {"correlations", "timings"} <= set(record.tables)
+    assert [m.name for m in record.models] == ["digits_mlp", "tiny_lm"] and record.figures == {"validation": "validation.png"}
 
 
 def test_validate_rejects_unknown_model(tmp_path):
@@ -104,7 +110,7 @@ def test_ekfac_eigenvalues_are_the_exact_gnh_diagonal_in_their_eigenbasis():
     """With the expected Fisher on the same data, EK-FAC's corrected eigenvalues are exactly diag(Q^T G_l Q) of the
     dense GNH (same normalisation, no sampling); the Kronecker eigenbasis does not diagonalise G_l, though."""
     from engine_models import ClassificationTask, classification_batches, mlp_classifier
-    from experiments.validate import eigenbasis_check
+    from experiments.validation.diagnostics import eigenbasis_check
     from influence_core import FactorArguments, fit_factors, track_layers
     from influence_core.reference.baselines import exact_gauss_newton
 
@@ -124,7 +130,7 @@ def test_unconverged_ground_truths_are_flagged():
     """A CG solve above its tolerance, or a PBRF with fewer than half its points converged, is named in a warning."""
     from omegaconf import OmegaConf
 
-    from experiments.validate import ground_truth_warnings
+    from experiments.validation.metrics import ground_truth_warnings
 
     cfg = OmegaConf.create({"exact": {"cg_tolerance": 1e-4}})
     table = pd.DataFrame([

@@ -1,0 +1,99 @@
+"""Statistics of the validation: correlations of estimators with ground truths, tables, untrustworthy ground truths.
+
+Correlations (Pearson, Spearman) are computed per test point (query) over the training points and averaged over
+test points, as in the paper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from scipy.stats import pearsonr, spearmanr
+
+def correlations(estimate: torch.Tensor, truth: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, float]:
+    """Pearson / Spearman over training points (columns; those with keep=True) per query (row), mean and std over queries."""
+    if keep is not None:
+        estimate, truth = estimate[:, keep], truth[:, keep]
+    pearson, spearman = [], []
+    for e, t in zip(estimate.numpy(), truth.numpy()):
+        if len(e) < 3 or np.std(e) == 0 or np.std(t) == 0:
+            pearson.append(float("nan"))
+            spearman.append(float("nan"))
+            continue
+        pearson.append(float(pearsonr(e, t)[0]))
+        spearman.append(float(spearmanr(e, t)[0]))
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        finite = [v for v in values if np.isfinite(v)]
+        return (float(np.mean(finite)), float(np.std(finite))) if finite else (float("nan"), float("nan"))
+
+    (p_mean, p_std), (s_mean, s_std) = mean_std(pearson), mean_std(spearman)
+    return {"pearson": p_mean, "pearson_std": p_std, "spearman": s_mean, "spearman_std": s_std,
+            "points": int(estimate.shape[1])}
+
+
+GROUND_TRUTHS = ("exact", "pbrf", "pbrf_one_copy")
+
+
+def correlation_table(name: str, result: dict) -> pd.DataFrame:
+    """Long table: every estimator (and ground truth) against every ground truth; PBRF: converged points only."""
+    rows = []
+    influence, timings, keep = result["influence"], result["timings"], result["keep"]
+    for estimator, values in influence.items():
+        for truth in GROUND_TRUTHS:
+            if estimator == truth or truth not in influence:
+                continue
+            mask = keep.get(truth)
+            if estimator in keep:
+                mask = keep[estimator] if mask is None else mask & keep[estimator]
+            stats = correlations(values, influence[truth], mask)
+            rows.append({"model": name, "estimator": estimator, "ground_truth": truth, **stats,
+                         "excluded": result["num_scored"] - stats["points"],
+                         "ihvp_seconds": timings.get(estimator, float("nan"))})
+    return pd.DataFrame(rows)
+
+
+ESTIMATOR_ORDER = ["ekfac", "kfac", "diagonal", "identity", "lissa", "exact_layerwise", "exact", "pbrf", "pbrf_one_copy"]
+
+
+def estimators_in_order(result: dict) -> list[str]:
+    return [e for e in ["ekfac", "kfac", "diagonal", "identity", "lissa", "exact_layerwise", "exact"]
+            if e in result["influence"]]
+
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, estimator): Pearson / Spearman with each ground truth, points left out, the IHVP time."""
+    wide = table.pivot_table(index=["model", "estimator"], columns="ground_truth", values=["pearson", "spearman"])
+    wide.columns = [f"{stat}_{gt}" for stat, gt in wide.columns]
+    columns = [f"{stat}_{gt}" for gt in GROUND_TRUTHS for stat in ("pearson", "spearman") if f"{stat}_{gt}" in wide]
+    wide = wide[columns]
+    excluded = table[table.ground_truth == "pbrf"].groupby(["model", "estimator"]).excluded.first().rename("pbrf_excluded")
+    seconds = table.groupby(["model", "estimator"]).ihvp_seconds.first()
+    out = wide.join(excluded).join(seconds).reset_index()
+    out["pbrf_excluded"] = out["pbrf_excluded"].astype("Int64")  # a count (missing for the ground truths themselves)
+    order = {e: i for i, e in enumerate(ESTIMATOR_ORDER)}
+    out["_o"] = out.estimator.map(lambda e: order.get(e, 20 + (int(e.split("depth")[-1]) if "depth" in e else 0)))
+    return out.sort_values(["model", "_o"]).drop(columns="_o")
+
+
+
+def ground_truth_warnings(results: dict, table: pd.DataFrame, cfg: DictConfig) -> list[str]:
+    """One line per ground truth that is not trustworthy as run: a CG solve stopped above its tolerance, or a PBRF
+    ground truth for which fewer than half of the training points converged."""
+    warnings = []
+    for name, r in results.items():
+        info = r.get("exact_info") or {}
+        residual = max(info.get("relative_residual") or [0.0])
+        if residual > cfg.exact.cg_tolerance:
+            warnings.append(f"{name}: the CG solve behind `exact` stopped after {info.get('iterations')} iterations at "
+                            f"relative residual {residual:.1e} > {cfg.exact.cg_tolerance:g}: `exact` is approximate.")
+    pbrf_rows = table[table.ground_truth.str.startswith("pbrf")].drop_duplicates(["model", "ground_truth"])
+    for row in pbrf_rows.itertuples():
+        total = int(row.points) + int(row.excluded)
+        if 2 * int(row.points) < total:
+            warnings.append(f"{row.model}: only {int(row.points)} of {total} training points converged for "
+                            f"`{row.ground_truth}`: its correlations rest on those points alone (or are missing).")
+    return warnings
+
