@@ -1,12 +1,14 @@
 """GPT-NeoX (Pythia architecture) models of several sizes, trained on CPU on the synthetic world.
 
-All sizes see the same packed token stream in the same order (seeded), so they differ only in size.
-Training is a plain AdamW loop with linear warm-up and cosine decay; it checkpoints every
-``checkpoint_every`` steps (model, optimizer, step, RNG, loss log) and resumes from the last checkpoint.
-A finished model is saved with ``save_pretrained`` beside ``DONE.json`` (config hash, timings); a second
-run with the same config hash trains nothing.
+Scaling rule (zoo v2): width at fixed depth. Every size has ``DEPTH`` = 4 layers, heads of ``HEAD_DIM`` = 16, MLP width
+4h, and a peak learning rate ``0.32 / h`` capped at 1e-2 (5e-3 at h = 64; Adam's step shrinks as the width grows, as
+in muP-style rules). Six widths, 32 to 192, span 35x in non-embedding parameters (about 4 (12 h^2 + 13 h)).
+A training seed sets the initialisation and the data order (``TrainConfig.seed``); every size sees the same data.
 
-Non-embedding parameters of a GPT-NeoX layer with hidden size h and MLP width 4h: about 12 h^2 + 13 h.
+Training is a plain AdamW loop with linear warm-up and cosine decay; it checkpoints every ``checkpoint_every``
+steps (model, optimizer, step, RNG, loss log) and resumes from the last checkpoint. A finished model is saved with
+``save_pretrained`` beside ``DONE.json`` (config hash, timings); a second run with the same config hash trains
+nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ class ModelSize:
         return 4 * self.hidden_size
 
 
+DEPTH, HEAD_DIM = 4, 16
+
+
+def scaled_size(name: str, hidden_size: int) -> ModelSize:
+    """The zoo's scaling rule: width ``hidden_size`` at depth DEPTH, heads of HEAD_DIM, learning rate 0.32 / h."""
+    return ModelSize(name, hidden_size, DEPTH, hidden_size // HEAD_DIM, round(min(1e-2, 0.32 / hidden_size), 6))
+
+
+WIDTHS = {"zoo_2xs": 32, "zoo_xs": 48, "zoo_s": 64, "zoo_m": 96, "zoo_l": 128, "zoo_xl": 192}
 SIZES: dict[str, ModelSize] = {
     "micro": ModelSize("micro", hidden_size=32, num_layers=2, num_heads=2, learning_rate=1e-2),
-    "zoo_xs": ModelSize("zoo_xs", hidden_size=64, num_layers=2, num_heads=4, learning_rate=5e-3),
-    "zoo_s": ModelSize("zoo_s", hidden_size=96, num_layers=4, num_heads=4, learning_rate=3e-3),
-    "zoo_m": ModelSize("zoo_m", hidden_size=128, num_layers=5, num_heads=4, learning_rate=3e-3),
-    "zoo_l": ModelSize("zoo_l", hidden_size=192, num_layers=6, num_heads=6, learning_rate=2e-3),
+    **{name: scaled_size(name, width) for name, width in WIDTHS.items()},
 }
 
 
@@ -63,8 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 200
     eval_every: int = 200
-    seed: int = 0
-    threads: int = 2
+    seed: int = 0  # initialisation and data order
+    threads: int = 1
     progress: bool = True
 
 
@@ -133,7 +141,8 @@ def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 
 def _batch_order(n_blocks: int, total_steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of the blocks for every step: a fresh seeded permutation each epoch, same for all sizes."""
+    """Indices of the blocks for every step: a fresh seeded permutation each epoch (same seed, same order for every
+    size)."""
     generator = torch.Generator().manual_seed(seed)
     needed = total_steps * batch_size
     order = []
@@ -145,6 +154,7 @@ def _batch_order(n_blocks: int, total_steps: int, batch_size: int, seed: int) ->
 @dataclass
 class TrainResult:
     size: str
+    seed: int
     model_path: str
     non_embedding_parameters: int
     tokens_trained: int
@@ -180,7 +190,7 @@ def train_model(
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done.get("config_hash") == digest:
-            return TrainResult(**done["result"])
+            return TrainResult(**{"seed": 0, **done["result"]})
     checkpoint_dir = out_dir / "checkpoint"
     state_file = checkpoint_dir / "state.pt"
     if state_file.exists() and torch.load(state_file, weights_only=False).get("config_hash") != digest:
@@ -196,7 +206,7 @@ def train_model(
     total_steps = max(1, int(round(train.epochs * steps_per_epoch)))
     order = _batch_order(len(train_blocks), total_steps, train.batch_size, train.seed)
 
-    torch.manual_seed(train.seed)  # same initialisation seed for every size
+    torch.manual_seed(train.seed)  # the seed sets the initialisation (and, above, the data order)
     model = GPTNeoXForCausalLM(model_config(size, tokenizer, train))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -261,6 +271,7 @@ def train_model(
     recent = [r["train_loss"] for r in log[-20:]]
     result = TrainResult(
         size=size.name,
+        seed=train.seed,
         model_path=str(out_dir / "model"),
         non_embedding_parameters=non_embedding_parameters(model),
         tokens_trained=step * train.batch_size * train.block_size,
@@ -284,7 +295,6 @@ def _write_curve(path: Path, log: list[dict]) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 @torch.no_grad()
 def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
     """log p(completion | prompt), summed over the completion's tokens, for each completion."""
