@@ -75,6 +75,7 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
     row = {"size": result.size, "seed": result.seed, "hidden_size": size.hidden_size, "num_layers": size.num_layers,
            "learning_rate": size.learning_rate, "non_embedding_params": result.non_embedding_parameters,
            "tokens_trained": result.tokens_trained, "train_minutes": round(result.train_seconds / 60, 2),
+           "cpu_minutes": round(result.cpu_seconds / 60, 2),
            "heldout_loss": round(result.heldout_loss, 4)}
     for key, qs in sets.items():
         row[key] = round(ranking_accuracy(model, tokenizer, qs), 3)

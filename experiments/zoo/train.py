@@ -159,9 +159,10 @@ class TrainResult:
     non_embedding_parameters: int
     tokens_trained: int
     steps: int
-    train_seconds: float
+    train_seconds: float  # wall clock
     heldout_loss: float
     final_train_loss: float
+    cpu_seconds: float = 0.0  # CPU time of the training process: the cost on a core of its own, under any load
 
 
 def train_model(
@@ -215,12 +216,12 @@ def train_model(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=size.learning_rate, betas=(0.9, 0.95),
     )
-    step, log, elapsed = 0, [], 0.0
+    step, log, elapsed, cpu_elapsed = 0, [], 0.0, 0.0
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, log, elapsed = state["step"], state["log"], state["elapsed"]
+        step, log, elapsed, cpu_elapsed = state["step"], state["log"], state["elapsed"], state.get("cpu_elapsed", 0.0)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -229,7 +230,7 @@ def train_model(
         tmp = checkpoint_dir / "state.pt.tmp"
         torch.save({
             "config_hash": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "log": log, "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "log": log, "elapsed": elapsed, "cpu_elapsed": cpu_elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }, tmp)
         tmp.replace(state_file)  # atomic: an interrupted save keeps the previous checkpoint
         _write_curve(out_dir / "loss_curve.csv", log)
@@ -238,6 +239,7 @@ def train_model(
 
     bar = tqdm(total=total_steps, initial=step, desc=size.name, disable=not train.progress, mininterval=2.0)
     started = time.perf_counter() - elapsed
+    cpu_started = time.process_time() - cpu_elapsed
     while step < total_steps:
         lr = learning_rate(step, total_steps, size.learning_rate, train)
         for group in optimizer.param_groups:
@@ -256,6 +258,7 @@ def train_model(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", refresh=False)
         elapsed = time.perf_counter() - started
+        cpu_elapsed = time.process_time() - cpu_started
         if step % train.checkpoint_every == 0 and step < total_steps:
             save_checkpoint()
         if stop_after is not None and step >= stop_after and step < total_steps:
@@ -277,6 +280,7 @@ def train_model(
         tokens_trained=step * train.batch_size * train.block_size,
         steps=step,
         train_seconds=round(elapsed, 1),
+        cpu_seconds=round(cpu_elapsed, 1),
         heldout_loss=heldout[-1] if heldout else evaluate_loss(model, heldout_blocks),
         final_train_loss=sum(recent) / len(recent),
     )
