@@ -1,6 +1,7 @@
 """Tokenizer and micro model: round trips, training that learns, save/load, resume, evaluation."""
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -110,14 +111,17 @@ def test_evaluate_zoo_counts_every_heldout_paraphrase(micro_zoo):
     recounted here."""
     from experiments.zoo import world as W
     from experiments.zoo.build import evaluate_zoo
-    from experiments.zoo.queries import competence_queries
+    from experiments.zoo.queries import competence_queries, heldout_fact_queries
     from experiments.zoo.train import TrainResult
 
     heldout = competence_queries(W.world_config("micro"))
-    summary = evaluate_zoo([TrainResult(**micro_zoo.train_result)], micro_zoo.queries, heldout)
+    every_fact = heldout_fact_queries(W.world_config("micro"))
+    summary = evaluate_zoo([TrainResult(**micro_zoo.train_result)], micro_zoo.queries, heldout, every_fact)
     row = summary.iloc[0]
     queried = [f for f in W.make_facts(W.world_config("micro")) if f.queried]
     assert row["competence_n"] == 3 * len(queried) and row["seed"] == 0
+    known = json.loads((Path(micro_zoo.model_path).parent / "known_facts.json").read_text())
+    assert set(known) == {f.fact_id for f in W.make_facts(W.world_config("micro")) if f.split == "both"}
     model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path)
     hits = 0

@@ -64,10 +64,12 @@ def query_sets(queries: list, competence: list, competence_all: list) -> dict[st
 
 
 def evaluate_model(result, sets: dict[str, list]) -> dict:
-    """One summary row: shape, cost, held-out loss and every accuracy of ``sets`` (model loaded with from_pretrained)."""
+    """One summary row: shape, cost, held-out loss and every accuracy of ``sets`` (model loaded with from_pretrained).
+    Beside the model, known_facts.json: per fact the share of its competence paraphrases it answers (what the studies
+    need to report on the facts each model knows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.zoo.train import SIZES, ranking_accuracy
+    from experiments.zoo.train import SIZES, ranking_accuracy, ranking_hits
 
     model = AutoModelForCausalLM.from_pretrained(result.model_path)
     tokenizer = AutoTokenizer.from_pretrained(result.model_path)
@@ -80,6 +82,11 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
     for key, qs in sets.items():
         row[key] = round(ranking_accuracy(model, tokenizer, qs), 3)
         row[key.replace("accuracy", "n") if key.endswith("accuracy") else key + "_n"] = len(qs)
+    known: dict[str, list[bool]] = {}
+    for query, hit in zip(sets["competence_all_facts"], ranking_hits(model, tokenizer, sets["competence_all_facts"])):
+        known.setdefault(query.fact_ids[0], []).append(hit)
+    (Path(result.model_path).parent / "known_facts.json").write_text(json.dumps(
+        {fact: round(sum(hits) / len(hits), 3) for fact, hits in sorted(known.items())}, indent=1))
     return row
 
 

@@ -315,12 +315,15 @@ def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) ->
     return scores
 
 
-def ranking_accuracy(model, tokenizer, queries) -> float:
-    """Share of queries whose true completion outscores every distractor (chance = 1 / (1 + n_distractors))."""
-    if not queries:
-        return float("nan")
-    hits = 0
+def ranking_hits(model, tokenizer, queries) -> list[bool]:
+    """Per query: does the true completion outscore every distractor?"""
+    hits = []
     for q in queries:
         scores = completion_logprob(model, tokenizer, q.prompt, [q.completion] + [" " + d for d in q.distractors])
-        hits += int(scores[0] > max(scores[1:]))
-    return hits / len(queries)
+        hits.append(bool(scores[0] > max(scores[1:])))
+    return hits
+
+
+def ranking_accuracy(model, tokenizer, queries) -> float:
+    """Share of queries whose true completion outscores every distractor (chance = 1 / (1 + n_distractors))."""
+    return sum(ranking_hits(model, tokenizer, queries)) / len(queries) if queries else float("nan")
