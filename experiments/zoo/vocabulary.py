@@ -14,7 +14,7 @@ Korean writes names in Hangul (``hangul``) and Turkish in its own spelling (``tu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LANGUAGES = ("en", "ko", "tr")
 RELATIONS = ("president", "capital", "invention", "composition")
