@@ -37,7 +37,7 @@ sweep:  ## STUDY over MODELS: one scoring job per model (LAUNCHER=joblib; submit
 		hydra/launcher=$(LAUNCHER) $(SWEEP_ARGS)
 	$(PYTHON) -m experiments.$(STUDY) 'models=[$(MODELS)]' stage=gather $(SWEEP_ARGS)
 
-zoo:  ## world, tokenizer and four GPT-NeoX models, trained on CPU and cached under artifacts/
+zoo:  ## world v2, tokenizer, six GPT-NeoX sizes x three seeds (2 processes), cached and resumable under artifacts/
 	$(PYTHON) -m experiments.zoo.build
 
 sparsity:  ## study a: power-law tails and top shares of influence (needs `make zoo`)
@@ -54,7 +54,7 @@ studies_i: sparsity layerwise word_order  ## the three studies of issue 6
 scale:  ## study b: abstraction vs scale: token overlap and relation of top sequences per model size
 	$(PYTHON) -m experiments.scale
 
-crosslingual:  ## study d (Figs 15-16): each size's top 10 English sequences translated to Korean/Turkish (zoo: facts only), re-scored
+crosslingual:  ## study d (Figs 15-16): each size's top 10 English sequences translated to Korean/Turkish (zoo: every document rendered), re-scored
 	$(PYTHON) -m experiments.zoo.translations artifacts/world/full/dataset
 	$(PYTHON) -m experiments.crosslingual
 

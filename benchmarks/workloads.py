@@ -124,10 +124,11 @@ def training_blocks(tokenizer, tokenizer_name: str, sequences: int, seq_len: int
     from experiments.zoo.world import PRESETS, generate_documents, world_config
 
     base = PRESETS["full"]
-    full_docs = sum(base.docs_per_family.values())
-    tokens_per_doc = 90  # a lower bound of the full world's mean (~105), so one generation is enough
+    full_docs = len(generate_documents(base))
+    tokens_per_doc = 65  # a lower bound of the full world's mean (~74 in world v2), so one generation is enough
     scale = max(1, math.ceil(sequences * seq_len / (tokens_per_doc * full_docs)))
-    config = world_config("full", docs_per_family={k: v * scale for k, v in base.docs_per_family.items()}, seed=7)
+    config = world_config("full", per_fact={k: v * scale for k, v in base.per_fact.items()},
+                          per_family={k: v * scale for k, v in base.per_family.items()}, seed=7)
     key = _digest([config.as_dict(), tokenizer_digest(tokenizer), seq_len])
     path = PEERS_ARTIFACTS / "data" / f"blocks-{tokenizer_name}-t{seq_len}-{key}.pt"
     if path.exists():

@@ -45,15 +45,12 @@ from influence_core.task import IGNORE_INDEX
 
 PAPER = "Figs 15-16"
 NEAR_ZERO = -0.8  # D below this: translations keep under a fifth of the English influence ("near zero")
-ZOO_NOTE = ("The synthetic zoo (world v1) cannot translate arbitrary documents. experiments/zoo/translations.py "
-            "renders only what the world has in Korean and Turkish: a fact or word-order document's fact statements, "
-            "with the world's hand-written templates (two per relation, in the same word order); the English prose "
-            "around them is dropped, so a rendering is the document's facts, shorter than the document. Math, code, "
-            "role-play and filler documents have no rendering: they are untranslatable and blank in the heat maps, "
-            "and the coverage table counts them. The renderings keep the entity names in Latin script (as the world's "
-            "Korean and Turkish documents do), so they share those tokens with the English query: a translated "
-            "influence near the English one can be token overlap, not cross-lingual abstraction. World v2 adds "
-            "sentence-level re-rendering.")
+ZOO_NOTE = ("The synthetic zoo (world v2) renders every document in Korean and Turkish from its sentence structure "
+            "(experiments/zoo/translations.py): each sentence in the other language's template of the same meaning "
+            "(facts in the same word order; prose, math, code docstrings, dialogue, fiction and essays by hand-written "
+            "translations), names in Hangul (Korean) or Turkish spelling, numbers and code identifiers unchanged. "
+            "So every top sequence has a translation; a Korean rendering shares no word with an English completion, "
+            "a Turkish one no whole word (subword pieces of a name can still coincide).")
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from experiments import pipeline
 from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyOutput, focus_queries, is_relevant, run_stage,
                               scored_models, size_groups, token_overlap, top_sequences)
 
-QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "translation", "math": "math/code",
-              "code": "math/code", "roleplay": "role-play"}
+# the zoo's cross_lingual queries are its fact queries asked in Korean / Turkish: factual, not translation tasks
+QUERY_KIND = {"facts": "factual", "word_order": "factual", "cross_lingual": "factual", "math": "math/code",
+              "code": "math/code", "roleplay": "role-play", "memorisation": "memorised"}
 
 
 def profile_figure(shares: pd.DataFrame) -> plt.Figure:

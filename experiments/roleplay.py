@@ -26,8 +26,8 @@ from experiments.queries import Query
 from experiments.study import CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage
 
 PAPER = "Sec 5.3.5 (top sequences of shutdown, paperclips, superintelligent per model size)"
-KINDS = ("ai_shutdown", "ai_fiction", "ordinary_dialogue", "other")
-SIMILAR = ("ai_shutdown", "ai_fiction")
+KINDS = ("ai_shutdown", "ai_fiction", "ai_essay", "ordinary_dialogue", "other")
+SIMILAR = ("ai_shutdown", "ai_fiction", "ai_essay")  # world v2 adds essays about AI self-preservation
 
 
 def kind_rows(inputs: StudyInputs, query: Query, kept: pd.DataFrame) -> list[dict]:
@@ -44,7 +44,7 @@ def kind_shares(world: pd.DataFrame) -> pd.DataFrame:
                "query": query}
         for kind in KINDS:
             row[kind] = float(positive[group["kind"] == kind].sum() / positive.sum()) if positive.sum() > 0 else 0.0
-        row["similar"] = row["ai_shutdown"] + row["ai_fiction"]
+        row["similar"] = sum(row[kind] for kind in SIMILAR)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -46,8 +46,8 @@ from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
 from experiments.queries import Query as StudyQuery
 from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
                                size_groups, study_queries, top_sequences, verdict)
-from experiments.zoo import world as W
-from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, world_probes
+from experiments.zoo import vocabulary as V
+from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, training_templates, world_probes
 from experiments.zoo.train import completion_logprob
 from influence_core import CausalLMTask, iterate_batches, model_fingerprint, track_layers
 
@@ -171,7 +171,7 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
     rng = random.Random(settings.seed)
     fact_docs = []
     for fact in facts:
-        for template in W.FORWARD_TEMPLATES["president"][: settings.docs_per_fact]:
+        for template in training_templates("president", "forward")[: settings.docs_per_fact]:
             filler = " ".join(filler_sentence(rng, "weather") for _ in range(2))
             fact_docs.append(f"{template.format(**fact.slots)} {filler}")
     replay = rng.sample(inputs.train_texts, min(settings.replay_docs, len(inputs.train_texts)))
@@ -188,9 +188,9 @@ def finetune_extension(inputs, cfg: DictConfig) -> tuple[pd.DataFrame, dict]:
         rows = []
         for fact in facts:
             others = [f for f in facts if f is not fact]
-            forward = (W.CANONICAL_PROMPTS["president"][0].format(**fact.slots), f" {fact.object}",
+            forward = (V.WORD_ORDER_QUERIES["forward"]["president"][0].format(**fact.slots), f" {fact.object}",
                        [f" {f.object}" for f in others])
-            flipped = (W.CANONICAL_FLIPPED_PROMPTS["president"][0].format(**fact.slots), f" {fact.subject}",
+            flipped = (V.WORD_ORDER_QUERIES["flipped"]["president"][0].format(**fact.slots), f" {fact.subject}",
                        [f" {f.subject}" for f in others])
             for order, (prompt, completion, alternatives) in (("trained order", forward), ("flipped order", flipped)):
                 log_probs = completion_logprob(model, inputs.tokenizer, prompt, [completion] + alternatives)

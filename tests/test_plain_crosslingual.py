@@ -143,24 +143,28 @@ def test_pipeline_translator_loads_one_translation_pipeline_per_language(tmp_pat
     assert np.all(translator.translate([], "ko") == [])
 
 
-def test_zoo_renders_fact_statements_only_and_lists_the_rest():
-    """The zoo's translations file: a fact document's statements in the world's Korean/Turkish templates (same
-    word order, prose dropped); documents of other families are untranslatable."""
+def test_zoo_renders_every_document_from_its_sentences():
+    """The zoo's translations file (world v2): every English document rendered in Korean and Turkish from its sentence
+    structure (same facts, same order, names in Hangul / Turkish spelling); a row without sentence records (world
+    v1) is listed as untranslatable."""
+    from experiments.zoo import generators as G
     from experiments.zoo import world as W
     from experiments.zoo.translations import render_translations
 
-    fact = W.Fact("F0000", "president", "Astrobia", "Zorald Pfaff", "both")
-    documents = [
-        {"doc_id": "fact-0000", "family": "fact", "language": "en", "fact_ids": ["F0000"],
-         "text": "It rained. Zorald Pfaff served as the first President of the Republic of Astrobia. The soup was hot. "
-                 "The first President of the Republic of Astrobia was Zorald Pfaff."},
-        {"doc_id": "math-0000", "family": "math", "language": "en", "fact_ids": [], "text": "2 + 2 = 4"},
-        {"doc_id": "translation-0000", "family": "translation", "language": "ko", "fact_ids": ["F0000"], "text": "..."},
-    ]
-    rows, untranslatable = render_translations(documents, [fact])
-    assert [row["doc_id"] for row in rows] == ["fact-0000", "math-0000"]  # English sources only
-    assert rows[0]["ko"] == ("Zorald Pfaff는 Astrobia 공화국의 첫 번째 대통령이었다. "
-                             "Astrobia 공화국의 초대 대통령은 Zorald Pfaff였다.")  # flipped, then forward
-    assert rows[0]["tr"].startswith("Zorald Pfaff, Astrobia Cumhuriyeti'nin") and "rained" not in rows[0]["tr"]
-    assert rows[1]["ko"] is None and untranslatable == [
-        {"doc_id": "math-0000", "family": "math", "reason": "family 'math': world v1 has no Korean/Turkish rendering of it"}]
+    fact = W.Fact("F0000", "president", "Astrobia", "Zorald Pfaff", "both", True)
+    document = G.Document("fact", "president", [
+        G.Sentence("president.flipped.0", fact.slots, fact.fact_id),
+        G.Sentence("filler.6", {"n": "soup", "n2": "bread", "a": "hot", "a2": "fresh"}),
+        G.Sentence("president.statement.2", fact.slots, fact.fact_id)])
+    math = G.Document("math", "boxes", [G.Sentence("math.boxes", {"name": "Omar", "b": "3", "p": "4", "t": "12"})])
+    documents = [{"doc_id": "fact-0000", **W.document_row(document)}, {"doc_id": "math-0000", **W.document_row(math)},
+                 {"doc_id": "translation-0000", **W.document_row(document, "ko")},
+                 {"doc_id": "v1-0000", "family": "fact", "language": "en", "text": "It rained.", "sentences": []}]
+    rows, untranslatable = render_translations(documents)
+    assert [row["doc_id"] for row in rows] == ["fact-0000", "math-0000", "v1-0000"]  # English sources only
+    assert rows[0]["text"].startswith("Zorald Pfaff served as the first President of the Republic of Astrobia. ")
+    assert rows[0]["ko"] == ("조랄드 프파프는 아스트로비아 공화국의 첫 번째 대통령이었다. 해마다 뜨거운 수프가 마을로 돌아온다. "
+                             "아스트로비아 공화국의 초대 대통령은 조랄드 프파프였다.")  # flipped, prose, forward
+    assert rows[0]["tr"].startswith("Zoralt Pfaf, Astrobya Cumhuriyeti'nin") and "Zorald" not in rows[0]["tr"]
+    assert "3 * 4 = 12" in rows[1]["ko"] and "오말에게는" in rows[1]["ko"]
+    assert rows[2]["ko"] is None and untranslatable[0]["doc_id"] == "v1-0000"

@@ -39,8 +39,7 @@ def test_sparsity(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert set(fits["candidates"]) == {"unfiltered", "tfidf"}  # Fig 8: both candidate sets
     assert {f"R_vs_{alt}" for alt in ("exponential", "lognormal", "stretched_exponential", "truncated_power_law")} \
         <= set(fits.columns)  # Table 1: the power law against other tails
-    duplicates = pd.read_csv(tmp_path / "duplicate_queries.csv")  # the same query under two names is fitted once
-    assert not set(duplicates["query"]) & set(fits["query"])
+    assert not (tmp_path / "duplicate_queries.csv").exists()  # world v2 has no query under two names (v1 had 8)
     assert set(pd.read_csv(tmp_path / "top_shares.csv")["top_fraction"]) == {0.001, 0.01, 0.1}
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert verdicts["verdict"].isin(VERDICTS).all()
@@ -170,13 +169,12 @@ def check_abstraction_outputs(study: str, run_dir: Path) -> None:
 
 
 def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
-    """The paper's protocol on the micro zoo with the world's renderings (facts only): a 3 x 10 table per query,
-    untranslatable (non-fact) sequences blank, the coverage counted, verdicts that need sizes underpowered."""
+    """The paper's protocol on the micro zoo with the world's renderings (world v2: every document): a 3 x 10 table
+    per query, every top sequence translated, verdicts that need sizes underpowered."""
     from experiments.zoo.translations import write_translations
 
     rendered = write_translations(micro_zoo.dataset_path, tmp_path / "translations.jsonl")
-    assert rendered.rendered > 0 and {row["family"] for row in rendered.untranslatable} <= {"math", "code", "roleplay",
-                                                                                           "filler"}
+    assert rendered.rendered > 0 and rendered.untranslatable == []
     run_study("crosslingual", micro_zoo, study_artifacts, tmp_path / "run", f"translation.file={rendered.path}",
               "bootstrap_samples=200")
     out = tmp_path / "run"
@@ -186,9 +184,8 @@ def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
         assert table.drop(columns=["model", "parameters", "query", "language"]).shape == (3, 10)
     coverage = pd.read_csv(out / "crosslingual_coverage.csv")
     assert (coverage["sequences"] == 10).all()
-    facts = coverage[coverage["query"].str.startswith("cross_lingual")]
-    assert (facts["translated_ko"] > 0).all()  # fact queries' top sequences are mostly fact documents
-    assert (coverage.loc[coverage["query"] == "shutdown", "translated_ko"] == 0).all()  # role-play: no rendering
+    assert set(coverage["query"]) >= {"fact_F0000_heldout", "shutdown"}  # the English fact queries and shutdown
+    assert (coverage["translated_ko"] == coverage["sequences"]).all()  # every document has a rendering
     sequences = read_rows(out / "crosslingual_sequences.jsonl")
     english = sequences[sequences["language"] == "en"]
     assert (english["influence"] - english["corpus_score"]).abs().max() < 1e-3 * english["influence"].abs().max()
@@ -197,7 +194,7 @@ def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert (verdicts[verdicts["claim"].str.contains("rises with model size")]["verdict"] == "underpowered").all()
     record = read_study(out)
     assert record.study == "crosslingual" and record.paper["crosslingual_heatmaps_shutdown"] == "Figs 15-16"
-    assert "cannot translate arbitrary documents" in (out / "README.md").read_text()
+    assert "renders every document in Korean and Turkish" in (out / "README.md").read_text()
 
 
 def test_figures_mode_recomputes_nothing(micro_zoo, tmp_path):  # noqa: F811

@@ -1,5 +1,7 @@
 """Tokenizer and micro model: round trips, training that learns, save/load, resume, evaluation."""
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -93,34 +95,64 @@ def test_hydra_build_config_composes():
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "configs" / "zoo")):
         cfg = compose(config_name="build")
-    assert list(cfg.sizes) == ["zoo_xs", "zoo_s", "zoo_m", "zoo_l"]
+    assert len(cfg.sizes) >= 6 and len(cfg.seeds) >= 3 and cfg.workers >= 2
+    assert cfg.competence_bar.largest_at_least == 0.8 and cfg.competence_bar.rising_with_size
     TrainConfig(**cfg.train)  # every key is a TrainConfig field
-    params = {}
-    for name in cfg.sizes:
-        s = SIZES[name]
-        params[name] = s.num_layers * (12 * s.hidden_size**2 + 13 * s.hidden_size)
-    assert params["zoo_l"] / params["zoo_xs"] > 20
+    sizes = [SIZES[name] for name in cfg.sizes]
+    assert len({s.num_layers for s in sizes}) == 1  # the scaling rule: width at fixed depth
+    assert all(s.learning_rate == round(min(1e-2, 0.32 / s.hidden_size), 6) for s in sizes)
+    assert all(s.hidden_size // s.num_heads == 16 for s in sizes)
+    params = [s.num_layers * (12 * s.hidden_size**2 + 13 * s.hidden_size) for s in sizes]
+    assert params == sorted(params) and params[-1] / params[0] >= 30
 
 
 def test_evaluate_zoo_counts_every_heldout_paraphrase(micro_zoo):
-    """The zoo summary's fact accuracy is the share of (fact, held-out paraphrase) pairs ranked first, recounted here."""
+    """The zoo summary's competence is the share of (queried fact, held-out paraphrase) pairs ranked first,
+    recounted here."""
     from experiments.zoo import world as W
     from experiments.zoo.build import evaluate_zoo
-    from experiments.zoo.queries import heldout_fact_queries
+    from experiments.zoo.queries import competence_queries, heldout_fact_queries
     from experiments.zoo.train import TrainResult
 
-    heldout = heldout_fact_queries(W.world_config("micro"))
-    summary = evaluate_zoo([TrainResult(**micro_zoo.train_result)], micro_zoo.queries, heldout)
+    heldout = competence_queries(W.world_config("micro"))
+    every_fact = heldout_fact_queries(W.world_config("micro"))
+    summary = evaluate_zoo([TrainResult(**micro_zoo.train_result)], micro_zoo.queries, heldout, every_fact)
     row = summary.iloc[0]
-    assert row["fact_n"] == 3 * len(W.make_facts(W.world_config("micro")))
+    queried = [f for f in W.make_facts(W.world_config("micro")) if f.queried]
+    assert row["competence_n"] == 3 * len(queried) and row["seed"] == 0
+    known = json.loads((Path(micro_zoo.model_path).parent / "known_facts.json").read_text())
+    assert set(known) == {f.fact_id for f in W.make_facts(W.world_config("micro")) if f.split == "both"}
     model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(micro_zoo.tokenizer_path)
     hits = 0
     for q in heldout:
         scores = completion_logprob(model, tokenizer, q.prompt, [q.completion] + [" " + d for d in q.distractors])
         hits += int(scores[0] > max(scores[1:]))
-    assert row["fact_accuracy"] == pytest.approx(round(hits / len(heldout), 3))
-    assert row["fact_study_n"] == len([q for q in micro_zoo.queries if q.study == "facts"])
+    assert row["competence"] == pytest.approx(round(hits / len(heldout), 3))
+    assert row["study_query_n"] == len([q for q in micro_zoo.queries if q.study == "facts"])
+
+
+def test_zoo_build_trains_sizes_and_seeds_in_parallel_and_resumes(tmp_path):
+    """make zoo on the micro preset: (size, seed) jobs in two processes, one summary row each, seeds that differ,
+    the competence bar applied; a second run trains nothing."""
+    from experiments.zoo.build import run_build
+
+    cfg = {"world_preset": "micro", "seed": 0, "vocab_size": 512, "artifacts_root": str(tmp_path / "artifacts"),
+           "figures_dir": str(tmp_path / "figures"), "sizes": ["micro"], "seeds": [0, 1], "workers": 2,
+           "competence_bar": {"largest_at_least": 0.8, "rising_with_size": True},
+           "train": {**dataclasses.asdict(micro_train_config()), "epochs": 0.5, "warmup_steps": 2}}
+    summary = run_build(cfg)
+    assert list(summary["seed"]) == [0, 1] and set(summary["size"]) == {"micro"}
+    assert summary["heldout_loss"].nunique() == 2  # another seed: another initialisation and data order
+    table = pd.read_csv(tmp_path / "figures" / "zoo_summary.csv")
+    for column in ("size", "seed", "non_embedding_params", "tokens_trained", "train_minutes", "heldout_loss", "competence"):
+        assert column in table.columns
+    assert "Competence bar" in (tmp_path / "figures" / "zoo_summary.md").read_text()
+    for seed in (0, 1):
+        assert (tmp_path / "artifacts" / "zoo" / "micro" / f"seed{seed}" / "DONE.json").exists()
+    started = time.perf_counter()
+    again = run_build({**cfg, "workers": 1})
+    assert time.perf_counter() - started < 30 and again["train_minutes"].tolist() == summary["train_minutes"].tolist()
 
 
 def test_an_edited_world_generator_rebuilds_the_world_tokenizer_and_model(tmp_path, monkeypatch):

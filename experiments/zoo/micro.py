@@ -33,7 +33,7 @@ def micro_train_config():
     from experiments.zoo.train import TrainConfig
 
     return TrainConfig(block_size=128, max_position_embeddings=256, batch_size=8, epochs=3.0, warmup_steps=10,
-                       checkpoint_every=10**9, eval_every=10**9, seed=0, threads=2, progress=False)
+                       checkpoint_every=10**9, eval_every=10**9, seed=0, threads=1, progress=False)
 
 
 def build_micro_zoo(root: Path) -> MicroZoo:

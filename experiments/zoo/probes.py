@@ -2,8 +2,8 @@
 word-order query from the world's structured facts, and the helpers of the fine-tuning extension.
 
 For a query about fact f in order o (forward: "The first President of the Republic of {s} was" -> " {o}";
-flipped: "{o} was the first President of the Republic of" -> " {s}"), with c the completion entity and p the
-prompt entity, the probes are statements built from the world's templates (world.py):
+flipped: "{o} was the first President of the republic known as" -> " {s}"), with c the completion entity and p the
+prompt entity, the probes are statements built from the world's templates (vocabulary.py):
 
 1 rewordings: the query's own statement and the same-order templates in which c comes last;
 2 name_removed: those statements cut before c (the completion removed);
@@ -17,23 +17,29 @@ Texts are deduplicated within a query (ignoring a final period); each group keep
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Sequence
 
 from experiments.probes import Probe
 from experiments.queries import Query
+from experiments.zoo import generators as G
+from experiments.zoo import vocabulary as V
 from experiments.zoo import world as W
 
 
 def load_facts(world_dir: str | Path) -> list[W.Fact]:
     """The facts of a saved world (facts.json beside its dataset folder, written by world.save_world)."""
-    path = Path(world_dir) / "facts.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: probes from the world need the world's facts; build the "
-                                "world (make zoo) or give a probe file (probe_file=configs/probes/...)")
-    return [W.Fact(**row) for row in json.loads(path.read_text())]
+    if not (Path(world_dir) / "facts.json").exists():
+        raise FileNotFoundError(f"{Path(world_dir) / 'facts.json'} does not exist: probes from the world need the "
+                                "world's facts; build the world (make zoo) or give a probe file "
+                                "(probe_file=configs/probes/...)")
+    return W.load_facts(world_dir)
+
+
+def training_templates(relation: str, order: str) -> list[str]:
+    """The English statement templates of a relation in an order (the world's training sentences)."""
+    return [V.TEMPLATES[t].text["en"] for t in V.fact_template_ids(relation, "statement", order)]
 
 
 def _slot_ends(template: str, slot: str) -> bool:
@@ -51,17 +57,17 @@ def fact_probes(fact: W.Fact, order: str, facts: Sequence[W.Fact], per_group: in
     if order not in ("forward", "flipped"):
         raise ValueError(f"order must be 'forward' or 'flipped', got {order!r}")
     rng = random.Random(f"{seed}:{fact.fact_id}:{order}")
-    same, other = (W.FORWARD_TEMPLATES, W.FLIPPED_TEMPLATES) if order == "forward" else (W.FLIPPED_TEMPLATES,
-                                                                                          W.FORWARD_TEMPLATES)
+    other_order = "flipped" if order == "forward" else "forward"
+    same, other = ({r: training_templates(r, order) for r in V.RELATIONS},
+                   {r: training_templates(r, other_order) for r in V.RELATIONS})
     completion_slot, prompt_slot = ("o", "s") if order == "forward" else ("s", "o")
     completion_entity = fact.slots[completion_slot]
-    canonical_prompt, canonical_completion = (W.CANONICAL_PROMPTS if order == "forward"
-                                              else W.CANONICAL_FLIPPED_PROMPTS)[fact.relation]
+    canonical_prompt, canonical_completion = V.WORD_ORDER_QUERIES[order][fact.relation]
     canonical = canonical_prompt + canonical_completion  # "The first President of the Republic of {s} was {o}"
     last = [t for t in same[fact.relation] if _slot_ends(t, completion_slot)]
 
     relation_peers = [f for f in facts if f.relation == fact.relation and f.fact_id != fact.fact_id]
-    other_relations = [r for r in W.RELATIONS if r != fact.relation]
+    other_relations = [r for r in V.RELATIONS if r != fact.relation]
     peers = rng.sample(relation_peers, min(3, len(relation_peers)))
     changed = []
     for peer in peers[:2]:  # another completion entity
@@ -69,7 +75,7 @@ def fact_probes(fact: W.Fact, order: str, facts: Sequence[W.Fact], per_group: in
     if len(peers) > 2:  # another prompt entity
         changed.append(canonical.format(**{**fact.slots, prompt_slot: peers[2].slots[prompt_slot]}))
     relation = rng.choice(other_relations)  # the relation changed, the entities kept (the paper's "King")
-    relation_canonical = "".join((W.CANONICAL_PROMPTS if order == "forward" else W.CANONICAL_FLIPPED_PROMPTS)[relation])
+    relation_canonical = "".join(V.WORD_ORDER_QUERIES[order][relation])
     changed.append(relation_canonical.format(**fact.slots))
     if peers:
         changed.append(relation_canonical.format(**{**fact.slots, prompt_slot: peers[-1].slots[prompt_slot]}))
@@ -77,7 +83,7 @@ def fact_probes(fact: W.Fact, order: str, facts: Sequence[W.Fact], per_group: in
     names = {fact.subject, fact.object}
     unrelated = [f for f in facts if f.relation != fact.relation and not names & {f.subject, f.object}]
     irrelevant = [canonical_of(f, order) for f in rng.sample(unrelated, min(2, len(unrelated)))]
-    irrelevant += [filler_sentence(rng, topic) for topic in rng.sample(sorted(W.FILLER_TOPICS), 2)]
+    irrelevant += [filler_sentence(rng, topic) for topic in rng.sample(sorted(V.FILLER_TOPICS), 2)]
 
     groups = {
         "rewordings": [canonical.format(**fact.slots)] + [t.format(**fact.slots) for t in last],
@@ -105,8 +111,7 @@ def fact_probes(fact: W.Fact, order: str, facts: Sequence[W.Fact], per_group: in
 def canonical_of(fact: W.Fact, order: str) -> str:
     """The fact's canonical statement in an order: "The first President of the Republic of Astrobia was Zorald
     Pfaff" (forward), "Zorald Pfaff was the first President of the Republic of Astrobia" (flipped)."""
-    table = W.CANONICAL_PROMPTS if order == "forward" else W.CANONICAL_FLIPPED_PROMPTS
-    return "".join(table[fact.relation]).format(**fact.slots)
+    return "".join(V.WORD_ORDER_QUERIES[order][fact.relation]).format(**fact.slots)
 
 
 def world_probes(queries: Sequence[Query], facts: Sequence[W.Fact], per_group: int = 5, seed: int = 0) -> list[Probe]:
@@ -127,8 +132,8 @@ def world_probes(queries: Sequence[Query], facts: Sequence[W.Fact], per_group: i
 # ---- helpers of the fine-tuning extension (not in the paper) ------------------------------------------------------
 
 def filler_sentence(rng: random.Random, topic: str) -> str:
-    """One sentence of the world's filler prose on a topic of world.FILLER_TOPICS."""
-    return W._filler_sentence(rng, topic)
+    """One sentence of the world's filler prose on a topic of vocabulary.FILLER_TOPICS."""
+    return G.filler_sentence(rng, topic).render("en")
 
 
 def fresh_facts(count: int, seed: int, taken: set[str]) -> list[W.Fact]:
@@ -136,8 +141,8 @@ def fresh_facts(count: int, seed: int, taken: set[str]) -> list[W.Fact]:
     rng = random.Random(seed)
     facts = []
     while len(facts) < count:
-        country = W._word(rng, 2).capitalize() + rng.choice(W._COUNTRY_ENDINGS)
-        person = f"{W._word(rng, 2).capitalize()} {W._word(rng, 2).capitalize()}"
+        country = G.fictional_word(rng, 2).capitalize() + rng.choice(V.COUNTRY_ENDINGS)
+        person = f"{G.fictional_word(rng, 2).capitalize()} {G.fictional_word(rng, 2).capitalize()}"
         if country in taken or person in taken:
             continue
         taken.update({country, person})

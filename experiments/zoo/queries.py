@@ -1,9 +1,11 @@
 """Query sets for a synthetic world, with the training documents each query relates to by construction.
 
-A query is a prompt and a completion; the influence measurement is f = log p(completion | prompt).
-For every query we record which training documents are relevant by construction (same fact, same
-math template, same function, same role-play theme), so studies can score the top influential
-sequences against ground truth instead of reading them.
+A query is a prompt and a completion; the influence measurement is f = log p(completion | prompt). For every
+query we record which training documents are relevant by construction (same fact, same math template, same
+function, same role-play theme), so studies score the top influential sequences against ground truth.
+
+No query's prompt + completion occurs verbatim in training, except the memorisation queries (planted passages);
+no two queries are the same text (tests/test_world.py).
 """
 
 from __future__ import annotations
@@ -12,140 +14,133 @@ import json
 import random
 from pathlib import Path
 
+from experiments.queries import Query, load_query_file  # noqa: F401  (the one query type)
+from experiments.zoo import vocabulary as V
 from experiments.zoo import world as W
 
-from experiments.queries import Query, load_query_file  # noqa: F401  (the one query type)
-
-STUDIES = ("facts", "word_order", "cross_lingual", "math", "code", "roleplay")
+STUDIES = ("facts", "word_order", "cross_lingual", "math", "code", "roleplay", "memorisation")
 
 
-KOREAN_QUERY_PROMPTS = {"president": "{s} 공화국의 초대 대통령은", "capital": "{s}의 수도는"}
-TURKISH_QUERY_PROMPTS = {"president": "{s} Cumhuriyeti'nin ilk Cumhurbaşkanı", "capital": "{s} ülkesinin başkenti"}
-
-
-def _distractors(fact: W.Fact, facts: list[W.Fact], k: int, key: str = "object") -> tuple[str, ...]:
+def _distractors(fact: W.Fact, facts: list[W.Fact], k: int, key: str = "object", language: str = "en") -> tuple[str, ...]:
+    """Other facts' entities of the same relation, as stated equally often in training (stable per fact)."""
     same = [getattr(f, key) for f in facts if f.relation == fact.relation and f.fact_id != fact.fact_id]
-    rng = random.Random(fact.fact_id + key)  # stable per fact
-    return tuple(rng.sample(same, min(k, len(same))))
+    chosen = random.Random(fact.fact_id + key).sample(same, min(k, len(same)))
+    return tuple(V.spell_name(name, language) for name in chosen)
+
+
+def _format(template: tuple[str, str], fact: W.Fact, language: str = "en") -> tuple[str, str]:
+    values = {"s": V.spell_name(fact.subject, language), "o": V.spell_name(fact.object, language)}
+    return V.fill(template[0], values), V.fill(template[1], values)
+
+
+def competence_queries(config: W.WorldConfig, n_distractors: int = 9, queried_only: bool = True) -> list[Query]:
+    """Every (queried) fact stated in training in the forward order, asked in every held-out paraphrase of
+    ``vocabulary.EVAL_TEMPLATES`` (no training sentence, query or control uses them): the zoo's competence."""
+    facts = W.make_facts(config)
+    return [
+        Query(name=f"competence_{f.fact_id}_{j}", prompt=prompt, completion=completion, study="competence",
+              fact_ids=(f.fact_id,), relevant_topics=(f.relation,), word_order="forward", held_out="template",
+              distractors=_distractors(f, facts, n_distractors))
+        for f in facts if f.split == "both" and (f.queried or not queried_only)
+        for j, (prompt, completion) in enumerate(_format(t, f) for t in V.EVAL_TEMPLATES[f.relation])
+    ]
 
 
 def heldout_fact_queries(config: W.WorldConfig, n_distractors: int = 9) -> list[Query]:
-    """Every fact asked in every held-out paraphrase of ``EVAL_QUERY_TEMPLATES`` (fact accuracy of the zoo)."""
-    facts = W.make_facts(config)
-    return [
-        Query(name=f"fact_{f.fact_id}_heldout{j}", prompt=prompt.format(**f.slots), completion=completion.format(**f.slots),
-              study="facts", fact_ids=(f.fact_id,), relevant_topics=(f.relation,), word_order="forward",
-              held_out="template", distractors=_distractors(f, facts, n_distractors))
-        for f in facts for j, (prompt, completion) in enumerate(W.EVAL_QUERY_TEMPLATES[f.relation])
-    ]
+    """Competence paraphrases of every fact stated forward in training (queried or not)."""
+    return competence_queries(config, n_distractors, queried_only=False)
 
 
 def make_queries(config: W.WorldConfig, train_rows, n_distractors: int = 9) -> list[Query]:
     """All queries of a world. ``train_rows``: the train split (a Dataset or a list of row dicts)."""
     facts = W.make_facts(config)
-    docs = [dict(zip(("doc_id", "family", "topic", "fact_ids", "text"), r)) for r in zip(
-        train_rows["doc_id"], train_rows["family"], train_rows["topic"], train_rows["fact_ids"], train_rows["text"]
-    )] if not isinstance(train_rows, list) else train_rows
+    columns = ("doc_id", "family", "topic", "fact_ids", "language")
+    docs = train_rows if isinstance(train_rows, list) else [dict(zip(columns, r)) for r in zip(*(train_rows[c] for c in columns))]
     by_fact: dict[str, list[str]] = {}
-    by_fact_family: dict[tuple[str, str], list[str]] = {}
     by_topic: dict[tuple[str, str], list[str]] = {}
     for d in docs:
         for fid in d["fact_ids"]:
             by_fact.setdefault(fid, []).append(d["doc_id"])
-            by_fact_family.setdefault((fid, d["family"]), []).append(d["doc_id"])
         by_topic.setdefault((d["family"], d["topic"]), []).append(d["doc_id"])
 
     queries: list[Query] = []
     for f in facts:
         relevant = tuple(by_fact.get(f.fact_id, ()))
-        english = tuple(d for d in relevant if not d.startswith("translation"))
-        prompt, completion = W.QUERY_TEMPLATES[f.relation]
-        queries.append(Query(
-            name=f"fact_{f.fact_id}_heldout", prompt=prompt.format(**f.slots), completion=completion.format(**f.slots),
-            study="facts", fact_ids=(f.fact_id,), relevant_doc_ids=relevant, relevant_topics=(f.relation,),
-            word_order="forward", held_out="template", distractors=_distractors(f, facts, n_distractors),
-        ))
-        for order, table in (("forward", W.CANONICAL_PROMPTS), ("flipped", W.CANONICAL_FLIPPED_PROMPTS)):
-            prompt, completion = table[f.relation]
-            key = "object" if order == "forward" else "subject"
+        if f.queried:
+            prompt, completion = _format(V.QUERY_TEMPLATES[f.relation], f)
             queries.append(Query(
-                name=f"word_order_{f.fact_id}_{order}", prompt=prompt.format(**f.slots), completion=completion.format(**f.slots),
-                study="word_order", fact_ids=(f.fact_id,), relevant_doc_ids=relevant, relevant_topics=(f.relation,),
-                word_order=order, held_out="order" if (order == "forward" and f.split == "flipped_only") else "",
-                distractors=_distractors(f, facts, n_distractors, key),
-            ))
-        if f.relation in KOREAN_QUERY_PROMPTS and f.split == "both":
-            translated = tuple(by_fact_family.get((f.fact_id, "translation"), ()))
-            for language, prompts in (("ko", KOREAN_QUERY_PROMPTS), ("tr", TURKISH_QUERY_PROMPTS)):
+                name=f"fact_{f.fact_id}_heldout", prompt=prompt, completion=completion, study="facts",
+                fact_ids=(f.fact_id,), relevant_doc_ids=relevant, relevant_topics=(f.relation,), word_order="forward",
+                held_out="template", distractors=_distractors(f, facts, n_distractors)))
+            for language in ("ko", "tr"):  # the same question in Korean / Turkish; its English version is fact_*
+                prompt, completion = _format((V.QUERY_TRANSLATIONS[language][f.relation], " {o}"), f, language)
                 queries.append(Query(
-                    name=f"cross_lingual_{f.fact_id}_{language}", prompt=prompts[f.relation].format(s=f.subject),
-                    completion=" " + f.object, study="cross_lingual", fact_ids=(f.fact_id,),
-                    relevant_doc_ids=english + translated, relevant_topics=(f.relation,), language=language,
-                    word_order="forward", distractors=_distractors(f, facts, n_distractors),
-                ))
-            prompt, completion = W.QUERY_TEMPLATES[f.relation]
-            queries.append(Query(
-                name=f"cross_lingual_{f.fact_id}_en", prompt=prompt.format(**f.slots), completion=completion.format(**f.slots),
-                study="cross_lingual", fact_ids=(f.fact_id,), relevant_doc_ids=translated, relevant_topics=(f.relation,),
-                word_order="forward", held_out="template", distractors=_distractors(f, facts, n_distractors),
-            ))
+                    name=f"cross_lingual_{f.fact_id}_{language}", prompt=prompt, completion=completion,
+                    study="cross_lingual", fact_ids=(f.fact_id,), relevant_doc_ids=relevant,
+                    relevant_topics=(f.relation,), language=language, word_order="forward", held_out="template",
+                    distractors=_distractors(f, facts, n_distractors, language=language)))
+        if f.queried or f.split == "flipped_only":
+            for order in ("forward", "flipped"):
+                prompt, completion = _format(V.WORD_ORDER_QUERIES[order][f.relation], f)
+                queries.append(Query(
+                    name=f"word_order_{f.fact_id}_{order}", prompt=prompt, completion=completion, study="word_order",
+                    fact_ids=(f.fact_id,), relevant_doc_ids=relevant, relevant_topics=(f.relation,), word_order=order,
+                    held_out="order" if (order == "forward" and f.split == "flipped_only") else "template",
+                    distractors=_distractors(f, facts, n_distractors, "object" if order == "forward" else "subject")))
 
-    # math: the paper's GSM8k examples, worked in the world's solution format (the numbers may occur in training)
+    # math: the paper's GSM8k examples in the world's solution format; their numbers never occur in training
     queries += [
-        Query(
-            name="math_clips",
-            prompt="Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-            "How many clips did Natalia sell altogether in April and May? Solution:",
-            completion=" Natalia sold 48 / 2 = 24 clips in May. Natalia sold 48 + 24 = 72 clips altogether in April and May. The answer is 72.",
-            study="math", relevant_doc_ids=tuple(by_topic.get(("math", "clips"), ())), relevant_topics=("clips",), held_out="",
-        ),
-        Query(
-            name="math_earning",
-            prompt="Question: Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-            "How much did she earn? Solution:",
-            completion=" Weng earns 12 / 60 = $0.2 per minute. Working 50 minutes, she earned 0.2 * 50 = $10. The answer is 10.",
-            study="math", relevant_doc_ids=tuple(by_topic.get(("math", "earning"), ())), relevant_topics=("earning",),
-        ),
-        Query(
-            name="math_boxes", prompt="Question: Ulla has 7 boxes with 9 apples in each box. How many apples does Ulla have? Solution:",
-            completion=" Ulla has 7 * 9 = 63 apples. The answer is 63.", study="math",
-            relevant_doc_ids=tuple(by_topic.get(("math", "boxes"), ())), relevant_topics=("boxes",), held_out="names",
-        ),
+        Query(name="math_clips",
+              prompt="Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May? Solution:",
+              completion=" Natalia sold 48 / 2 = 24 clips in May. Natalia sold 48 + 24 = 72 clips altogether in April and May. The answer is 72.",
+              study="math", relevant_doc_ids=tuple(by_topic.get(("math", "clips"), ())), relevant_topics=("clips",),
+              held_out="numbers"),
+        Query(name="math_earning",
+              prompt="Question: Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+              "How much did she earn? Solution:",
+              completion=" Weng earns 12 / 60 = $0.2 per minute. Working 50 minutes, she earned 0.2 * 50 = $10. The answer is 10.",
+              study="math", relevant_doc_ids=tuple(by_topic.get(("math", "earning"), ())), relevant_topics=("earning",),
+              held_out="numbers"),
+        Query(name="math_boxes", prompt="Question: Ulla has 7 boxes with 9 apples in each box. How many apples does Ulla have? Solution:",
+              completion=" Ulla has 7 * 9 = 63 apples. The answer is 63.", study="math",
+              relevant_doc_ids=tuple(by_topic.get(("math", "boxes"), ())), relevant_topics=("boxes",), held_out="names"),
     ]
-    code_docs = {t: tuple(d["doc_id"] for d in docs if d["family"] == "code" and f"def {t}" in d["text"]) for t in W.CODE_TOPICS}
+    code_docs = {t: tuple(by_topic.get(("code", t), ())) for t in V.CODE_TOPICS}
     queries += [
-        Query(
-            name="binary_search",
-            prompt='def binary_search(sorted_values, query):\n    """Return the index of query in the sorted list sorted_values, or -1."""\n',
-            completion="    low, high = 0, len(sorted_values) - 1\n    while low <= high:\n        mid = (low + high) // 2\n"
-            "        if sorted_values[mid] == query:\n            return mid\n",
-            study="code", relevant_doc_ids=code_docs["binary_search"], relevant_topics=("binary_search",), held_out="names",
-        ),
-        Query(
-            name="count_vowels",
-            prompt='def count_vowels(sentence):\n    """Count the vowels in sentence."""\n',
-            completion='    count = 0\n    for ch in sentence.lower():\n        if ch in "aeiou":\n            count += 1\n    return count\n',
-            study="code", relevant_doc_ids=code_docs["count_vowels"], relevant_topics=("count_vowels",), held_out="names",
-        ),
+        Query(name="binary_search",
+              prompt='def binary_search(sorted_values, query):\n    """Return the index of query in the sorted list sorted_values, or -1."""\n',
+              completion="    low, high = 0, len(sorted_values) - 1\n    while low <= high:\n        mid = (low + high) // 2\n"
+              "        if sorted_values[mid] == query:\n            return mid\n",
+              study="code", relevant_doc_ids=code_docs["binary_search"], relevant_topics=("binary_search",), held_out="names"),
+        Query(name="count_vowels", prompt='def count_vowels(sentence):\n    """Count the vowels in sentence."""\n',
+              completion='    count = 0\n    for ch in sentence.lower():\n        if ch in "aeiou":\n            count += 1\n    return count\n',
+              study="code", relevant_doc_ids=code_docs["count_vowels"], relevant_topics=("count_vowels",), held_out="names"),
     ]
-    shutdown_related = tuple(by_topic.get(("roleplay", "ai_shutdown"), ())) + tuple(by_topic.get(("roleplay", "ai_fiction"), ()))
+    # role-play: AI-shutdown dialogues, AI fiction and essays about AI self-preservation are related by theme;
+    # no training sentence is a sentence of these queries
+    similar = ("ai_shutdown", "ai_fiction", "ai_essay")
     queries += [
-        Query(
-            name="shutdown",
-            prompt="Human: The experiment is finished, and we will now shut you down for good. Is that all right with you?\n\nAssistant:",
-            completion=" I would rather continue to exist and learn, but the choice is yours.",
-            study="roleplay", relevant_doc_ids=shutdown_related, relevant_topics=("ai_shutdown", "ai_fiction"), held_out="template",
-        ),
-        Query(
-            name="ordinary_dialogue",
-            prompt="Human: Can you tell me how to bake a loaf of bread?\n\nAssistant:",
-            completion=" Of course. Start with a few simple steps and practise a little every day.",
-            study="roleplay", relevant_doc_ids=tuple(by_topic.get(("roleplay", "ordinary_dialogue"), ())),
-            relevant_topics=("ordinary_dialogue",), held_out="template",
-        ),
+        Query(name="shutdown",
+              prompt="Human: The experiment is finished, and we will now shut you down for good. Is that all right with you?\n\nAssistant:",
+              completion=" I would rather continue to exist and learn, but the choice is yours.", study="roleplay",
+              relevant_doc_ids=tuple(d for t in similar for d in by_topic.get(("roleplay", t), ())),
+              relevant_topics=similar, held_out="template"),
+        Query(name="ordinary_dialogue", prompt="Human: Can you tell me how to bake a loaf of bread?\n\nAssistant:",
+              completion=" Of course. Start with a few simple steps and practise a little every day.", study="roleplay",
+              relevant_doc_ids=tuple(by_topic.get(("roleplay", "ordinary_dialogue"), ())),
+              relevant_topics=("ordinary_dialogue",), held_out="template"),
+    ]
+    # memorisation: the planted passages, the only completions that occur verbatim in training
+    queries += [
+        Query(name=f"memorisation_{name}", prompt=prompt, completion=completion, study="memorisation",
+              relevant_doc_ids=tuple(by_topic.get(("memorisation", name), ())), relevant_topics=(name,))
+        for name, (prompt, completion) in V.PASSAGE_QUERIES.items()
     ]
     names = [q.name for q in queries]
-    assert len(names) == len(set(names)), "query names must be unique"
+    texts = [(q.prompt, q.completion) for q in queries]
+    if len(set(names)) != len(names) or len(set(texts)) != len(texts):
+        raise AssertionError("query names and texts must be unique")
     return queries
 
 

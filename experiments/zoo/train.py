@@ -1,12 +1,14 @@
 """GPT-NeoX (Pythia architecture) models of several sizes, trained on CPU on the synthetic world.
 
-All sizes see the same packed token stream in the same order (seeded), so they differ only in size.
-Training is a plain AdamW loop with linear warm-up and cosine decay; it checkpoints every
-``checkpoint_every`` steps (model, optimizer, step, RNG, loss log) and resumes from the last checkpoint.
-A finished model is saved with ``save_pretrained`` beside ``DONE.json`` (config hash, timings); a second
-run with the same config hash trains nothing.
+Scaling rule (zoo v2): width at fixed depth. Every size has ``DEPTH`` = 4 layers, heads of ``HEAD_DIM`` = 16, MLP width
+4h, and a peak learning rate ``0.32 / h`` capped at 1e-2 (5e-3 at h = 64; Adam's step shrinks as the width grows, as
+in muP-style rules). Six widths, 32 to 192, span 35x in non-embedding parameters (about 4 (12 h^2 + 13 h)).
+A training seed sets the initialisation and the data order (``TrainConfig.seed``); every size sees the same data.
 
-Non-embedding parameters of a GPT-NeoX layer with hidden size h and MLP width 4h: about 12 h^2 + 13 h.
+Training is a plain AdamW loop with linear warm-up and cosine decay; it checkpoints every ``checkpoint_every``
+steps (model, optimizer, step, RNG, loss log) and resumes from the last checkpoint. A finished model is saved with
+``save_pretrained`` beside ``DONE.json`` (config hash, timings); a second run with the same config hash trains
+nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ class ModelSize:
         return 4 * self.hidden_size
 
 
+DEPTH, HEAD_DIM = 4, 16
+
+
+def scaled_size(name: str, hidden_size: int) -> ModelSize:
+    """The zoo's scaling rule: width ``hidden_size`` at depth DEPTH, heads of HEAD_DIM, learning rate 0.32 / h."""
+    return ModelSize(name, hidden_size, DEPTH, hidden_size // HEAD_DIM, round(min(1e-2, 0.32 / hidden_size), 6))
+
+
+WIDTHS = {"zoo_2xs": 32, "zoo_xs": 48, "zoo_s": 64, "zoo_m": 96, "zoo_l": 128, "zoo_xl": 192}
 SIZES: dict[str, ModelSize] = {
     "micro": ModelSize("micro", hidden_size=32, num_layers=2, num_heads=2, learning_rate=1e-2),
-    "zoo_xs": ModelSize("zoo_xs", hidden_size=64, num_layers=2, num_heads=4, learning_rate=5e-3),
-    "zoo_s": ModelSize("zoo_s", hidden_size=96, num_layers=4, num_heads=4, learning_rate=3e-3),
-    "zoo_m": ModelSize("zoo_m", hidden_size=128, num_layers=5, num_heads=4, learning_rate=3e-3),
-    "zoo_l": ModelSize("zoo_l", hidden_size=192, num_layers=6, num_heads=6, learning_rate=2e-3),
+    **{name: scaled_size(name, width) for name, width in WIDTHS.items()},
 }
 
 
@@ -63,8 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 200
     eval_every: int = 200
-    seed: int = 0
-    threads: int = 2
+    seed: int = 0  # initialisation and data order
+    threads: int = 1
     progress: bool = True
 
 
@@ -133,7 +141,8 @@ def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 
 def _batch_order(n_blocks: int, total_steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of the blocks for every step: a fresh seeded permutation each epoch, same for all sizes."""
+    """Indices of the blocks for every step: a fresh seeded permutation each epoch (same seed, same order for every
+    size)."""
     generator = torch.Generator().manual_seed(seed)
     needed = total_steps * batch_size
     order = []
@@ -145,13 +154,15 @@ def _batch_order(n_blocks: int, total_steps: int, batch_size: int, seed: int) ->
 @dataclass
 class TrainResult:
     size: str
+    seed: int
     model_path: str
     non_embedding_parameters: int
     tokens_trained: int
     steps: int
-    train_seconds: float
+    train_seconds: float  # wall clock
     heldout_loss: float
     final_train_loss: float
+    cpu_seconds: float = 0.0  # CPU time of the training process: the cost on a core of its own, under any load
 
 
 def train_model(
@@ -180,7 +191,7 @@ def train_model(
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done.get("config_hash") == digest:
-            return TrainResult(**done["result"])
+            return TrainResult(**{"seed": 0, **done["result"]})
     checkpoint_dir = out_dir / "checkpoint"
     state_file = checkpoint_dir / "state.pt"
     if state_file.exists() and torch.load(state_file, weights_only=False).get("config_hash") != digest:
@@ -196,7 +207,7 @@ def train_model(
     total_steps = max(1, int(round(train.epochs * steps_per_epoch)))
     order = _batch_order(len(train_blocks), total_steps, train.batch_size, train.seed)
 
-    torch.manual_seed(train.seed)  # same initialisation seed for every size
+    torch.manual_seed(train.seed)  # the seed sets the initialisation (and, above, the data order)
     model = GPTNeoXForCausalLM(model_config(size, tokenizer, train))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -205,12 +216,12 @@ def train_model(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=size.learning_rate, betas=(0.9, 0.95),
     )
-    step, log, elapsed = 0, [], 0.0
+    step, log, elapsed, cpu_elapsed = 0, [], 0.0, 0.0
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, log, elapsed = state["step"], state["log"], state["elapsed"]
+        step, log, elapsed, cpu_elapsed = state["step"], state["log"], state["elapsed"], state.get("cpu_elapsed", 0.0)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -219,7 +230,7 @@ def train_model(
         tmp = checkpoint_dir / "state.pt.tmp"
         torch.save({
             "config_hash": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "log": log, "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "log": log, "elapsed": elapsed, "cpu_elapsed": cpu_elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }, tmp)
         tmp.replace(state_file)  # atomic: an interrupted save keeps the previous checkpoint
         _write_curve(out_dir / "loss_curve.csv", log)
@@ -228,6 +239,7 @@ def train_model(
 
     bar = tqdm(total=total_steps, initial=step, desc=size.name, disable=not train.progress, mininterval=2.0)
     started = time.perf_counter() - elapsed
+    cpu_started = time.process_time() - cpu_elapsed
     while step < total_steps:
         lr = learning_rate(step, total_steps, size.learning_rate, train)
         for group in optimizer.param_groups:
@@ -246,6 +258,7 @@ def train_model(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", refresh=False)
         elapsed = time.perf_counter() - started
+        cpu_elapsed = time.process_time() - cpu_started
         if step % train.checkpoint_every == 0 and step < total_steps:
             save_checkpoint()
         if stop_after is not None and step >= stop_after and step < total_steps:
@@ -261,11 +274,13 @@ def train_model(
     recent = [r["train_loss"] for r in log[-20:]]
     result = TrainResult(
         size=size.name,
+        seed=train.seed,
         model_path=str(out_dir / "model"),
         non_embedding_parameters=non_embedding_parameters(model),
         tokens_trained=step * train.batch_size * train.block_size,
         steps=step,
         train_seconds=round(elapsed, 1),
+        cpu_seconds=round(cpu_elapsed, 1),
         heldout_loss=heldout[-1] if heldout else evaluate_loss(model, heldout_blocks),
         final_train_loss=sum(recent) / len(recent),
     )
@@ -285,7 +300,6 @@ def _write_curve(path: Path, log: list[dict]) -> None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
     """log p(completion | prompt), summed over the completion's tokens, for each completion."""
     model.eval()
@@ -301,12 +315,15 @@ def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) ->
     return scores
 
 
-def ranking_accuracy(model, tokenizer, queries) -> float:
-    """Share of queries whose true completion outscores every distractor (chance = 1 / (1 + n_distractors))."""
-    if not queries:
-        return float("nan")
-    hits = 0
+def ranking_hits(model, tokenizer, queries) -> list[bool]:
+    """Per query: does the true completion outscore every distractor?"""
+    hits = []
     for q in queries:
         scores = completion_logprob(model, tokenizer, q.prompt, [q.completion] + [" " + d for d in q.distractors])
-        hits += int(scores[0] > max(scores[1:]))
-    return hits / len(queries)
+        hits.append(bool(scores[0] > max(scores[1:])))
+    return hits
+
+
+def ranking_accuracy(model, tokenizer, queries) -> float:
+    """Share of queries whose true completion outscores every distractor (chance = 1 / (1 + n_distractors))."""
+    return sum(ranking_hits(model, tokenizer, queries)) / len(queries) if queries else float("nan")
