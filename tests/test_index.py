@@ -1,0 +1,120 @@
+"""The gradient index (influence_core/index.py) against exact EK-FAC on a tiny float64 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import influence_core.index as index_module
+from engine_models import gpt_neox, query_batches
+from influence_core import CausalLMTask, FactorArguments, compute_scores, fit_factors, iterate_batches, query_gradients, \
+    track_layers
+from influence_core.index import GradientIndex, IndexArguments, IndexMismatchError, build_index, query_index, rerank
+
+N = 10
+
+
+def train_rows(n: int = N, length: int = 6, seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length - 2:] = 0  # one padded row, to exercise masking
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    train = train_rows()
+    factors = fit_factors(model, layers, task, iterate_batches(train, 4),
+                          FactorArguments(dtype="float64", progress=False))
+    exact = compute_scores(model, layers, task, iterate_batches(train, 4),
+                           query_gradients(model, layers, task, query_batches(), progress=False, factors=factors)).total
+    return model, layers, task, train, factors, exact
+
+
+FULL = dict(output_dim=None, input_dim=None, dtype="float64", shard_size=3, batch_size=2, progress=False)
+
+
+def test_full_dimension_index_equals_exact_ekfac(setup, tmp_path):
+    model, layers, task, train, factors, exact = setup
+    index = build_index(model, layers, task, train, factors, tmp_path, IndexArguments(**FULL))
+    scores, _ = query_index(model, layers, task, query_batches(), factors, index)
+    assert scores.shape == exact.shape == (3, N)
+    torch.testing.assert_close(scores, exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
+    assert index.bytes_per_sequence == 8 * sum(l.out_features * l.input_dim for l in layers)
+
+
+def test_compressed_index_keeps_the_top_and_rerank_restores_exact_scores(setup, tmp_path):
+    model, layers, task, train, factors, exact = setup
+    args = IndexArguments(**{**FULL, "output_dim": 4, "input_dim": 4})
+    index = build_index(model, layers, task, train, factors, tmp_path, args)
+    scores, preconditioned = query_index(model, layers, task, query_batches(), factors, index)
+    assert index.width == 4 * 4 * len(layers)
+    assert not torch.allclose(scores, exact)  # compressed: an approximation
+    correlation = torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1]
+    assert correlation > 0.5, f"index scores correlate {correlation:.3f} with exact EK-FAC"
+    rows, rescored = rerank(model, layers, task, train, preconditioned, scores, candidates=N)
+    for q in range(3):  # every row a candidate: the re-rank is exact EK-FAC, in exact order
+        torch.testing.assert_close(rescored[q], exact[q, rows[q]])
+        assert rows[q].tolist() == torch.argsort(exact[q], descending=True).tolist()
+
+
+def test_killed_build_resumes_at_the_first_missing_shard(setup, tmp_path, monkeypatch):
+    model, layers, task, train, factors, _ = setup
+    args = IndexArguments(**FULL)
+    reference = build_index(model, layers, task, train, factors, tmp_path / "reference", args)
+    write = index_module._write_shard
+    calls = {"written": 0, "computed": 0}
+
+    def dies_after_two(rows, path):
+        if calls["written"] == 2:
+            raise KeyboardInterrupt("killed")
+        write(rows, path)
+        calls["written"] += 1
+
+    monkeypatch.setattr(index_module, "_write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, layers, task, train, factors, tmp_path / "index", args)
+    with pytest.raises(IndexMismatchError, match="incomplete"):
+        GradientIndex(tmp_path / "index")
+    (tmp_path / "index" / "shard_000002.npy.tmp").write_bytes(b"half a shard")  # a write cut short
+    monkeypatch.setattr(index_module, "_write_shard", write)
+    compute = index_module.compressed_gradients
+
+    def counting(*a, **k):
+        calls["computed"] += 1
+        return compute(*a, **k)
+
+    monkeypatch.setattr(index_module, "compressed_gradients", counting)
+    resumed = build_index(model, layers, task, train, factors, tmp_path / "index", args)
+    assert calls["computed"] == 2  # shards 2 and 3 of 4
+    for i in range(reference.num_shards):
+        assert (resumed.shard(i) == reference.shard(i)).all()
+
+
+def test_query_reads_no_training_data(setup, tmp_path):
+    model, layers, task, train, factors, exact = setup
+    build_index(model, layers, task, dict(train), factors, tmp_path, IndexArguments(**FULL))
+
+    class QueryOnly(CausalLMTask):
+        def training_loss(self, model, batch):
+            raise AssertionError("the query touched the training data")
+
+    index = GradientIndex(tmp_path)  # opened from disk alone
+    scores, _ = query_index(model, layers, QueryOnly(), query_batches(), factors, index)
+    torch.testing.assert_close(scores, exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
+
+
+def test_other_settings_and_models_are_refused(setup, tmp_path):
+    model, layers, task, train, factors, _ = setup
+    build_index(model, layers, task, train, factors, tmp_path, IndexArguments(**FULL))
+    with pytest.raises(IndexMismatchError, match="arguments"):
+        build_index(model, layers, task, train, factors, tmp_path, IndexArguments(**{**FULL, "output_dim": 4}))
+    other = gpt_neox(seed=1)
+    with pytest.raises(IndexMismatchError, match="fingerprint"):
+        GradientIndex(tmp_path).check_layers(track_layers(other))
+    with pytest.raises(ValueError, match="projection"):
+        IndexArguments(projection="pca")
