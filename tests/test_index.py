@@ -9,6 +9,7 @@ import influence_core.index as index_module
 from engine_models import gpt_neox, query_batches
 from influence_core import CausalLMTask, FactorArguments, compute_scores, fit_factors, iterate_batches, query_gradients, \
     track_layers
+from zoo_fixtures import plain  # noqa: F401
 from influence_core.index import GradientIndex, IndexArguments, IndexMismatchError, build_index, query_index, rerank
 
 N = 10
@@ -118,3 +119,26 @@ def test_other_settings_and_models_are_refused(setup, tmp_path):
         GradientIndex(tmp_path).check_layers(track_layers(other))
     with pytest.raises(ValueError, match="projection"):
         IndexArguments(projection="pca")
+
+
+def test_console_build_then_query(plain, tmp_path):  # noqa: F811
+    """`influence-lab index build` / `index query` on the plain testbed: at full dimension the index score of every
+    returned row is its exact EK-FAC influence (the re-rank's), and a query with --rerank 0 reads no corpus."""
+    from experiments.cli import main as cli
+    from experiments.plain import LICENCES
+    import pandas as pd
+
+    if not LICENCES.is_dir():
+        pytest.skip(f"{LICENCES} (Debian base-files) is not on this machine")
+    out = tmp_path / "index"
+    cli(["index", "build", "--model", str(plain["gpt2"]), "--data", str(plain["corpus"]), "--truncate", "--dim", "0",
+         "--storage-dtype", "float64", "--out", str(out), f"artifacts={tmp_path / 'artifacts'}",
+         "influence.progress=false"])
+    cli(["index", "query", "--index", str(out), "--queries", str(plain["queries"]), "--rerank", "1000", "--top-k", "5",
+         "--out", str(tmp_path / "answer")])
+    table = pd.read_csv(tmp_path / "answer" / "top_sequences.csv")
+    assert len(table) and set(table.columns) >= {"query", "rank", "train_id", "index_score", "influence", "text"}
+    scale = table["influence"].abs().max()
+    assert (table["index_score"] - table["influence"]).abs().max() < 1e-4 * scale
+    with pytest.raises(SystemExit):
+        cli(["index", "query", "--index", str(out), "--queries", str(plain["queries"]), "stray=1"])
