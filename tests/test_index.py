@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +144,68 @@ def test_console_build_then_query(plain, tmp_path):  # noqa: F811
     assert (table["index_score"] - table["influence"]).abs().max() < 1e-4 * scale
     with pytest.raises(SystemExit):
         cli(["index", "query", "--index", str(out), "--queries", str(plain["queries"]), "stray=1"])
+
+
+INDEX_BUILD = """
+import sys, time
+import torch
+from torch import nn
+import influence_core.index as index_module
+from influence_core import FactorArguments, Task, fit_factors, iterate_batches, track_layers
+from influence_core.index import IndexArguments, build_index
+
+class Classify(Task):  # plain torch: the subprocess starts without importing transformers
+    def forward(self, model, batch):
+        return model(batch["x"]).unsqueeze(1), batch["y"].unsqueeze(1)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+layers, task = track_layers(model, ["0", "2"]), Classify()
+g = torch.Generator().manual_seed(1)
+train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
+factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
+args = IndexArguments(output_dim=3, input_dim=4, shard_size=4, batch_size=3, dtype="float64", progress=False)
+if len(sys.argv) > 2:  # the killed run: shard 0 is written, then it hangs in shard 1 until SIGKILL
+    real, calls = index_module.compressed_gradients, []
+    def slow(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            time.sleep(60)
+        return real(*a, **k)
+    index_module.compressed_gradients = slow
+build_index(model, layers, task, train, factors, sys.argv[1], args)
+"""
+
+
+def test_sigkilled_build_resumes(tmp_path):
+    """A real SIGKILL (no Python cleanup) mid-build: the rerun keeps shard 0 and the index equals an unbroken build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    script = tmp_path / "build.py"
+    script.write_text(INDEX_BUILD)
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's influence_core, whatever is installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "index"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "kill"], env=env)
+    try:
+        deadline = time.time() + 60
+        while not (out / "shard_000000.npy").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / "shard_000000.npy").exists() and not (out / "shard_000001.npy").exists()
+    first = (out / "shard_000000.npy").stat().st_mtime_ns
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "unbroken")], env=env, check=True)
+    assert (out / "shard_000000.npy").stat().st_mtime_ns == first
+    resumed, unbroken = GradientIndex(out), GradientIndex(tmp_path / "unbroken")
+    assert resumed.manifest["built_shards_last_run"] == 2 and resumed.num_shards == 3
+    for i in range(3):
+        np.testing.assert_array_equal(resumed.shard(i), unbroken.shard(i))
