@@ -45,8 +45,10 @@ SKIPPED = {
     "bergson": (
         "installed by `make bench-setup` (`pip install --no-deps bergson==2.5.1` plus its other dependencies; its "
         "torchvision/torchaudio requirement has no CPU build for torch 2.13) and `python -m bergson --help` runs, but "
-        "it is not wired into benchmarks/peer_systems.py yet: its EK-FAC and index run as CLI pipelines over on-disk "
-        "datasets, not on our in-memory model and batches (left for a later change)"
+        "it is not wired into benchmarks/peer_systems.py yet: `python -m bergson ekfac --help` takes --model (a hub "
+        "name or folder) and --data.dataset (an on-disk dataset of text or prompt/completion columns that bergson "
+        "tokenizes itself), not our in-memory model and packed token batches; an adapter that writes the bench "
+        "data and model to disk and maps its scores back is left for a later change"
     ),
 }
 
