@@ -75,7 +75,7 @@ def compress_query(query: torch.Tensor, rank: int) -> LowRankQuery:
     Returned as left = U_r S_r (Q, d_out, r) and right = V_r^T (Q, r, d_in), in the query's dtype; rank is capped at
     min(d_out, d_in). Computed in float64 from the eigendecomposition of the smaller Gram matrix (X^T X, or X X^T
     when d_out < d_in) instead of a full SVD: the same truncation (to ~1e-14 relative, tests/test_lowrank.py) at
-    2.5-4.5x less time on Pythia-70m-sized layers (figures/bench/real_shape.md).
+    2.8-5.6x less time on Pythia-160m-sized layers (figures/bench/real_shape.md).
     """
     check_rank(rank)
     if query.dim() != 3:
