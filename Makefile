@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup validate validate_zoo lds report
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape validate validate_zoo lds report
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -80,13 +80,23 @@ report:  ## browsable HTML of every run with a study.json (figures/**, outputs/*
 score:  ## one query set over the training set in resumable shards (rank-32 query batching; torchrun for N processes)
 	$(PYTHON) -m experiments.score micro_zoo=true
 
-bench-setup:  ## the bench extra, then kronfluence without its torchvision requirement (figures/bench/README.md says why)
+bench-setup:  ## the bench extra, then kronfluence and bergson without their torchvision requirement (figures/bench/README.md says why), and dattri-llm
 	$(PYTHON) -m pip install -e ".[dev,bench]"
 	$(PYTHON) -m pip install --no-deps kronfluence==1.0.1
+	$(PYTHON) -m pip install simple-parsing jaxtyping natsort petname peft torchopt ml_dtypes bitsandbytes accelerate
+	$(PYTHON) -m pip install --no-deps bergson==2.5.1
+	$(PYTHON) -m pip install dattri-llm==0.1.0
 
-bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall) and ours vs kronfluence (PEERS_ARGS="--grid full") -> figures/bench/
+bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the gradient index, and ours vs kronfluence and dattri-llm (PEERS_ARGS="--grid full") -> figures/bench/
 	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall
+	$(PYTHON) -m benchmarks.index
 	$(PYTHON) -m benchmarks.peers $(PEERS_ARGS)
+
+bench-real-shape:  ## Pythia-160m's dimensions, random weights, T=128, N=32 and 64: fixed and per-sequence costs apart -> figures/bench/real_shape.*
+	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.real_shape
+
+bench-gpu:  ## the real-shape tables on a GPU (fp32 and bf16, Pythia-410m dimensions); one line and exit 1 without one
+	$(PYTHON) -m benchmarks.gpu
 
 validate:  ## EK-FAC, K-FAC, diagonal, identity, LiSSA vs exact damped-GNH influence and the PBRF (figures/validate/)
 	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate

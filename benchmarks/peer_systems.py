@@ -48,7 +48,7 @@ from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compu
 from influence_core.factors.passes import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
-SYSTEMS = ("floor", "ours", "kronfluence", "kronfluence_shared")
+SYSTEMS = ("floor", "ours", "ours_rank32", "kronfluence", "kronfluence_shared", "dattri")
 QUERY_BATCH = 32  # queries per forward/backward of their gradients in every system; all Q share one training pass
 
 
@@ -127,13 +127,13 @@ def run_floor(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int,
     return record
 
 
-def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int) -> dict:
+def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, query_rank: int | None = None) -> dict:
     model, task = loaded.model, CausalLMTask()
     layers = track_layers(model)
     batches = iterate_batches(loaded.train, loaded.workload.batch_size)
     factor_dir = out / "factors"
     shutil.rmtree(factor_dir, ignore_errors=True)
-    record: dict = {"tracked_layers": [l.name for l in layers]}
+    record: dict = {"tracked_layers": [l.name for l in layers], "query_rank": query_rank}
     with phase(record, "fit"):
         factors = fit_factors(model, layers, task, batches, FactorArguments(strategy="ekfac", damping_factor=0.1,
                               seed=seed, progress=False), output_dir=factor_dir)
@@ -146,7 +146,8 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int) -
             # preconditioned batch by batch: the raw gradients of all Q queries are never held beside them
             preconditioned = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH), progress=False,
                                              factors=factors)
-            scores = compute_scores(model, layers, task, batches, preconditioned, names, ScoreArguments(progress=False))
+            scores = compute_scores(model, layers, task, batches, preconditioned, names,
+                                    ScoreArguments(progress=False, query_rank=query_rank))
             del preconditioned
         np.save(out / f"scores_q{count}.npy", scores.total.numpy().astype(np.float32))
         record["scores"].append(entry)
@@ -288,7 +289,96 @@ def run_kronfluence(loaded: LoadedWorkload, queries: list[int], out: Path, seed:
     return record
 
 
-RUNNERS = {"floor": run_floor, "ours": run_ours, "kronfluence": run_kronfluence,
+def _causal_lm_losses(generator: torch.Generator):
+    """(training loss, sampled-label loss, query loss) as (model, batch) -> scalar, our definitions (summed CE;
+    pseudo-labels from our inverse-CDF sampler; query loss = -log p(completion), prompt labels ignored)."""
+    def logits_and_labels(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1], batch["labels"][:, 1:]
+
+    def summed_ce(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def training_loss(model, batch):
+        return summed_ce(*logits_and_labels(model, batch))
+
+    def sampled_loss(model, batch):
+        logits, labels = logits_and_labels(model, batch)
+        sampled = sample_labels(logits.detach(), generator)
+        return summed_ce(logits, torch.where(labels != IGNORE_INDEX, sampled, IGNORE_INDEX))
+
+    return training_loss, sampled_loss, training_loss  # the query batches carry -100 on their prompts
+
+
+def run_dattri(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int) -> dict:
+    """dattri-llm's EKFACAttributor: the Fisher fitted from gradients of labels sampled by our sampler (its own
+    generator), stored with `cache` and fitted with `fit`; scores by `attribute` with the summed training loss and
+    the query loss as target, damping 0.1 x each layer's mean eigenvalue (relative_damping). Its score
+    grad_test^T F^-1 grad_train with target -log p(completion) is our I (no sign flip). Rows and columns come back
+    keyed by content hashes (dattri_llm.hash_sample of input_ids and attention_mask), mapped back to our order."""
+    from dattri_llm import HookManagerConfig, hash_sample
+    from dattri_llm.attribution import AttributionArguments, EKFACAttributor
+    from dattri_llm.task import AttributionTask
+
+    names = [l.name for l in track_layers(loaded.model)]
+    model = conv1d_as_linear(loaded.model)  # its linear_io hooks take nn.Linear
+    training_loss, sampled_loss, query_loss = _causal_lm_losses(torch.Generator().manual_seed(seed + 1234567))
+    hook = HookManagerConfig(hook_types={n: "linear_io" for n in names})
+    root = out / "dattri"
+    shutil.rmtree(root, ignore_errors=True)
+    batch_size = loaded.workload.batch_size
+    train = _Rows(loaded.train)
+    record: dict = {"tracked_layers": names, "label_sampling": "own generator"}
+
+    def arguments(eval_batch: int) -> AttributionArguments:
+        return AttributionArguments(output_dir=str(root), per_device_train_batch_size=batch_size,
+                                    per_device_eval_batch_size=eval_batch, use_cpu=not torch.cuda.is_available(),
+                                    seed=seed)
+
+    def key(row):
+        return hash_sample({"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]})
+
+    stages = {}
+    _, first = loaded.encoded_queries(1)
+    with phase(record, "fit"):
+        start = time.perf_counter()
+        fitter = EKFACAttributor(arguments(1), task=AttributionTask(sampled_loss, model))
+        (train_dir, _), = fitter.cache(train, _Rows(first), hook_config=hook)  # the sampled-label gradients, stored
+        stages["gradient_store"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fisher_dir = fitter.fit(train_dir, str(root / "fisher"))
+        stages["covariance_eigendecomposition_correction"] = time.perf_counter() - start
+    shutil.rmtree(Path(train_dir).parent, ignore_errors=True)  # the stored pseudo-gradients are not needed again
+    record["fit_stages_s"] = stages
+    rows = {key(train[i]): i for i in range(len(train))}
+    record["scores"] = []
+    for count in queries:
+        _, encoded = loaded.encoded_queries(count)
+        query_rows = _Rows(encoded)
+        entry: dict = {"queries": count}
+        with phase(entry, "score"):
+            attributor = EKFACAttributor(arguments(min(count, QUERY_BATCH)),
+                                         task=AttributionTask(training_loss, model, target_func=query_loss))
+            score = attributor.attribute(train, query_rows, hook_config=hook, damping=0.1, relative_damping=True,
+                                         fisher_dir=fisher_dir)
+        columns = {h: j for j, h in enumerate(score.test_ids)}
+        order = [rows.get(h) for h in score.row_train_ids]
+        if None in order or len(order) != len(train):
+            raise RuntimeError(f"dattri returned {len(order)} rows for {len(train)} training sequences, or rows this "
+                               "workload does not hold")
+        matrix = np.empty((count, len(train)), dtype=np.float32)
+        values = score.scores.float().numpy()
+        for j in range(count):
+            matrix[j, order] = values[:, columns[key(query_rows[j])]]
+        np.save(out / f"scores_q{count}.npy", matrix)
+        record["scores"].append(entry)
+    shutil.rmtree(root, ignore_errors=True)
+    return record
+
+
+RUNNERS = {"floor": run_floor, "ours": run_ours, "dattri": run_dattri,
+           "ours_rank32": lambda *a: run_ours(*a, query_rank=32), "kronfluence": run_kronfluence,
            "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
 
 
@@ -316,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
         import kronfluence
 
         record["kronfluence"] = kronfluence.__version__
+    if args.system == "dattri":
+        from importlib.metadata import version
+
+        record["dattri_llm"] = version("dattri-llm")
     warm_up(loaded)
     if args.system != "floor":  # the floor in the same process, just before: machine load shifts both alike
         record.update(run_floor(loaded, [], args.out, args.seed, args.floor_sequences))

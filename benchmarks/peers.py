@@ -3,6 +3,7 @@
     python -m benchmarks.peers                      # the default grid (CPU, under 30 min on 2 cores); figures/bench/
     python -m benchmarks.peers --grid full          # every cell: 3 models x N in {1k, 10k} x Q in {1, 32, 128}
     python -m benchmarks.peers --grid smoke         # a few minutes: the zoo model, N=128, Q in {1, 8}
+    python -m benchmarks.peers --grid reduced       # the default grid less its N = 10,000 cell
     python -m benchmarks.peers --models zoo --sequences 1000 --queries 1 32 --systems ours kronfluence
 
 Each (workload, system) runs in its own subprocess (`benchmarks/peer_systems.py`), one after another, so peak RSS
@@ -14,7 +15,8 @@ machine) shifts numerator and denominator alike. Agreement compares each peer's 
 queries (at the largest Q of the cell).
 
 Peers: kronfluence (pip install -e ".[bench]" then pip install --no-deps kronfluence==1.0.1; figures/bench/README.md
-says why --no-deps). bergson is not run: see `SKIPPED`. The workloads are described in `benchmarks/workloads.py`.
+says why --no-deps) and dattri-llm 0.1.0 (EKFACAttributor), both installed by `make bench-setup`. bergson is installed
+too but not run: see `SKIPPED`. `ours_rank32`: ours with rank-32 queries, beside full rank. The workloads are described in `benchmarks/workloads.py`.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ TOP_K = 100
 
 SKIPPED = {
     "bergson": (
-        "not run: bergson (2.5.1) requires torchvision>=0.20 and torchaudio>=2.5; the only builds pip finds for our "
-        "torch 2.13.0+cpu are CUDA wheels whose compiled ops fail to load (RuntimeError: operator torchvision::nms "
-        "does not exist), and with such a torchvision installed `from transformers import GPT2LMHeadModel` fails. "
-        "Its EK-FAC also runs as a distributed CLI pipeline over on-disk datasets, not on an in-memory model."
+        "installed by `make bench-setup` (`pip install --no-deps bergson==2.5.1` plus its other dependencies; its "
+        "torchvision/torchaudio requirement has no CPU build for torch 2.13) and `python -m bergson --help` runs, but "
+        "it is not wired into benchmarks/peer_systems.py yet: `python -m bergson ekfac --help` takes --model (a hub "
+        "name or folder) and --data.dataset (an on-disk dataset of text or prompt/completion columns that bergson "
+        "tokenizes itself), not our in-memory model and packed token batches; an adapter that writes the bench "
+        "data and model to disk and maps its scores back is left for a later change"
     ),
 }
 
@@ -58,7 +62,9 @@ class Cell:
     systems: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0)]
+MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0), ("dattri", "dattri", 0)]
+RANK32 = [("ours_rank32", "ours_rank32", 0)]  # Q queries at rank 32 beside full rank (issue 19, item 2)
+FULL_Q = {"ours", "kronfluence", "dattri"}  # systems scored at every Q of a cell; the others at the largest
 DIAGNOSTICS = [("ours_seed1", "ours", 1), ("kronfluence_shared", "kronfluence_shared", 0)]
 
 
@@ -70,14 +76,16 @@ def grid_cells(grid: str, seq_len: int, batch_size: int) -> list[Cell]:
     if grid == "smoke":
         return [cell("zoo", 128, [1, 8], MAIN_SYSTEMS + DIAGNOSTICS)]
     if grid == "default":
-        return [cell("zoo", 1000, [1, 32, 128], MAIN_SYSTEMS + DIAGNOSTICS),
-                cell("gpt2_s", 1000, [1, 32, 128]),
-                cell("gpt2_m", 1000, [1, 32, 128]),
+        return [cell("zoo", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + DIAGNOSTICS),
+                cell("gpt2_s", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32),
+                cell("gpt2_m", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32),
                 cell("gpt2_s", 10000, [32])]
+    if grid == "reduced":  # the default grid without its N = 10,000 cell: fits in ~20 min on 2 shared cores
+        return grid_cells("default", seq_len, batch_size)[:3]
     if grid == "full":
         return [cell(m, n, [1, 32, 128], MAIN_SYSTEMS + (DIAGNOSTICS if n == 1000 else []))
                 for n in (1000, 10000) for m in MODELS]
-    raise ValueError(f"unknown grid {grid!r}; choose smoke, default or full")
+    raise ValueError(f"unknown grid {grid!r}; choose smoke, reduced, default or full")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -88,6 +96,8 @@ def peer_available(system: str) -> str | None:
     if system.startswith("kronfluence") and importlib.util.find_spec("kronfluence") is None:
         return ("skipped: kronfluence is not installed; make bench-setup (pip install -e '.[bench]' && "
                 "pip install --no-deps kronfluence==1.0.1)")
+    if system == "dattri" and importlib.util.find_spec("dattri_llm") is None:
+        return "skipped: dattri-llm is not installed; make bench-setup (pip install dattri-llm==0.1.0)"
     return None
 
 
@@ -95,7 +105,7 @@ def run_system(cell: Cell, label: str, system: str, seed: int, run_dir: Path, th
     out = run_dir / cell.workload.name / label
     out.mkdir(parents=True, exist_ok=True)
     w = cell.workload
-    queries = cell.queries if label in ("ours", "kronfluence") else [max(cell.queries)]
+    queries = cell.queries if label in FULL_Q else [max(cell.queries)]
     command = [sys.executable, "-m", "benchmarks.peer_systems", "--system", system, "--model", w.model,
                "--sequences", str(w.sequences), "--seq-len", str(w.seq_len), "--batch-size", str(w.batch_size),
                "--seed", str(seed), "--threads", str(threads), "--out", str(out), "--queries", *map(str, queries)]
@@ -252,19 +262,19 @@ def plot(frame: pd.DataFrame, path: str, grid: str) -> None:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="default", choices=["smoke", "default", "full"])
+    parser.add_argument("--grid", default="default", choices=["smoke", "reduced", "default", "full"])
     parser.add_argument("--models", nargs="+", choices=MODELS, help="instead of the grid: these models ...")
     parser.add_argument("--sequences", type=int, nargs="+", default=[1000], help="... times these N ...")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 32, 128], help="... with these Q ...")
     parser.add_argument("--systems", nargs="+", default=[s for s, _, _ in MAIN_SYSTEMS],
-                        choices=[s for s, _, _ in MAIN_SYSTEMS + DIAGNOSTICS], help="... and these systems")
+                        choices=[s for s, _, _ in MAIN_SYSTEMS + RANK32 + DIAGNOSTICS], help="... and these systems")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each system's process")
     parser.add_argument("--name", help="output name (figures/bench/peers_<name>.*); default: the grid or 'custom'")
     args = parser.parse_args(argv)
     if args.models:
-        chosen = [s for s in MAIN_SYSTEMS + DIAGNOSTICS if s[0] in args.systems]
+        chosen = [s for s in MAIN_SYSTEMS + RANK32 + DIAGNOSTICS if s[0] in args.systems]
         cells = [Cell(Workload(m, n, args.seq_len, args.batch_size), args.queries, chosen)
                  for n in args.sequences for m in args.models]
         grid = args.name or "custom"

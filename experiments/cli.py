@@ -5,6 +5,8 @@
     influence-lab study sparsity --model PATH --data PATH --queries PATH  # a study on your model and corpus
     influence-lab report RUN_DIR [RUN_DIR ...]                            # the HTML report of finished runs
     influence-lab plan pythia-410m --budget-gib 80                        # peak memory from the config alone
+    influence-lab index build --model PATH --data PATH --out INDEX        # every sequence's gradient, compressed
+    influence-lab index query --index INDEX --queries PATH                # new queries from the index, re-ranked
 
 Anything after the options is passed on as Hydra overrides (`influence.strategy=kfac tfidf.top_k=1000`);
 the Hydra apps (`python -m experiments.score ...`, `python -m experiments.sparsity -m ...`) stay for sweeps.
@@ -135,6 +137,26 @@ def plan_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
               f"correction and scoring per block) the peak is {plan.peak / GIB:.2f} GiB at batch {plan.batch_size}")
 
 
+def index_command(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from experiments import index
+    from influence_core.index import IndexArguments
+
+    if args.index_command == "query":
+        if args.overrides:
+            raise SystemExit(f"influence-lab index query: unexpected arguments {args.overrides}")
+        index.query(args.index, args.queries, args.rerank, args.top_k, args.out)
+        return
+    overrides = input_overrides(args) + (["micro_zoo=true"] if args.micro_zoo else []) + list(args.overrides)
+    cfg = compose("experiment/score", overrides)
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    dim = None if args.dim == 0 else args.dim
+    index.build(cfg, IndexArguments(projection=args.projection, output_dim=dim, input_dim=dim,
+                                    shard_size=args.shard_size, batch_size=cfg.influence.score_batch_size,
+                                    dtype=args.storage_dtype, seed=args.seed), args.out or run_dir_for("index", None))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="influence-lab", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -171,6 +193,30 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--output-blocks", type=int, help="split S into this many output blocks (default: none when "
                                                         "the factors fit, else the fewest that fit)")
 
+    index = commands.add_parser("index", help="a compressed gradient index: build once, answer new queries from it",
+                                description="build: every training sequence's gradient, compressed per layer "
+                                            "(influence_core/index.py), in resumable shards; query: new queries "
+                                            "over all sequences from the index, re-ranked by exact EK-FAC.")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="fit (or reuse) the factors, then store every sequence's gradient")
+    add_input_options(build)
+    build.add_argument("--micro-zoo", action="store_true", help="index the built-in micro example (no paths)")
+    build.add_argument("--out", help="index folder; a rerun into it finishes a killed build (default: outputs/index/<time>)")
+    build.add_argument("--projection", default="eigen", choices=["eigen", "random"],
+                       help="eigen: each layer's top EK-FAC eigendirections (exact preconditioning on them); random: "
+                            "Gaussian projections as in LoGra (default: eigen)")
+    build.add_argument("--dim", type=int, default=32, help="kept output and input directions per layer (0: all, exact)")
+    build.add_argument("--shard-size", type=int, default=4096, help="sequences per shard file")
+    build.add_argument("--storage-dtype", default="float32", choices=["float16", "float32", "float64"])
+    build.add_argument("--seed", type=int, default=0, help="of the random projection")
+    ask = index_commands.add_parser("query", help="answer a query file from an index")
+    ask.add_argument("--index", required=True, help="an index folder made by `influence-lab index build`")
+    ask.add_argument("--queries", required=True, help=".json/.jsonl/.yaml list of {name, prompt, completion}")
+    ask.add_argument("--rerank", type=int, default=500, help="rows per query re-scored by exact EK-FAC (0: index only, "
+                                                             "the corpus is not read)")
+    ask.add_argument("--top-k", type=int, default=10, help="rows per query in top_sequences.csv")
+    ask.add_argument("--out", help="folder for top_sequences.csv (default: print only)")
+
     report = commands.add_parser("report", help="the HTML report of finished runs (folders with study.json)",
                                  add_help=False)
     report.add_argument("report_args", nargs=argparse.REMAINDER)
@@ -186,11 +232,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     top = parser()
     args, unknown = top.parse_known_args(argv)
-    stray = [u for u in unknown if u.startswith("-") or "=" not in u or args.command == "plan"]
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u or args.command == "plan" or
+             getattr(args, "index_command", None) == "query"]
     if stray:
         top.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + unknown  # Hydra overrides may follow the options
-    {"score": score_command, "study": study_command, "plan": plan_command}[args.command](args, argv)
+    {"score": score_command, "study": study_command, "plan": plan_command, "index": index_command}[args.command](args, argv)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,17 @@ def saved_model_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
                        len(scored or corpus), plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
 
 
+def fit_plan_factors(loaded: LoadedModel, corpus: Corpus, plan: ScorePlan, influence: DictConfig,
+                     scoring: ScoringSettings, progress: bool = True):
+    """The plan's EK-FAC factors on its first fit_count corpus sequences: fitted, or reused from plan.factors_dir."""
+    fit_args = factor_arguments(influence)
+    fit_args.checkpoint_every = scoring.fit_checkpoint_every
+    fit_args.progress = progress and influence.progress
+    fit_data = {k: v[:plan.fit_count] for k, v in corpus.encoded.items()}
+    return fit_factors(loaded.model, plan.layers, CausalLMTask(), iterate_batches(fit_data, influence.fit_batch_size),
+                       fit_args, output_dir=plan.factors_dir, data_fingerprint=f"{corpus.fingerprint}:{plan.fit_count}")
+
+
 def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
                 scoring: ScoringSettings, artifacts: str | Path, progress: bool = True,
                 scored: Corpus | None = None) -> ModelScores:
@@ -349,12 +360,7 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     model, tokenizer, task, layers = loaded.model, loaded.tokenizer, CausalLMTask(), plan.layers
 
     start = time.perf_counter()
-    fit_args = factor_arguments(influence)
-    fit_args.checkpoint_every = scoring.fit_checkpoint_every
-    fit_args.progress = progress and influence.progress
-    fit_data = {k: v[:plan.fit_count] for k, v in corpus.encoded.items()}
-    factors = fit_factors(model, layers, task, iterate_batches(fit_data, influence.fit_batch_size), fit_args,
-                          output_dir=plan.factors_dir, data_fingerprint=f"{corpus.fingerprint}:{plan.fit_count}")
+    factors = fit_plan_factors(loaded, corpus, plan, influence, scoring, progress)
     timings["factors"] = time.perf_counter() - start
 
     start = time.perf_counter()

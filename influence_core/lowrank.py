@@ -72,15 +72,28 @@ def check_rank(rank: int) -> int:
 def compress_query(query: torch.Tensor, rank: int) -> LowRankQuery:
     """Best rank-r approximation (Eckart-Young) of each (d_out, d_in) matrix of query (Q, d_out, d_in).
 
-    The SVD runs in float64 and the factors are returned in the query's dtype; rank is capped at min(d_out, d_in).
+    Returned as left = U_r S_r (Q, d_out, r) and right = V_r^T (Q, r, d_in), in the query's dtype; rank is capped at
+    min(d_out, d_in). Computed in float64 from the eigendecomposition of the smaller Gram matrix (X^T X, or X X^T
+    when d_out < d_in) instead of a full SVD: the same truncation (to ~1e-14 relative, tests/test_lowrank.py) at
+    2.8-5.6x less time on Pythia-160m-sized layers (figures/bench/real_shape.md).
     """
     check_rank(rank)
     if query.dim() != 3:
         raise ValueError(f"expected preconditioned queries of shape (Q, d_out, d_in), got {tuple(query.shape)}")
     r = min(rank, query.shape[1], query.shape[2])
-    u, s, vh = torch.linalg.svd(query.double(), full_matrices=False)
-    left = (u[..., :r] * s[..., None, :r]).to(query.dtype)
-    return LowRankQuery(left.contiguous(), vh[..., :r, :].to(query.dtype).contiguous())
+    x = query.double()
+    wide = x.shape[1] < x.shape[2]
+    tall = x.transpose(1, 2) if wide else x  # (Q, m, n) with n = min(d_out, d_in)
+    _, vectors = torch.linalg.eigh(tall.transpose(1, 2) @ tall)  # ascending eigenvalues s^2
+    v = vectors[..., -r:].flip(-1)  # the r largest, in descending order as an SVD gives them: (Q, n, r)
+    us = tall @ v  # U_r S_r of `tall`, (Q, m, r)
+    if not wide:
+        left, right = us, v.transpose(1, 2)
+    else:  # X = tall^T ~ v (us)^T: left singular vectors v, right ones us / s
+        s = us.norm(dim=1, keepdim=True)  # (Q, 1, r)
+        left = v * s
+        right = (us / torch.where(s > 0, s, torch.ones_like(s))).transpose(1, 2)
+    return LowRankQuery(left.to(query.dtype).contiguous(), right.to(query.dtype).contiguous())
 
 
 def uses_low_rank(shape: tuple[int, ...], rank: int | None, force: bool | None = None) -> bool:

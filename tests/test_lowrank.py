@@ -68,3 +68,25 @@ def test_path_choice_and_memory(setup):
 def test_bad_rank_is_refused(rank):
     with pytest.raises(ValueError, match="query_rank must be a positive integer"):
         ScoreArguments(query_rank=rank)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 9), (3, 9, 40), (2, 12, 12)])
+def test_gram_truncation_equals_the_svd_truncation(shape):
+    """compress_query's Gram-matrix eigendecomposition gives the Eckart-Young rank-r matrix of a full SVD, tall and
+    wide layers alike, with the SVD's convention (left = U_r S_r, right = V_r^T orthonormal rows), and stays exact on
+    a rank-deficient query (zero singular values)."""
+    from influence_core.lowrank import compress_query
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x[-1] = torch.randn(shape[1], 2, generator=g, dtype=torch.float64) @ torch.randn(2, shape[2], generator=g,
+                                                                                      dtype=torch.float64)  # rank 2
+    for r in (1, 4, min(shape[1:])):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        expected = (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+        q = compress_query(x, r)
+        torch.testing.assert_close(q.dense(), expected, rtol=0, atol=1e-10 * float(x.abs().max()))
+        full_rank_rows = q.right[:-1] if r > 2 else q.right  # the rank-2 query's extra directions are arbitrary
+        eye = torch.eye(r, dtype=torch.float64).expand(len(full_rank_rows), r, r)
+        torch.testing.assert_close(full_rank_rows @ full_rank_rows.transpose(1, 2), eye, rtol=0, atol=1e-10)
+        torch.testing.assert_close(q.left.norm(dim=1), s[..., :r], rtol=0, atol=1e-10 * float(s.max()))
