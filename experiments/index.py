@@ -13,19 +13,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments import pipeline
 from experiments.loading import model_max_length
 from experiments.queries import load_query_file
-from influence_core import CausalLMTask, Factors, encode_queries, iterate_batches, track_layers
+from influence_core import CausalLMTask, encode_queries, iterate_batches, load_factors
 from influence_core.index import GradientIndex, IndexArguments, IndexMismatchError, build_index, query_index, rerank
 
 
 def build(cfg: DictConfig, index_args: IndexArguments, out: str | Path) -> GradientIndex:
     """Fit (or reuse) the factors of the score config's model and corpus, then build (or finish) the index in `out`."""
-    from omegaconf import OmegaConf
-
     from experiments.score import REQUIRED, resolve_inputs
 
     pipeline.check_influence_settings(cfg.influence)
@@ -47,14 +45,15 @@ def build(cfg: DictConfig, index_args: IndexArguments, out: str | Path) -> Gradi
     start = time.perf_counter()
     factors = pipeline.fit_plan_factors(loaded, corpus, plan, cfg.influence, scoring)
     fitted = time.perf_counter() - start
-    patterns = cfg.influence.get("module_patterns")
+    selection = {"module_patterns": OmegaConf.to_container(cfg.influence, resolve=True)["module_patterns"],
+                 "share_inputs": OmegaConf.to_container(cfg.influence, resolve=True).get("share_inputs")}
     source = {"model": {"name": name, "path": absolute(cfg.model.name_or_path), "dtype": cfg.model.dtype,
                         "device": cfg.model.device},
               "corpus": {"path": absolute(cfg.data.path), "split": cfg.data.split, "text_column": cfg.data.text_column,
                          "max_length": max_length, "truncation": bool(cfg.data.truncation),
                          "fingerprint": corpus.fingerprint},
               "factors_dir": absolute(plan.factors_dir),
-              "module_patterns": None if patterns is None else [str(p) for p in patterns],
+              "layer_selection": selection, "layers": [layer.name for layer in plan.layers],
               "score_batch_size": int(cfg.influence.score_batch_size)}
     start = time.perf_counter()
     index = build_index(loaded.model, plan.layers, CausalLMTask(), corpus.encoded, factors, out, index_args, source)
@@ -80,9 +79,11 @@ def query(index_dir: str | Path, queries_path: str | Path, candidates: int = 500
     model_info, corpus_info = source["model"], source["corpus"]
     loaded = pipeline.load_model(model_info["name"], model_info["path"], dtype=model_info["dtype"],
                                  device=model_info["device"])
-    patterns = source.get("module_patterns")
-    layers = track_layers(loaded.model, None if patterns is None else list(patterns))
-    factors = Factors.load(source["factors_dir"], layers)
+    layers = pipeline.influence_layers(loaded.model, OmegaConf.create(source["layer_selection"]))
+    if [layer.name for layer in layers] != source["layers"]:
+        raise IndexMismatchError(f"the model's tracked layers are not the index's ({source['layers'][:2]} ...); "
+                                 "rebuild the index for this model")
+    factors = load_factors(source["factors_dir"], layers)
     saved_damping = index.manifest["damping"]
     if any(abs(factors.damping_for(n) - saved_damping[n]) > 1e-12 * max(1.0, abs(saved_damping[n])) for n in saved_damping):
         raise IndexMismatchError(f"the factors in {source['factors_dir']} have another damping than the index was built "
