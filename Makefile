@@ -29,7 +29,7 @@ plain:  ## a GPT-2 and a Llama built from configs, trained on Debian's licence t
 		probe_file=configs/probes/word_order_plain.yaml figures_dir=figures/plain/word_order influence.progress=false
 
 STUDY ?= sparsity
-MODELS ?= zoo_xs,zoo_s,zoo_m,zoo_l
+MODELS ?= zoo_2xs,zoo_xs,zoo_s,zoo_m,zoo_l,zoo_xl
 LAUNCHER ?= joblib
 comma := ,
 sweep:  ## STUDY over MODELS: one scoring job per model (LAUNCHER=joblib; submitit_slurm on SLURM), then the gather

@@ -273,10 +273,36 @@ def study_queries(cfg: DictConfig) -> list[WorldQuery]:
     return chosen + extra
 
 
-def model_inputs(cfg: DictConfig, name: str, queries: Sequence[WorldQuery]) -> StudyInputs:
-    """One configured model (configs/model/<name>.yaml, or cfg.model_paths[name]) with the study's corpus."""
-    model = model_config(name) if name not in (cfg.get("model_paths") or {}) else OmegaConf.create(
-        {"name_or_path": cfg.model_paths[name]})
+def model_runs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(run name, model config) of every configured model, smallest first as listed. A model of configs/model/ is
+    run once per training seed in `seeds` (its config's `seed`, which its name_or_path interpolates, e.g.
+    artifacts/zoo/zoo_xs/seed${seed}/model), named <model>_s<seed>; `seeds: null` runs the config's own seed once.
+    A model given by path (model_paths.<name>=DIR) is run once, as given."""
+    runs = []
+    paths = cfg.get("model_paths") or {}
+    for name in cfg.models:
+        if name in paths:
+            runs.append((name, OmegaConf.create({"name_or_path": paths[name]})))
+            continue
+        model = model_config(name)
+        seeds = cfg.get("seeds")
+        if not seeds:
+            runs.append((name, model))
+            continue
+        if "seed" not in model:
+            raise ValueError(f"seeds={list(seeds)} but configs/model/{name}.yaml has no `seed` to set; give "
+                             "seeds=null for this model")
+        runs += [(f"{name}_s{seed}", OmegaConf.merge(model, {"seed": int(seed)})) for seed in seeds]
+    return runs
+
+
+def model_inputs(cfg: DictConfig, name: str, queries: Sequence[WorldQuery],
+                 model: DictConfig | None = None) -> StudyInputs:
+    """One configured model (configs/model/<name>.yaml, cfg.model_paths[name], or the given config) with the
+    study's corpus."""
+    if model is None:
+        model = model_config(name) if name not in (cfg.get("model_paths") or {}) else OmegaConf.create(
+            {"name_or_path": cfg.model_paths[name]})
     return load_study_inputs(name, model, cfg.data, queries)
 
 
@@ -284,8 +310,8 @@ def scored_models(cfg: DictConfig, out: StudyOutput | None = None):
     """For each configured model: (StudyInputs, InfluenceRun), scores from the pipeline's cache when present.
     With `out`, each model is recorded for the study's study.json."""
     queries = study_queries(cfg)
-    for name in cfg.models:
-        inputs = model_inputs(cfg, name, queries)
+    for name, model in model_runs(cfg):
+        inputs = model_inputs(cfg, name, queries, model)
         run = cached_influence(inputs, cfg)
         if out is not None:
             out.inputs.append(inputs)
@@ -300,8 +326,8 @@ def score_stage(cfg: DictConfig) -> None:
     from influence_core import distributed
 
     queries = study_queries(cfg)
-    for name in cfg.models:
-        inputs = model_inputs(cfg, name, queries)
+    for name, model in model_runs(cfg):
+        inputs = model_inputs(cfg, name, queries, model)
         cached_influence(inputs, cfg)
         if distributed.is_main():
             print(f"scored {name}: {len(queries)} queries, shards in {inputs.model_scores.scores_dir / 'shards'}")

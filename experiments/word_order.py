@@ -289,7 +289,7 @@ def run(cfg: DictConfig, run_dir) -> None:
 
     by_name = {q.name: q for q in queries}
     probed = [by_name[n] for n in dict.fromkeys(scores["query"])]
-    models = list(cfg.models)
+    models = [inputs.model_name for inputs in out.inputs]  # run names: <model>_s<seed> with seeds
     forward = [q for q in probed if query_set(q) != "flipped"]
     flipped = [q for q in probed if query_set(q) == "flipped"]
     if forward:

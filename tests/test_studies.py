@@ -289,3 +289,22 @@ def test_size_groups_pool_only_distinct_seeds_of_one_shape():
                R(name="b", architecture="GPT2", non_embedding_parameters=500, seed=None)]
     assert size_groups(records) == [("2 seeds of GPTNeoX 100 (s_s0, s_s1)", ["s_s0", "s_s1"]),
                                     ("llama", ["llama"]), ("a", ["a"]), ("b", ["b"]), ("l_s0", ["l_s0"])]
+
+
+def test_a_zoo_size_runs_once_per_training_seed():
+    """seeds=[0, 2]: configs/model/zoo_xs.yaml becomes two runs, each loading its seed's folder and recording the
+    seed (so size_groups pools them); a model given by path runs once; a config without `seed` is refused."""
+    from omegaconf import OmegaConf
+
+    from experiments.study import model_runs
+
+    cfg = OmegaConf.create({"models": ["zoo_xs", "mine"], "seeds": [0, 2], "model_paths": {"mine": "/models/mine"}})
+    runs = model_runs(cfg)
+    assert [name for name, _ in runs] == ["zoo_xs_s0", "zoo_xs_s2", "mine"]
+    assert [m.name_or_path for _, m in runs] == ["artifacts/zoo/zoo_xs/seed0/model", "artifacts/zoo/zoo_xs/seed2/model",
+                                                 "/models/mine"]
+    assert [m.get("seed") for _, m in runs] == [0, 2, None]
+    with pytest.raises(ValueError, match="has no `seed`"):
+        model_runs(OmegaConf.create({"models": ["pythia-70m"], "seeds": [0, 1]}))
+    assert [name for name, _ in model_runs(OmegaConf.create({"models": ["pythia-70m"], "seeds": None}))] == \
+        ["pythia-70m"]
