@@ -30,16 +30,18 @@ BLOCKS = (1, 2, 4, 8)
 TOP_K = 100
 
 
-def markov_corpus(num: int, seed: int) -> dict[str, torch.Tensor]:
-    """Sequences from a sparse random Markov chain over VOCAB tokens (each token has 4 likely successors)."""
-    g = torch.Generator().manual_seed(0)  # the same chain for every corpus
-    logits = torch.full((VOCAB, VOCAB), -4.0)
-    logits.scatter_(1, torch.randint(0, VOCAB, (VOCAB, 4), generator=g), 2.0)
+def markov_corpus(num: int, seed: int, vocab: int = VOCAB, length: int = LENGTH,
+                  successors: int = 4) -> dict[str, torch.Tensor]:
+    """Sequences from a sparse random Markov chain over `vocab` tokens (each token has `successors` likely
+    successors): (num, length) input_ids, labels = input_ids, no padding. The chain is the same for every corpus."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.full((vocab, vocab), -4.0)
+    logits.scatter_(1, torch.randint(0, vocab, (vocab, successors), generator=g), 2.0)
     probs = logits.softmax(-1)
     g.manual_seed(seed)
-    ids = torch.empty(num, LENGTH, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, VOCAB, (num,), generator=g)
-    for t in range(1, LENGTH):
+    ids = torch.empty(num, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, vocab, (num,), generator=g)
+    for t in range(1, length):
         ids[:, t] = torch.multinomial(probs[ids[:, t - 1]], 1, generator=g).squeeze(1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks import output_blocks
 from benchmarks.output_blocks import train
 from benchmarks.precision import pearson, top_k_overlap
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
@@ -37,16 +38,7 @@ GATE_UP = [["gate_proj", "up_proj"]]
 
 def markov_corpus(num: int, seed: int) -> dict[str, torch.Tensor]:
     """Sequences of a sparse random Markov chain over VOCAB tokens (3 likely successors per token)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.full((VOCAB, VOCAB), -4.0)
-    logits.scatter_(1, torch.randint(0, VOCAB, (VOCAB, 3), generator=g), 2.0)
-    probs = logits.softmax(-1)
-    g.manual_seed(seed)
-    ids = torch.empty(num, LENGTH, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, VOCAB, (num,), generator=g)
-    for t in range(1, LENGTH):
-        ids[:, t] = torch.multinomial(probs[ids[:, t - 1]], 1, generator=g).squeeze(1)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return output_blocks.markov_corpus(num, seed, VOCAB, LENGTH, successors=3)
 
 
 def llama(seed: int, hidden: int, intermediate: int) -> torch.nn.Module:
