@@ -72,3 +72,24 @@ class FixedLabelTask(CausalLMTask):
 
     def pseudo_loss(self, model, batch, generator):
         return self.training_loss(model, {**batch, "labels": self.fixed_labels(batch)})
+
+
+# A tiny classifier with fitted factors, as the opening of a script run in a subprocess (a build killed mid-way):
+# defines model, layers, task, train, factors.
+SUBPROCESS_CLASSIFIER = """
+import sys, time
+import torch
+from torch import nn
+from influence_core import FactorArguments, Task, fit_factors, iterate_batches, track_layers
+
+class Classify(Task):  # plain torch: the subprocess starts without importing transformers
+    def forward(self, model, batch):
+        return model(batch["x"]).unsqueeze(1), batch["y"].unsqueeze(1)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+layers, task = track_layers(model, ["0", "2"]), Classify()
+g = torch.Generator().manual_seed(1)
+train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
+factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
+"""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import influence_core.index as index_module
-from engine_models import gpt_neox, query_batches
+from engine_models import SUBPROCESS_CLASSIFIER, gpt_neox, query_batches
 from influence_core import CausalLMTask, FactorArguments, compute_scores, fit_factors, iterate_batches, query_gradients, \
     track_layers
 from zoo_fixtures import plain  # noqa: F401
@@ -146,24 +146,9 @@ def test_console_build_then_query(plain, tmp_path):  # noqa: F811
         cli(["index", "query", "--index", str(out), "--queries", str(plain["queries"]), "stray=1"])
 
 
-INDEX_BUILD = """
-import sys, time
-import torch
-from torch import nn
+INDEX_BUILD = SUBPROCESS_CLASSIFIER + """
 import influence_core.index as index_module
-from influence_core import FactorArguments, Task, fit_factors, iterate_batches, track_layers
 from influence_core.index import IndexArguments, build_index
-
-class Classify(Task):  # plain torch: the subprocess starts without importing transformers
-    def forward(self, model, batch):
-        return model(batch["x"]).unsqueeze(1), batch["y"].unsqueeze(1)
-
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
-layers, task = track_layers(model, ["0", "2"]), Classify()
-g = torch.Generator().manual_seed(1)
-train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
-factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
 args = IndexArguments(output_dim=3, input_dim=4, shard_size=4, batch_size=3, dtype="float64", progress=False)
 if len(sys.argv) > 2:  # the killed run: shard 0 is written, then it hangs in shard 1 until SIGKILL
     real, calls = index_module.compressed_gradients, []

@@ -6,9 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +14,7 @@ import torch
 
 import influence_core.factors.passes as passes
 import influence_core.sharding as sharding
-from engine_models import gpt_neox, query_batches, token_batches
+from engine_models import SUBPROCESS_CLASSIFIER, gpt_neox, query_batches, token_batches
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
                             precondition_queries, query_gradients, track_layers)
 from influence_core.sharding import ShardArguments, ShardMismatchError, read_scores, score_in_shards, scores_matrix
@@ -149,22 +147,9 @@ def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
                                    fresh.layers[name].activation_eigenvectors.abs())
 
 
-BUILD = """
-import torch
-from torch import nn
-from influence_core import FactorArguments, ScoreArguments, Task, fit_factors, iterate_batches, precondition_queries, query_gradients, track_layers
+BUILD = SUBPROCESS_CLASSIFIER + """
+from influence_core import ScoreArguments, precondition_queries, query_gradients
 from influence_core.sharding import ShardArguments
-
-class Classify(Task):  # plain torch: the subprocess starts without importing transformers
-    def forward(self, model, batch):
-        return model(batch["x"]).unsqueeze(1), batch["y"].unsqueeze(1)
-
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
-layers, task = track_layers(model, ["0", "2"]), Classify()
-g = torch.Generator().manual_seed(1)
-train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
-factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
 q = precondition_queries(query_gradients(model, layers, task, iterate_batches({k: v[:3] for k, v in train.items()}, 3),
                                          progress=False), factors)
 shard_args, score_args = ShardArguments(shard_size=4, batch_size=3, top_k_tokens=2), ScoreArguments(progress=False)
