@@ -109,7 +109,11 @@ def test_opt_mlp_is_found_where_the_old_glob_missed_it():
     assert len(track_layers(model)) == 4
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt", "falcon", "bloom", "phi", "mixtral", "qwen2_moe"])
+# every family the issue names (GPT-NeoX, GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, Phi, Phi3, GPT-J, Falcon,
+# Bloom, OPT) and the MoE layouts
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi",
+                                        "phi3", "gptj", "falcon", "bloom", "opt", "mixtral", "olmoe", "qwen2_moe",
+                                        "qwen3_moe"])
 def test_family_scores_equal_brute_force(model_type):
     """score[q, n] = q^T (G + lambda I)^{-1} g_n, q and g_n from plain per-example autograd (test_scores)."""
     model = tiny(model_type, seed=1)
