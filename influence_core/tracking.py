@@ -38,6 +38,9 @@ MLP_PATTERNS: tuple[str, ...] = ("*mlp*",)
 ATTENTION_PATTERNS: tuple[str, ...] = ("*attention*", "*attn*")
 """Add these to also track attention projections (query/key/value/output)."""
 
+MAX_EMBEDDING_VOCABULARY = 8192
+"""An embedding's activation covariance is V x V (its one-hot inputs): larger vocabularies are refused."""
+
 
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: y = x @ weight + bias, weight (d_in, d_out). Matched by name to avoid a hard import.
@@ -56,6 +59,7 @@ class TrackedLayer:
     transposed_weight: bool  # True for GPT-2 Conv1D (weight stored as (d_in, d_out))
     expert_index: int | None = None  # a view of expert e of a fused 3-D parameter (experts.py), else None
     members: tuple[nn.Module, ...] = ()  # an input-sharing block (share_inputs): modules reading one input
+    one_hot: bool = False  # an nn.Embedding: s = W e_token, its input the token's one-hot vector (V,)
 
     @property
     def modules(self) -> tuple[nn.Module, ...]:
@@ -128,9 +132,7 @@ def track_layers(model: nn.Module, patterns: Sequence[str] | None = None,
             in_f, out_f, transposed = module.weight.shape[0], module.weight.shape[1], True
         else:
             if from_registry and matched and isinstance(module, nn.Embedding):
-                raise ValueError(f"'{name}' is an embedding (nn.Embedding), which is not tracked yet (its one-hot input "
-                                 "makes a vocabulary x vocabulary activation covariance); track the groups "
-                                 "'mlp', 'attention' or 'unembedding'")
+                layers.append(_embedding_layer(name, module))
             continue
         affine_names.append(name)
         if matched:
@@ -145,6 +147,17 @@ def track_layers(model: nn.Module, patterns: Sequence[str] | None = None,
     if from_registry:
         _check_registry_selection(model, layers, fused, groups)
     return layers
+
+
+def _embedding_layer(name: str, module: nn.Embedding) -> TrackedLayer:
+    """An nn.Embedding as an affine layer over one-hot token inputs: weight (V, d) = W^T, d_in = V, d_out = d, no
+    bias; the capture turns its token ids into one-hot rows. Refused, with the fix, for vocabularies whose V x V
+    activation covariance would not fit (above MAX_EMBEDDING_VOCABULARY)."""
+    if module.num_embeddings > MAX_EMBEDDING_VOCABULARY:
+        raise ValueError(f"'{name}' has a vocabulary of {module.num_embeddings:,} tokens: its one-hot inputs make a "
+                         f"{module.num_embeddings:,}^2 activation covariance (limit {MAX_EMBEDDING_VOCABULARY:,}); "
+                         "leave out the 'embedding' group for this model")
+    return TrackedLayer(name, module, module.num_embeddings, module.embedding_dim, False, True, one_hot=True)
 
 
 def share_inputs(layers: Sequence[TrackedLayer], groups: Sequence[Sequence[str]]) -> list[TrackedLayer]:
@@ -190,6 +203,11 @@ def _check_registry_selection(model: nn.Module, layers: Sequence[TrackedLayer], 
     if "mlp" in groups and missed:
         raise ValueError(f"the experts in '{missed[0]}' are not in the registry's MLP globs for model_type "
                          f"'{model.config.model_type}'; pass module_patterns that include them")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for layer in layers:
+        if layer.one_hot and head is not None and layer.module.weight is getattr(head, "weight", None):
+            raise ValueError(f"'{layer.name}' shares its weight with the output head (tie_word_embeddings), so its "
+                             "gradient would miss the head's part; untie the weights or leave out the 'embedding' group")
     if "unembedding" in groups:
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         for layer in layers:
@@ -295,6 +313,8 @@ class LayerCapture:
                     f"tracked layer '{layer.name}' ran twice in one forward pass; shared layers are not supported"
                 )
             x = inputs[0].detach()
+            if layer.one_hot:  # token ids (B, T) -> one-hot rows (B, T, V) in the output's dtype
+                x = torch.nn.functional.one_hot(x, layer.in_features).to(output.dtype)
             route = getattr(module, "routed_tokens", None) if isinstance(module, ExpertProjection) else None
             if route is not None:
                 self.routes[layer.name] = route

@@ -132,8 +132,26 @@ def test_attention_and_unembedding_groups():
     assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"] + ["lm_head"]
     with pytest.raises(ValueError, match="shares its weight with the input embedding"):
         track_layers(tiny("gpt2"), groups=("unembedding",))  # GPT-2 ties lm_head to wte
-    with pytest.raises(ValueError, match="'model.embed_tokens' is an embedding"):
-        track_layers(model, groups=("embedding",))
+    assert [l.name for l in track_layers(model, groups=("embedding",))] == ["model.embed_tokens"]
+    with pytest.raises(ValueError, match="shares its weight with the output head"):
+        track_layers(tiny("gpt2"), groups=("embedding",))  # GPT-2's wte is its lm_head
+    with pytest.raises(ValueError, match="vocabulary of 9,000 tokens"):
+        track_layers(AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**BASE, "vocab_size": 9000})),
+                     groups=("embedding",))
+
+
+def test_embedding_group_scores_equal_brute_force():
+    """The input embedding as an affine layer over one-hot tokens (weight (V, d) = W^T): EK-FAC scores over it
+    and the MLP equal q^T (G + lambda I)^{-1} g_n from plain autograd of the embedding and MLP weights."""
+    model = tiny("llama", seed=1)
+    layers = track_layers(model, groups=("embedding", "mlp"))
+    assert layers[0].name == "model.embed_tokens" and (layers[0].in_features, layers[0].out_features) == (64, 16)
+    fit, train, queries = token_batches(8, seed=5), token_batches(5), query_batches(n=2)
+    factors = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
+    scores = influence(model, layers, factors, queries, train)
+    q = parameter_gradients(model, layers, CausalLMTask(), queries, loss="query")
+    g = parameter_gradients(model, layers, CausalLMTask(), train)
+    torch.testing.assert_close(scores.total, q @ block_preconditioner(factors, layers) @ g.T)
     with pytest.raises(ValueError, match=r"module groups \['ffn'\]"):
         track_layers(model, groups=("ffn",))
 
