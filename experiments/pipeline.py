@@ -226,15 +226,16 @@ def corpus_from_texts(texts: Sequence[str], tokenizer, max_length: int, name: st
     texts = list(texts)
     encoded = tokenize_sequences(texts, tokenizer, max_length=max_length, truncation=truncation)
     lengths = encoded.pop("lengths")
+    truncated = 0
     if truncation:
         full = torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-        if int((full > lengths).sum()):
-            print(f"{name}: {int((full > lengths).sum())} of {len(texts)} sequences truncated to {max_length} tokens")
+        truncated = int((full > lengths).sum())
+        if truncated:
+            print(f"{name}: {truncated} of {len(texts)} sequences truncated to {max_length} tokens")
     encoded["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
     metadata = metadata if metadata is not None else pd.DataFrame(index=range(len(texts)))
     return Corpus(name, "", "text", texts, metadata.reset_index(drop=True), encoded,
-                  cache_key({"texts": texts, "max_length": max_length, "truncation": truncation}),
-                  int((full > lengths).sum()) if truncation else 0)
+                  cache_key({"texts": texts, "max_length": max_length, "truncation": truncation}), truncated)
 
 
 def training_batches(encoded: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
