@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -93,3 +95,19 @@ g = torch.Generator().manual_seed(1)
 train = {"x": torch.randn(10, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 4, (10,), generator=g)}
 factors = fit_factors(model, layers, task, iterate_batches(train, 4), FactorArguments(dtype="float64", progress=False))
 """
+
+
+@contextmanager
+def gloo_process_group(rank: int, world: int, root: str):
+    """A spawned test worker's CPU process group (gloo, file store under root), one thread, torn down on exit."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

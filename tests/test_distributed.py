@@ -9,16 +9,16 @@ of torch.testing.assert_close's float64 defaults per entry. Sharded weights (FSD
 
 from __future__ import annotations
 
-import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from influence_core import (FactorArguments, ScoreArguments, Task, fit_factors, iterate_batches, precondition_queries,
                             query_gradients, track_layers)
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards, scores_matrix
+
+from engine_models import gloo_process_group
 
 NAMES = ["q0", "q1", "q2"]
 RELATIVE_TOLERANCE = 1e-12  # of the largest |score| (and of the largest eigenvalue): float64 summation order
@@ -59,15 +59,10 @@ def pipeline(factors_dir, shards_dir):
 
 
 def worker(rank: int, world: int, root: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, root):
         factors = pipeline(f"{root}/factors_parallel", f"{root}/shards_parallel")
         torch.save({n: (lf.eigenvalues, lf.activation_eigenvectors, lf.gradient_eigenvectors)
                     for n, lf in factors.layers.items()}, f"{root}/factors_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_equal_one(tmp_path):

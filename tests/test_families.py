@@ -117,7 +117,11 @@ def test_opt_mlp_is_found_where_the_old_glob_missed_it():
 def test_family_scores_equal_brute_force(model_type):
     """score[q, n] = q^T (G + lambda I)^{-1} g_n, q and g_n from plain per-example autograd (test_scores)."""
     model = tiny(model_type, seed=1)
-    layers = track_layers(model)
+    assert_scores_equal_brute_force(model, track_layers(model))
+
+
+def assert_scores_equal_brute_force(model, layers) -> None:
+    """EK-FAC scores over `layers` = q^T (block preconditioner of the fitted factors) g_n, q and g_n from autograd."""
     fit, train, queries = token_batches(8, seed=5), token_batches(5), query_batches(n=2)
     factors = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
     scores = influence(model, layers, factors, queries, train)
@@ -146,12 +150,7 @@ def test_embedding_group_scores_equal_brute_force():
     model = tiny("llama", seed=1)
     layers = track_layers(model, groups=("embedding", "mlp"))
     assert layers[0].name == "model.embed_tokens" and (layers[0].in_features, layers[0].out_features) == (64, 16)
-    fit, train, queries = token_batches(8, seed=5), token_batches(5), query_batches(n=2)
-    factors = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
-    scores = influence(model, layers, factors, queries, train)
-    q = parameter_gradients(model, layers, CausalLMTask(), queries, loss="query")
-    g = parameter_gradients(model, layers, CausalLMTask(), train)
-    torch.testing.assert_close(scores.total, q @ block_preconditioner(factors, layers) @ g.T)
+    assert_scores_equal_brute_force(model, layers)
     with pytest.raises(ValueError, match=r"module groups \['ffn'\]"):
         track_layers(model, groups=("ffn",))
 

@@ -13,10 +13,8 @@ largest eigenvalue (scores measured: 2.8e-7 of the largest).
 
 from __future__ import annotations
 
-import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from influence_core import (FactorArguments, ScoreArguments, fit_factors, iterate_batches, precondition_queries,
@@ -24,6 +22,8 @@ from influence_core import (FactorArguments, ScoreArguments, fit_factors, iterat
 from influence_core import distributed
 from influence_core.factors.stages import read_json
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards, scores_matrix
+
+from engine_models import gloo_process_group
 
 NAMES = ["q0", "q1", "q2"]
 NUM_TRAIN = 21
@@ -64,10 +64,7 @@ def pipeline(model, layers, task, train, queries, factors_dir, shards_dir):
 
 
 def worker(rank: int, world: int, root: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, root):
         model, task, train, queries = build()
         layers = track_layers(model, ["*mlp*"])  # before sharding: the unsharded shapes
         distributed.shard_model(model)
@@ -75,8 +72,6 @@ def worker(rank: int, world: int, root: str) -> None:
         assert distributed.is_sharded(model) and weight.to_local().shape[0] < weight.shape[0]
         factors = pipeline(model, layers, task, train, queries, f"{root}/factors_sharded", f"{root}/shards_sharded")
         torch.save({n: lf.eigenvalues for n, lf in factors.layers.items()}, f"{root}/eigenvalues_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_sharded_processes_equal_one(tmp_path):
