@@ -83,12 +83,8 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for index, batch, counted in owned_batches(model, batches, checkpoint, sums, "factors: covariance", args.progress):
-            batch, dropped = trim_padding(to_device(batch, model))
-            draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 0, index),
-                                     dropped)
-            if not counted:
-                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
+        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 0,
+                                            "factors: covariance"):
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
@@ -98,10 +94,6 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments,
                     for rows, block in _blocks(sums[f"{layer.name}.gradient"], layer.out_features):
                         _add_gram(block, g[:, rows])
             sums["num_tokens"] += float(token_weights(task, batch, a).sum())
-            sums["num_sequences"] += row_count(batch)
-            sums["num_predicted"] += _predicted(task, batch)
-            if checkpoint is not None:
-                checkpoint.step(index, sums)
     distributed.all_reduce_sum(sums)
     num_tokens, num_sequences = float(sums["num_tokens"]), float(sums["num_sequences"])
     if num_sequences == 0:
@@ -142,12 +134,8 @@ def correction_pass(model, layers, task, batches, args: FactorArguments, eig: di
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for index, batch, counted in owned_batches(model, batches, checkpoint, sums, "factors: eigenvalue correction", args.progress):
-            batch, dropped = trim_padding(to_device(batch, model))
-            draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, 1, index),
-                                     dropped)
-            if not counted:
-                continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
+        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 1,
+                                            "factors: eigenvalue correction"):
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 q_a = q_s = None
@@ -169,10 +157,6 @@ def correction_pass(model, layers, task, batches, args: FactorArguments, eig: di
                             if q_a is not None:
                                 per_sequence = q_sj.T @ per_sequence @ q_a
                         sums[layer.name][rows] += per_sequence.square_().sum(dim=0).cpu()
-            sums["num_sequences"] += row_count(batch)
-            sums["num_predicted"] += _predicted(task, batch)
-            if checkpoint is not None:
-                checkpoint.step(index, sums)
     distributed.all_reduce_sum(sums)
     num_sequences = float(sums.pop("num_sequences"))
     if num_sequences == 0:
@@ -196,6 +180,25 @@ def _add_gram(target: torch.Tensor, x: torch.Tensor) -> None:
         target.addmm_(x.T, x)
     else:
         target.add_((x.T @ x).cpu())
+
+
+def fitting_batches(model: nn.Module, task: Task, capture: LayerCapture, batches, args: FactorArguments,
+                    checkpoint: "PassCheckpoint | None", sums: dict[str, torch.Tensor], pass_index: int, desc: str):
+    """The batch loop both fitting passes share: (batch, pseudo-gradient draws) for each of this rank's counted
+    batches, trimmed of padding and on the model's device (labels drawn from batch_generator(seed, pass, index)).
+    After the caller has added the batch to `sums`, num_sequences and num_predicted are counted and the pass
+    checkpoint steps."""
+    for index, batch, counted in owned_batches(model, batches, checkpoint, sums, desc, args.progress):
+        batch, dropped = trim_padding(to_device(batch, model))
+        draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, pass_index, index),
+                                 dropped)
+        if not counted:
+            continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
+        yield batch, draws
+        sums["num_sequences"] += row_count(batch)
+        sums["num_predicted"] += _predicted(task, batch)
+        if checkpoint is not None:
+            checkpoint.step(index, sums)
 
 
 def batch_generator(seed: int, pass_index: int, batch_index: int) -> torch.Generator:
