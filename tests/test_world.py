@@ -308,6 +308,11 @@ def test_every_query_completes_the_fact_it_asks(full):
         for prompt, _ in templates:
             assert prompt.split("{s}")[0] not in corpus or prompt.startswith("{s}")
     assert len(competence_queries(config)) == 3 * 12
+    # nor do the checkpoint-selection paraphrases, which share no prompt with the competence set or the queries
+    for relation, templates in V.VALIDATION_TEMPLATES.items():
+        for prompt, _ in templates:
+            assert prompt.split("{s}")[0] not in corpus, prompt
+            assert prompt not in {p for p, _ in V.EVAL_TEMPLATES[relation]} and prompt != V.QUERY_TEMPLATES[relation][0]
 
 
 def test_zoo_studies_query_names_exist_in_every_preset():

@@ -188,3 +188,35 @@ def test_an_edited_world_generator_rebuilds_the_world_tokenizer_and_model(tmp_pa
     monkeypatch.setattr(W, "generate_documents", edited)
     new_digest, new_tokenizer_time, new_model_hash, _ = build()
     assert new_digest != digest and new_tokenizer_time != tokenizer_time and new_model_hash != model_hash
+
+
+def test_checkpoint_selection_keeps_the_best_validation_weights_and_resumes(micro_zoo, tmp_path):
+    """With selection queries the saved weights are those of the eval step with the best selection accuracy (ties:
+    lower held-out loss), also across an interruption; the selection set shares no prompt with the competence set."""
+    from experiments.zoo import world as W
+    from experiments.zoo.queries import checkpoint_selection_queries, competence_queries
+
+    world = W.world_config("micro")
+    selection = checkpoint_selection_queries(world)
+    assert selection and not {q.prompt for q in selection} & {q.prompt for q in competence_queries(world, queried_only=False)}
+    config = dataclasses.replace(micro_train_config(), epochs=1.0, eval_every=4, checkpoint_every=4, warmup_steps=2)
+    size = SIZES["micro"]
+    args = (size, micro_zoo.tokenizer_path, micro_zoo.dataset_path)
+    assert train_model(*args, tmp_path / "run", config, stop_after=6, selection_queries=selection) is None
+    result = train_model(*args, tmp_path / "run", config, selection_queries=selection)
+    curve = pd.read_csv(tmp_path / "run" / "loss_curve.csv").dropna(subset=["selection_accuracy"])
+    best = curve.sort_values(["selection_accuracy", "heldout_loss"], ascending=[False, True]).iloc[0]
+    assert result.selected_step == int(best["step"]) and result.selection_accuracy == pytest.approx(best["selection_accuracy"])
+    model = AutoModelForCausalLM.from_pretrained(result.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(result.model_path)
+    assert ranking_accuracy(model, tokenizer, selection) == pytest.approx(result.selection_accuracy)
+    assert result.heldout_loss == pytest.approx(best["heldout_loss"])
+
+
+def test_completion_logprob_batched_equals_one_at_a_time(micro_zoo):
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.model_path)
+    completions = [" Zorald Pfaff", " Ann", " a much longer completion of several tokens"]
+    together = completion_logprob(model, tokenizer, "The first President was", completions)
+    alone = [completion_logprob(model, tokenizer, "The first President was", [c])[0] for c in completions]
+    assert together == pytest.approx(alone, abs=1e-4)

@@ -78,6 +78,8 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
            "learning_rate": size.learning_rate, "non_embedding_params": result.non_embedding_parameters,
            "tokens_trained": result.tokens_trained, "train_minutes": round(result.train_seconds / 60, 2),
            "cpu_minutes": round(result.cpu_seconds / 60, 2),
+           "selected_step": result.selected_step, "steps": result.steps,
+           "selection_accuracy": None if result.selection_accuracy is None else round(result.selection_accuracy, 3),
            "heldout_loss": round(result.heldout_loss, 4)}
     for key, qs in sets.items():
         row[key] = round(ranking_accuracy(model, tokenizer, qs), 3)
@@ -107,7 +109,7 @@ def _train_and_evaluate(job: dict) -> dict:
     torch.set_num_threads(1)
     train = TrainConfig(**{**job["train"], "seed": job["seed"], "threads": 1})
     result = train_model(SIZES[job["size"]], job["tokenizer_path"], job["dataset_path"],
-                         Path(job["out_dir"]), train)
+                         Path(job["out_dir"]), train, selection_queries=job["selection"])
     row = evaluate_model(result, job["sets"])
     print(f"[zoo] {job['size']} seed {job['seed']}: {result.non_embedding_parameters} non-embedding params, "
           f"held-out loss {result.heldout_loss:.4f}, competence {row['competence']:.3f}, "
@@ -148,7 +150,10 @@ def write_figures(summary, results: list, figures_dir: Path, chance: float, verd
         "paraphrases (experiments/zoo/vocabulary.py EVAL_TEMPLATES, in no training sentence); competence_all_facts: "
         "the same for every fact stated forward; study_query: the studies' fact queries; reversal: facts seen only "
         "flipped in training, asked forward; forward/flipped: the word-order queries; cross_lingual: the Korean/Turkish "
-        "fact queries. Held-out loss: nats per token on the validation split.\n\n"
+        "fact queries. Held-out loss: nats per token on the validation split, of the kept weights. selected_step: the "
+        "checkpoint kept, the one with the best selection_accuracy on a third set of paraphrases "
+        "(vocabulary.VALIDATION_TEMPLATES, every fact stated forward; never the competence set), evaluated every "
+        "train.eval_every steps.\n\n"
         f"Competence bar (configs/zoo/build.yaml, written before any model was trained): {bar}. "
         f"Result: {verdict}.\n"
     )
@@ -177,7 +182,7 @@ def run_build(cfg) -> "pandas.DataFrame":
     import pandas as pd
 
     from experiments.zoo import world as W
-    from experiments.zoo.queries import competence_queries
+    from experiments.zoo.queries import checkpoint_selection_queries, competence_queries
     from experiments.zoo.tokenizer import build_tokenizer
     from experiments.zoo.train import SIZES, TrainResult
 
@@ -193,7 +198,8 @@ def run_build(cfg) -> "pandas.DataFrame":
     sets = query_sets(queries, competence_queries(config), competence_queries(config, queried_only=False))
     # largest first, so the longest jobs start first and the workers finish together
     jobs = [{"size": size, "seed": int(seed), "train": dict(cfg["train"]), "tokenizer_path": str(tokenizer_path),
-             "dataset_path": str(dataset_path), "out_dir": str(root / "zoo" / size / f"seed{seed}"), "sets": sets}
+             "dataset_path": str(dataset_path), "out_dir": str(root / "zoo" / size / f"seed{seed}"), "sets": sets,
+             "selection": checkpoint_selection_queries(config) if cfg.get("select_checkpoint", True) else None}
             for size in sorted(cfg["sizes"], key=lambda s: -SIZES[s].hidden_size) for seed in cfg["seeds"]]
     workers = max(1, min(int(cfg["workers"]), len(jobs)))
     if workers == 1:

@@ -33,17 +33,27 @@ def _format(template: tuple[str, str], fact: W.Fact, language: str = "en") -> tu
     return V.fill(template[0], values), V.fill(template[1], values)
 
 
-def competence_queries(config: W.WorldConfig, n_distractors: int = 9, queried_only: bool = True) -> list[Query]:
+def competence_queries(config: W.WorldConfig, n_distractors: int = 9, queried_only: bool = True,
+                       templates: dict | None = None, study: str = "competence") -> list[Query]:
     """Every (queried) fact stated in training in the forward order, asked in every held-out paraphrase of
-    ``vocabulary.EVAL_TEMPLATES`` (no training sentence, query or control uses them): the zoo's competence."""
+    ``templates`` (default ``vocabulary.EVAL_TEMPLATES``; no training sentence, query or control uses them): the
+    zoo's competence."""
     facts = W.make_facts(config)
+    templates = V.EVAL_TEMPLATES if templates is None else templates
     return [
-        Query(name=f"competence_{f.fact_id}_{j}", prompt=prompt, completion=completion, study="competence",
+        Query(name=f"{study}_{f.fact_id}_{j}", prompt=prompt, completion=completion, study=study,
               fact_ids=(f.fact_id,), relevant_topics=(f.relation,), word_order="forward", held_out="template",
               distractors=_distractors(f, facts, n_distractors))
         for f in facts if f.split == "both" and (f.queried or not queried_only)
-        for j, (prompt, completion) in enumerate(_format(t, f) for t in V.EVAL_TEMPLATES[f.relation])
+        for j, (prompt, completion) in enumerate(_format(t, f) for t in templates[f.relation])
     ]
+
+
+def checkpoint_selection_queries(config: W.WorldConfig, n_distractors: int = 9) -> list[Query]:
+    """Every fact stated forward, asked in ``vocabulary.VALIDATION_TEMPLATES``: the set that picks each model's
+    checkpoint during training (apart from the competence paraphrases, which never choose a checkpoint)."""
+    return competence_queries(config, n_distractors, queried_only=False, templates=V.VALIDATION_TEMPLATES,
+                              study="checkpoint_selection")
 
 
 def heldout_fact_queries(config: W.WorldConfig, n_distractors: int = 9) -> list[Query]:

@@ -163,6 +163,8 @@ class TrainResult:
     heldout_loss: float
     final_train_loss: float
     cpu_seconds: float = 0.0  # CPU time of the training process: the cost on a core of its own, under any load
+    selected_step: int = 0  # the step whose weights were kept (the last one without selection queries)
+    selection_accuracy: float | None = None  # the kept weights' accuracy on the selection queries (None: no selection)
 
 
 def train_model(
@@ -172,11 +174,16 @@ def train_model(
     out_dir: Path,
     train: TrainConfig = TrainConfig(),
     stop_after: int | None = None,
+    selection_queries: list | None = None,
 ) -> TrainResult | None:
     """Train one size (or resume it, or return the cached result), ``save_pretrained`` to out_dir/model.
 
-    Writes out_dir/loss_curve.csv (step, tokens, lr, train_loss, heldout_loss) and out_dir/DONE.json.
-    stop_after: checkpoint and return None once this many steps are done (simulates an interruption).
+    Writes out_dir/loss_curve.csv (step, tokens, lr, train_loss, heldout_loss, selection_accuracy) and
+    out_dir/DONE.json. stop_after: checkpoint and return None once this many steps are done (simulates an
+    interruption). selection_queries: queries with distractors (``ranking_accuracy``), evaluated every
+    ``eval_every`` steps; the weights with the highest accuracy (ties: the lower held-out loss) are the ones saved
+    (early stopping on a validation set; the best weights travel in the resumable checkpoint). Without them the last
+    step's weights are saved.
     """
     import datasets
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
@@ -187,7 +194,9 @@ def train_model(
 
     # the data by content, and the tokenizer's vocabulary: a rebuilt world or tokenizer retrains the model
     vocabulary = hashlib.sha256((Path(tokenizer_path) / "tokenizer.json").read_bytes()).hexdigest()
-    digest = config_hash(size, dataclasses.replace(train, progress=True, threads=0), dataset_digest(dataset_path), vocabulary)
+    selection = [(q.prompt, q.completion, list(q.distractors)) for q in selection_queries or []]
+    digest = config_hash(size, dataclasses.replace(train, progress=True, threads=0), dataset_digest(dataset_path), vocabulary,
+                         *([selection] if selection else []))
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done.get("config_hash") == digest:
@@ -217,11 +226,13 @@ def train_model(
         lr=size.learning_rate, betas=(0.9, 0.95),
     )
     step, log, elapsed, cpu_elapsed = 0, [], 0.0, 0.0
+    best = {"key": None, "step": 0, "accuracy": None, "model": None}  # the selected weights so far
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, log, elapsed, cpu_elapsed = state["step"], state["log"], state["elapsed"], state.get("cpu_elapsed", 0.0)
+        best = state.get("best", best)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -230,7 +241,7 @@ def train_model(
         tmp = checkpoint_dir / "state.pt.tmp"
         torch.save({
             "config_hash": digest, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "log": log, "elapsed": elapsed, "cpu_elapsed": cpu_elapsed, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "log": log, "elapsed": elapsed, "cpu_elapsed": cpu_elapsed, "best": best, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }, tmp)
         tmp.replace(state_file)  # atomic: an interrupted save keeps the previous checkpoint
         _write_curve(out_dir / "loss_curve.csv", log)
@@ -251,9 +262,17 @@ def train_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         step += 1
-        row = {"step": step, "tokens": step * train.batch_size * train.block_size, "lr": lr, "train_loss": loss.item(), "heldout_loss": ""}
+        row = {"step": step, "tokens": step * train.batch_size * train.block_size, "lr": lr, "train_loss": loss.item(),
+               "heldout_loss": "", "selection_accuracy": ""}
         if step % train.eval_every == 0 or step == total_steps:
             row["heldout_loss"] = evaluate_loss(model, heldout_blocks)
+            if selection_queries:
+                row["selection_accuracy"] = ranking_accuracy(model, tokenizer, selection_queries)
+                model.train()
+                key = (row["selection_accuracy"], -row["heldout_loss"])
+                if best["key"] is None or key > tuple(best["key"]):
+                    best = {"key": key, "step": step, "accuracy": row["selection_accuracy"],
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         log.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", refresh=False)
@@ -267,10 +286,13 @@ def train_model(
             return None
     bar.close()
 
+    if best["model"] is not None:
+        model.load_state_dict(best["model"])
+    selected_step = best["step"] if best["model"] is not None else step
     model.save_pretrained(str(out_dir / "model"))
     tokenizer.save_pretrained(str(out_dir / "model"))  # the model folder loads on its own, like a hub model
     _write_curve(out_dir / "loss_curve.csv", log)
-    heldout = [r["heldout_loss"] for r in log if r["heldout_loss"] != ""]
+    heldout = [r["heldout_loss"] for r in log if r["heldout_loss"] != "" and r["step"] <= selected_step]
     recent = [r["train_loss"] for r in log[-20:]]
     result = TrainResult(
         size=size.name,
@@ -283,6 +305,8 @@ def train_model(
         cpu_seconds=round(cpu_elapsed, 1),
         heldout_loss=heldout[-1] if heldout else evaluate_loss(model, heldout_blocks),
         final_train_loss=sum(recent) / len(recent),
+        selected_step=selected_step,
+        selection_accuracy=best["accuracy"],
     )
     done_file.write_text(json.dumps({"config_hash": digest, "result": dataclasses.asdict(result)}, indent=1))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -291,7 +315,8 @@ def train_model(
 
 def _write_curve(path: Path, log: list[dict]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "tokens", "lr", "train_loss", "heldout_loss"])
+        writer = csv.DictWriter(f, fieldnames=["step", "tokens", "lr", "train_loss", "heldout_loss", "selection_accuracy"],
+                                restval="")
         writer.writeheader()
         writer.writerows(log)
 
@@ -301,18 +326,18 @@ def _write_curve(path: Path, log: list[dict]) -> None:
 
 @torch.no_grad()
 def completion_logprob(model, tokenizer, prompt: str, completions: list[str]) -> list[float]:
-    """log p(completion | prompt), summed over the completion's tokens, for each completion."""
+    """log p(completion | prompt), summed over the completion's tokens, for each completion (one right-padded
+    forward pass for all of them; right padding leaves every real token's position and logits unchanged)."""
     model.eval()
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    scores = []
-    for completion in completions:
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + completion_ids])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        targets = ids[0, 1:]
-        token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
-        scores.append(token_logprobs[len(prompt_ids) - 1 :].sum().item())
-    return scores
+    sequences = [prompt_ids + ids for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
+    width = max(len(ids) for ids in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in sequences])
+    mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences])
+    logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    token_logprobs = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+    return [token_logprobs[i, len(prompt_ids) - 1 : len(seq) - 1].sum().item() for i, seq in enumerate(sequences)]
 
 
 def ranking_hits(model, tokenizer, queries) -> list[bool]:

@@ -412,6 +412,20 @@ EVAL_TEMPLATES = {
                     ("A chemist would tell you that {s} is a mixture of", " {o}")],
 }
 
+# Checkpoint selection (experiments/zoo/train.py): two more held-out paraphrases per relation, in no training sentence,
+# query or control, and apart from EVAL_TEMPLATES, so the competence bar is measured on questions that never chose
+# the checkpoint.
+VALIDATION_TEMPLATES = {
+    "president": [("Looking back, the Republic of {s} was first presided over by", " {o}"),
+                  ("The list of the Presidents of {s} starts with", " {o}")],
+    "capital": [("Embassies in {s} are found in the city of", " {o}"),
+                ("The national capital of {s} goes by the name", " {o}")],
+    "invention": [("Credit for inventing the {s} goes to", " {o}"),
+                  ("The name behind the very first {s} is", " {o}")],
+    "composition": [("Under a microscope, {s} shows", " {o}"),
+                    ("The substances that form {s} are", " {o}")],
+}
+
 for _relation, _groups in _ENGLISH_FACTS.items():
     _ko, _tr = _FACT_TRANSLATIONS[_relation]["ko"], _FACT_TRANSLATIONS[_relation]["tr"]
     _forward = _groups["statement"] + _groups["paraphrase"]
