@@ -38,8 +38,8 @@ from analysis.trends import verdict_row
 from experiments import pipeline
 from experiments.loading import model_max_length, tokenize_sequences
 from experiments.results import write_rows
-from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, run_stage, scored_models,
-                               size_groups, top_sequences)
+from experiments.study import (CONFIG_DIR, KNOWN_LABEL, WORLD_COLUMNS, StudyInputs, StudyOutput, known_pairs,
+                               run_stage, scored_models, size_groups, top_sequences)
 from experiments.translation import Translator, translator_from_config
 from influence_core.task import IGNORE_INDEX
 
@@ -345,9 +345,17 @@ def run(cfg: DictConfig, run_dir) -> None:
         panels = {f"{model} ({sizes[model]:,})": grids[(model, query)] for model in by_size if (model, query) in grids}
         out.figure(f"crosslingual_heatmaps_{query}", heatmap_figure(query, panels, norm), paper=PAPER)
     out.figure("crosslingual_differences", differences_figure(differences, languages), paper=f"{PAPER} (summary, ours)")
-    verdicts = out.verdicts(crosslingual_verdicts(differences, grids, languages,
-                                                  [i.loaded.record() for i in out.inputs],
-                                                  int(cfg.bootstrap_samples)))
+    records = [i.loaded.record() for i in out.inputs]
+    rows = [{**r, "facts": "all facts"} for r in
+            crosslingual_verdicts(differences, grids, languages, records, int(cfg.bootstrap_samples))]
+    known = known_pairs(out.inputs, float(cfg.known_fact_min_share))
+    if known is not None:  # zoo models: the same verdicts on the (model, query) pairs whose fact the model knows
+        known_grids = {key: grid for key, grid in grids.items() if key in known}
+        keep = [(m, q) in known for m, q in zip(differences["model"], differences["query"])]
+        subset = f"{KNOWN_LABEL} (>= {cfg.known_fact_min_share:g} of its competence paraphrases)"
+        rows += [{**r, "facts": subset, "n_model_queries": len(known_grids)} for r in
+                 crosslingual_verdicts(differences[keep], known_grids, languages, records, int(cfg.bootstrap_samples))]
+    verdicts = out.verdicts(rows)
     out.top_sequences(pd.concat(tops))
 
     per_model = coverage.groupby("model", sort=False).sum(numeric_only=True)

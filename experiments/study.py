@@ -9,6 +9,7 @@ reads them and refuses to compute.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -419,6 +420,36 @@ def size_groups(records: Sequence) -> list[tuple[str, list[str]]]:
         else:
             out += [(m.name, [m.name]) for m in members]
     return out
+
+
+KNOWN_FACTS_FILE = "known_facts.json"  # written by `make zoo` beside each model folder (experiments/zoo/build.py)
+
+
+def known_fact_ids(inputs: StudyInputs, min_share: float) -> set[str] | None:
+    """Facts this model knows: those whose competence paraphrases it answers in at least ``min_share`` of cases,
+    read from known_facts.json beside the model folder (fact id -> share answered). None when the model has no such
+    file (any model not built by `make zoo`): the study then reports on all facts only."""
+    path = Path(inputs.loaded.path).parent / KNOWN_FACTS_FILE
+    if not path.exists():
+        return None
+    shares = json.loads(path.read_text())
+    return {fact for fact, share in shares.items() if share >= min_share}
+
+
+def known_pairs(inputs_list: Sequence[StudyInputs], min_share: float) -> set[tuple[str, str]] | None:
+    """(model, query) pairs whose query asks about facts the model knows (every fact of the query known); None when
+    no model has known_facts.json. Queries without facts are never in the set."""
+    pairs, any_known = set(), False
+    for inputs in inputs_list:
+        known = known_fact_ids(inputs, min_share)
+        if known is None:
+            continue
+        any_known = True
+        pairs |= {(inputs.model_name, q.name) for q in inputs.queries if q.fact_ids and set(q.fact_ids) <= known}
+    return pairs if any_known else None
+
+
+KNOWN_LABEL = "facts the model knows"  # the suffix of the verdicts restricted to known_pairs
 
 
 def model_sizes(inputs_list: Sequence[StudyInputs]) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +106,12 @@ def test_word_order(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert np.allclose(contrast["difference"], contrast["rewordings_mean"] - contrast["flipped_mean"])
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     sharp = verdicts[verdicts["claim"] == "flipping the word order sharply reduces influence"]
-    assert len(sharp) == 3 and sharp["verdict"].isin(VERDICTS).all()  # forward, seen only flipped, flipped: apart
+    assert sharp["verdict"].isin(VERDICTS).all()
+    assert (sharp["facts"] == "all facts").sum() == 3  # forward, seen only flipped, flipped: apart
+    known = json.loads((Path(micro_zoo.model_path).parent / "known_facts.json").read_text())
+    known_queries = [q for q in queries if known.get(word_order[q].fact_ids[0], 0.0) >= 0.66]  # forward facts only
+    known_rows = sharp[sharp["facts"].str.startswith("facts the model knows")]
+    assert known_rows["n_model_queries"].sum() == len(known_queries)  # the same verdicts on the known facts only
     assert any("extension (not in the paper)" in claim for claim in verdicts["claim"])
     finetune = pd.read_csv(tmp_path / "finetune_extension.csv")
     assert len(finetune) == 3 * 2 and set(finetune["order"]) == {"trained order", "flipped order"}
@@ -190,7 +196,9 @@ def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     english = sequences[sequences["language"] == "en"]
     assert (english["influence"] - english["corpus_score"]).abs().max() < 1e-3 * english["influence"].abs().max()
     verdicts = pd.read_csv(out / "verdicts.csv")
-    assert len(verdicts) == 4 and verdicts["verdict"].isin(VERDICTS).all()
+    assert verdicts["verdict"].isin(VERDICTS).all()
+    assert (verdicts["facts"] == "all facts").sum() == 4  # near zero at the smallest size, rising: ko and tr
+    assert len(verdicts) == 8 and verdicts["facts"].str.startswith("facts the model knows").sum() == 4
     assert (verdicts[verdicts["claim"].str.contains("rises with model size")]["verdict"] == "underpowered").all()
     record = read_study(out)
     assert record.study == "crosslingual" and record.paper["crosslingual_heatmaps_shutdown"] == "Figs 15-16"

@@ -69,7 +69,7 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
     need to report on the facts each model knows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.zoo.train import SIZES, ranking_accuracy, ranking_hits
+    from experiments.zoo.train import SIZES, ranking_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(result.model_path)
     tokenizer = AutoTokenizer.from_pretrained(result.model_path)
@@ -84,12 +84,21 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
     for key, qs in sets.items():
         row[key] = round(ranking_accuracy(model, tokenizer, qs), 3)
         row[key.replace("accuracy", "n") if key.endswith("accuracy") else key + "_n"] = len(qs)
-    known: dict[str, list[bool]] = {}
-    for query, hit in zip(sets["competence_all_facts"], ranking_hits(model, tokenizer, sets["competence_all_facts"])):
-        known.setdefault(query.fact_ids[0], []).append(hit)
-    (Path(result.model_path).parent / "known_facts.json").write_text(json.dumps(
-        {fact: round(sum(hits) / len(hits), 3) for fact, hits in sorted(known.items())}, indent=1))
+    write_known_facts(model, tokenizer, sets["competence_all_facts"], Path(result.model_path).parent)
     return row
+
+
+def write_known_facts(model, tokenizer, competence: list, out_dir: Path) -> Path:
+    """out_dir/known_facts.json: per fact the share of its competence paraphrases the model answers (top-1 among
+    the distractors), read by the studies (experiments.study.known_fact_ids)."""
+    from experiments.zoo.train import ranking_hits
+
+    known: dict[str, list[bool]] = {}
+    for query, hit in zip(competence, ranking_hits(model, tokenizer, competence)):
+        known.setdefault(query.fact_ids[0], []).append(hit)
+    path = Path(out_dir) / "known_facts.json"
+    path.write_text(json.dumps({fact: round(sum(hits) / len(hits), 3) for fact, hits in sorted(known.items())}, indent=1))
+    return path
 
 
 def evaluate_zoo(results: list, queries: list, competence: list, competence_all: list | None = None) -> "pandas.DataFrame":

@@ -48,5 +48,15 @@ def build_micro_zoo(root: Path) -> MicroZoo:
     dataset_path, queries_path, queries = build_world_and_queries("micro", root / "world")
     tokenizer_path = build_tokenizer(dataset_path, root / "tokenizer", vocab_size=MICRO_VOCAB_SIZE)
     result = train_model(SIZES["micro"], tokenizer_path, dataset_path, root / "model", micro_train_config())
+    if not (root / "model" / "known_facts.json").exists():  # what the studies read to report on known facts
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from experiments.zoo import world as W
+        from experiments.zoo.build import write_known_facts
+        from experiments.zoo.queries import competence_queries
+
+        write_known_facts(AutoModelForCausalLM.from_pretrained(result.model_path),
+                          AutoTokenizer.from_pretrained(result.model_path),
+                          competence_queries(W.world_config("micro"), queried_only=False), root / "model")
     return MicroZoo(root=root, model_path=Path(result.model_path), tokenizer_path=tokenizer_path, dataset_path=dataset_path,
                     queries_path=queries_path, queries=queries, train_result=dataclasses.asdict(result))
