@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape validate validate_zoo lds report
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape validate validate_zoo lds report findings
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -69,7 +69,10 @@ roleplay:  ## study e: AI-shutdown dialogues and AI fiction in the shutdown quer
 
 STUDIES := sparsity layerwise word_order scale crosslingual math_code roleplay memorisation
 
-all: zoo $(STUDIES)  ## the zoo and every study (scores are computed once per model and cached)
+all: zoo $(STUDIES) findings  ## the zoo and every study (scores are computed once per model and cached), then FINDINGS.md
+
+findings:  ## FINDINGS.md's tables from figures/<study>/study.json, the zoo summary and zoo v1's verdicts (prose kept)
+	$(PYTHON) -m experiments.findings
 
 figures:  ## redraw every study's tables and figures from saved scores, recomputing nothing
 	for study in $(STUDIES); do $(PYTHON) -m experiments.$$study compute=false || exit 1; done

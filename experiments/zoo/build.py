@@ -134,7 +134,7 @@ def competence_verdict(summary, bar: dict) -> dict:
 
     means = summary.groupby("non_embedding_params")["competence"].mean().sort_index()
     largest = float(means.iloc[-1])
-    rho = float(spearmanr(range(len(means)), means.values).statistic) if len(means) > 2 else float("nan")
+    rho = float(spearmanr(range(len(means)), means.values).statistic) if len(means) > 1 else float("nan")
     rising = bool(len(means) > 1 and rho > 0 and (means.values >= means.values[0]).all())
     return {"largest_mean_competence": round(largest, 3), "largest_passes": largest >= bar["largest_at_least"],
             "spearman_rho_over_sizes": round(rho, 3), "rising": rising,
