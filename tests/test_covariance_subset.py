@@ -83,3 +83,22 @@ def test_a_directory_fitted_with_another_fraction_is_refused(tmp_path):
             fit_factors(model, layers, CausalLMTask(), token_batches(8),
                         FactorArguments(covariance_fraction=other, **ARGS), output_dir=tmp_path)
 
+
+def test_the_influence_config_passes_the_fraction_and_keys_the_cache():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from experiments.pipeline import cache_key, check_influence_settings, factor_arguments, numerical_settings
+
+    config = OmegaConf.load(Path(__file__).parents[1] / "configs" / "influence" / "ekfac.yaml")
+    assert config.covariance_fraction is None and factor_arguments(config).covariance_fraction is None
+    before = OmegaConf.create({k: v for k, v in config.items() if k != "covariance_fraction"})  # an older config
+    assert cache_key(numerical_settings(config)) == cache_key(numerical_settings(before))  # old caches still found
+    subset = OmegaConf.merge(config, {"covariance_fraction": 0.1})
+    check_influence_settings(subset)
+    assert factor_arguments(subset).covariance_fraction == 0.1
+    assert cache_key(numerical_settings(subset)) != cache_key(numerical_settings(config))
+    for bad in (0, 2, "half"):
+        with pytest.raises(ValueError, match="influence.covariance_fraction="):
+            check_influence_settings(OmegaConf.merge(config, {"covariance_fraction": bad}))
