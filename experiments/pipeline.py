@@ -66,6 +66,11 @@ def check_influence_settings(influence: DictConfig) -> None:
     if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1):
         raise ValueError(f"influence.output_blocks={blocks!r}: give an integer >= 1 dividing every tracked layer's "
                          "output width, or null for the whole gradient covariance")
+    fraction = influence.get("covariance_fraction")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                                 or not 0 < fraction <= 1):
+        raise ValueError(f"influence.covariance_fraction={fraction!r}: give a number in (0, 1] (the share of the "
+                         "fitting batches the covariances are computed from), or null for all of them")
     fit = influence.get("num_fit_sequences")
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
@@ -127,12 +132,16 @@ def factor_arguments(influence: DictConfig) -> FactorArguments:
     """The influence config group -> FactorArguments (unknown keys in the group are Hydra's to refuse)."""
     return FactorArguments(strategy=influence.strategy, damping_factor=influence.damping_factor,
                            damping=influence.damping, fisher=influence.fisher, seed=influence.seed,
-                           dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks)
+                           dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks,
+                           covariance_fraction=influence.get("covariance_fraction"))
 
 
 def numerical_settings(influence: DictConfig) -> dict:
-    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars."""
-    return {k: v for k, v in OmegaConf.to_container(influence, resolve=True).items() if k != "progress"}
+    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars. A null
+    covariance_fraction (all batches) is left out, so caches made before the key existed keep their names."""
+    settings = OmegaConf.to_container(influence, resolve=True)
+    return {k: v for k, v in settings.items()
+            if k != "progress" and not (k == "covariance_fraction" and v is None)}
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------

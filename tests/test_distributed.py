@@ -10,8 +10,10 @@ of torch.testing.assert_close's float64 defaults per entry. Sharded weights (FSD
 from __future__ import annotations
 
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from torch import nn
 
 from influence_core import (FactorArguments, ScoreArguments, Task, fit_factors, iterate_batches, precondition_queries,
@@ -47,27 +49,29 @@ def build():
     return model, track_layers(model, ["1", "3"]), SequenceTask(), train, queries
 
 
-def pipeline(factors_dir, shards_dir):
+def pipeline(factors_dir, shards_dir, covariance_fraction=None):
     model, layers, task, train, queries = build()
-    # 7 fitting batches of 3 (the last of 2): an uneven split over 2 ranks
-    factors = fit_factors(model, layers, task, iterate_batches(train, 3),
-                          FactorArguments(dtype="float64", progress=False, checkpoint_every=2), output_dir=factors_dir)
+    # 7 fitting batches of 3 (the last of 2): an uneven split over 2 ranks; covariance_fraction 0.4: the covariances
+    # from the first 3 of them, 2 on rank 0 and 1 on rank 1
+    args = FactorArguments(dtype="float64", progress=False, checkpoint_every=2, covariance_fraction=covariance_fraction)
+    factors = fit_factors(model, layers, task, iterate_batches(train, 3), args, output_dir=factors_dir)
     q = precondition_queries(query_gradients(model, layers, task, iterate_batches(queries, 3), progress=False), factors)
     score_in_shards(model, layers, task, train, q, NAMES, shards_dir, ShardArguments(shard_size=3, batch_size=2),
                     ScoreArguments(progress=False, query_rank=2))
     return factors
 
 
-def worker(rank: int, world: int, root: str) -> None:
+def worker(rank: int, world: int, root: str, covariance_fraction: float | None) -> None:
     with gloo_process_group(rank, world, root):
-        factors = pipeline(f"{root}/factors_parallel", f"{root}/shards_parallel")
+        factors = pipeline(f"{root}/factors_parallel", f"{root}/shards_parallel", covariance_fraction)
         torch.save({n: (lf.eigenvalues, lf.activation_eigenvectors, lf.gradient_eigenvectors)
                     for n, lf in factors.layers.items()}, f"{root}/factors_rank{rank}.pt")
 
 
-def test_two_processes_equal_one(tmp_path):
-    mp.start_processes(worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    single = pipeline(tmp_path / "factors_single", tmp_path / "shards_single")
+@pytest.mark.parametrize("covariance_fraction", [None, 0.4])
+def test_two_processes_equal_one(tmp_path, covariance_fraction):
+    mp.start_processes(worker, args=(2, str(tmp_path), covariance_fraction), nprocs=2, join=True, start_method="spawn")
+    single = pipeline(tmp_path / "factors_single", tmp_path / "shards_single", covariance_fraction)
 
     for rank in range(2):
         parallel = torch.load(tmp_path / f"factors_rank{rank}.pt")
@@ -80,6 +84,7 @@ def test_two_processes_equal_one(tmp_path):
                                        torch.ones(len(q_a), dtype=torch.float64))
     saved = (tmp_path / "factors_parallel" / "covariance.safetensors")
     assert saved.exists() and not list((tmp_path / "factors_parallel").glob("*.partial.*"))
+    assert float(load_file(saved)["num_sequences"]) == (20 if covariance_fraction is None else 9)  # 3 batches of 3
 
     one = scores_matrix(read_scores(tmp_path / "shards_single"), NAMES, 20)
     two_frame = read_scores(tmp_path / "shards_parallel")

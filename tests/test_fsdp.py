@@ -14,6 +14,7 @@ largest eigenvalue (scores measured: 2.8e-7 of the largest).
 from __future__ import annotations
 
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -53,32 +54,36 @@ def build():
     return model, CausalLMTask(), train, queries
 
 
-def pipeline(model, layers, task, train, queries, factors_dir, shards_dir):
-    # 7 fitting batches of 3 and 6 shards of 4 rows (11 scoring batches of 2): uneven over 2 ranks
-    factors = fit_factors(model, layers, task, iterate_batches(train, 3),
-                          FactorArguments(progress=False, checkpoint_every=2), output_dir=factors_dir)
+def pipeline(model, layers, task, train, queries, factors_dir, shards_dir, covariance_fraction=None):
+    # 7 fitting batches of 3 and 6 shards of 4 rows (11 scoring batches of 2): uneven over 2 ranks; covariance_fraction
+    # 0.4: the covariances from the first 3 batches, so rank 1 runs a filler pass there
+    args = FactorArguments(progress=False, checkpoint_every=2, covariance_fraction=covariance_fraction)
+    factors = fit_factors(model, layers, task, iterate_batches(train, 3), args, output_dir=factors_dir)
     q = precondition_queries(query_gradients(model, layers, task, iterate_batches(queries, 2), progress=False), factors)
     score_in_shards(model, layers, task, train, q, NAMES, shards_dir, ShardArguments(shard_size=4, batch_size=2),
                     ScoreArguments(progress=False))
     return factors
 
 
-def worker(rank: int, world: int, root: str) -> None:
+def worker(rank: int, world: int, root: str, covariance_fraction: float | None) -> None:
     with gloo_process_group(rank, world, root):
         model, task, train, queries = build()
         layers = track_layers(model, ["*mlp*"])  # before sharding: the unsharded shapes
         distributed.shard_model(model)
         weight = layers[0].module.weight
         assert distributed.is_sharded(model) and weight.to_local().shape[0] < weight.shape[0]
-        factors = pipeline(model, layers, task, train, queries, f"{root}/factors_sharded", f"{root}/shards_sharded")
+        factors = pipeline(model, layers, task, train, queries, f"{root}/factors_sharded", f"{root}/shards_sharded",
+                           covariance_fraction)
         torch.save({n: lf.eigenvalues for n, lf in factors.layers.items()}, f"{root}/eigenvalues_rank{rank}.pt")
 
 
-def test_two_sharded_processes_equal_one(tmp_path):
-    mp.start_processes(worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+@pytest.mark.parametrize("covariance_fraction", [None, 0.4])
+def test_two_sharded_processes_equal_one(tmp_path, covariance_fraction):
+    mp.start_processes(worker, args=(2, str(tmp_path), covariance_fraction), nprocs=2, join=True, start_method="spawn")
     model, task, train, queries = build()
     layers = track_layers(model, ["*mlp*"])
-    single = pipeline(model, layers, task, train, queries, tmp_path / "factors_single", tmp_path / "shards_single")
+    single = pipeline(model, layers, task, train, queries, tmp_path / "factors_single", tmp_path / "shards_single",
+                      covariance_fraction)
 
     for rank in range(2):
         sharded = torch.load(tmp_path / f"eigenvalues_rank{rank}.pt")

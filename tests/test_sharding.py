@@ -147,6 +147,42 @@ def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
                                    fresh.layers[name].activation_eigenvectors.abs())
 
 
+def test_covariance_subset_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
+    """covariance_fraction=0.5 of 4 batches: the covariance pass stops after 2, and resuming either pass mid-way gives
+    the one-shot subset fit."""
+    model = gpt_neox()
+    layers = track_layers(model)
+    fit = token_batches(16, batch_size=4)
+    args = FactorArguments(checkpoint_every=1, covariance_fraction=0.5, **ARGS)
+    real = passes.pseudo_gradients
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        if fail_at and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(passes, "pseudo_gradients", counting)
+    fail_at = 2  # second covariance batch: the first is checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    calls.clear()
+    fail_at = 4  # resumed: the last covariance batch, then the correction pass is interrupted at its third batch
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    assert not (tmp_path / "covariance.partial.rank0.safetensors").exists()
+    calls.clear()
+    fail_at = None
+    resumed = fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
+    assert len(calls) == 2  # the last two correction batches
+    fresh = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(covariance_fraction=0.5, **ARGS))
+    for name in fresh.layers:
+        torch.testing.assert_close(resumed.layers[name].eigenvalues, fresh.layers[name].eigenvalues)
+        torch.testing.assert_close(resumed.layers[name].activation_eigenvectors.abs(),
+                                   fresh.layers[name].activation_eigenvectors.abs())
+
+
 BUILD = SUBPROCESS_CLASSIFIER + """
 from influence_core import ScoreArguments, precondition_queries, query_gradients
 from influence_core.sharding import ShardArguments

@@ -27,6 +27,11 @@ blocks of output units, S ~ diag(S_1, ..., S_k) with S_j (d_out/k, d_out/k), eac
 (the paper's block-diagonal approximation for its largest model); Q_S is then block-diagonal, stored (k, b, b),
 b = d_out / k, and the correction and the IHVP run block by block. k = d_out makes Q_S = I (S diagonal).
 
+Covariance subset (FactorArguments.covariance_fraction = f, ekfac and kfac): A and S (so Q_A, Q_S) come from the
+first ceil(f x batches) fitting batches only, with T_n and N counted over those; the eigenvalue correction Lambda
+still sums over all N sequences, so a fit reads the data 1 + f times instead of 2 (time and accuracy against
+f = 1: figures/bench/covariance_subset.md).
+
 Layout of this package (one job per file):
     types.py        FactorArguments, LayerFactors (one class per basis), Factors (checks, damping, IHVP)
     passes.py       the fitting passes over data: covariance, eigendecomposition, eigenvalue correction

@@ -7,13 +7,16 @@
                           with no eigenbasis (diagonal strategy) Lambda = (1/N) sum_n D_n^2
 
 Each pass sees this rank's batches (`owned_batches`), sums in FactorArguments.dtype, all-reduces, and can be
-checkpointed every K batches (`PassCheckpoint`). Sampled labels of batch i in pass p come from
+checkpointed every K batches (`PassCheckpoint`). With FactorArguments.covariance_fraction = f the covariance pass
+reads only the first ceil(f x batches) fitting batches (`covariance_batch_count`), the correction pass all of them. Sampled labels of batch i in pass p come from
 `batch_generator(seed, p, i)`, so the numbers do not depend on how batches are split over processes.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
@@ -74,7 +77,8 @@ def gradient_covariance_shape(d_out: int, blocks: int | None) -> tuple[int, ...]
 def covariance_pass(model, layers, task, batches, args: FactorArguments,
                     checkpoint: PassCheckpoint | None = None) -> dict[str, torch.Tensor]:
     """{name}.activation_covariance A (d_in, d_in), {name}.gradient_covariance S (d_out, d_out) or its diagonal blocks
-    (k, b, b) with args.output_blocks = k; num_tokens (real tokens) and num_sequences (N) as 0-d tensors."""
+    (k, b, b) with args.output_blocks = k; num_tokens (real tokens) and num_sequences (N) as 0-d tensors. With
+    args.covariance_fraction, over the leading batches only (covariance_batch_count), and N, T counted over those."""
     dtype = args.torch_dtype
     sums = {f"{l.name}.activation": torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
     sums.update({f"{l.name}.gradient": torch.zeros(gradient_covariance_shape(l.out_features, args.output_blocks),
@@ -84,7 +88,8 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments,
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 0,
-                                            "factors: covariance"):
+                                            "factors: covariance",
+                                            covariance_batch_count(batches, args.covariance_fraction)):
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
@@ -108,6 +113,15 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments,
     out["num_tokens"] = torch.tensor(num_tokens)
     out["num_sequences"] = torch.tensor(num_sequences)
     return out
+
+
+def covariance_batch_count(batches, fraction: float | None) -> int | None:
+    """How many leading fitting batches the covariance pass reads: ceil(fraction x batches); None (all) for None.
+    The product is rounded to 9 digits first, so 0.1 x 30 batches is 3, not 4."""
+    if fraction is None:
+        return None
+    total = len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
+    return math.ceil(round(fraction * total, 9))
 
 
 def eigendecomposition(cov: dict[str, torch.Tensor], names: Sequence[str], args: FactorArguments) -> dict[str, torch.Tensor]:
@@ -183,12 +197,13 @@ def _add_gram(target: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def fitting_batches(model: nn.Module, task: Task, capture: LayerCapture, batches, args: FactorArguments,
-                    checkpoint: "PassCheckpoint | None", sums: dict[str, torch.Tensor], pass_index: int, desc: str):
+                    checkpoint: "PassCheckpoint | None", sums: dict[str, torch.Tensor], pass_index: int, desc: str,
+                    limit: int | None = None):
     """The batch loop both fitting passes share: (batch, pseudo-gradient draws) for each of this rank's counted
-    batches, trimmed of padding and on the model's device (labels drawn from batch_generator(seed, pass, index)).
-    After the caller has added the batch to `sums`, num_sequences and num_predicted are counted and the pass
-    checkpoint steps."""
-    for index, batch, counted in owned_batches(model, batches, checkpoint, sums, desc, args.progress):
+    batches among the first `limit` (None: all), trimmed of padding and on the model's device (labels drawn from
+    batch_generator(seed, pass, index)). After the caller has added the batch to `sums`, num_sequences and
+    num_predicted are counted and the pass checkpoint steps."""
+    for index, batch, counted in owned_batches(model, batches, checkpoint, sums, desc, args.progress, limit):
         batch, dropped = trim_padding(to_device(batch, model))
         draws = pseudo_gradients(model, task, capture, batch, args, batch_generator(args.seed, pass_index, index),
                                  dropped)
@@ -262,21 +277,23 @@ def checkpoint_path(directory: Path, stage: str) -> Path:
 
 
 def owned_batches(model: nn.Module, batches, checkpoint: PassCheckpoint | None, sums: dict[str, torch.Tensor],
-                   desc: str, progress: bool):
-    """(global index, batch, counted) for this rank's batches (index mod world_size == rank), after a restored
-    checkpoint, all counted. For a model sharded over the ranks (FSDP) every forward pass is a collective, so a rank
-    with fewer batches then repeats one, counted False (run, not added), until it has run as many as the others.
+                   desc: str, progress: bool, limit: int | None = None):
+    """(global index, batch, counted) for this rank's batches (index mod world_size == rank) among the first `limit`
+    (None: all; the rest are not read), after a restored checkpoint, all counted. For a model sharded over the ranks
+    (FSDP) every forward pass is a collective, so a rank with fewer batches then repeats one, counted False (run, not
+    added), until it has run as many as the others.
     """
     start = 0
     if checkpoint is not None:
         checkpoint.restore(sums)
         start = checkpoint.next_batch
-    total = len(batches) if hasattr(batches, "__len__") else None
-    mine = sum(1 for index in range(start, total if total is not None else sum(1 for _ in batches))
-               if distributed.owns(index))
+    total = len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
+    if limit is not None:
+        total = min(total, limit)
+    mine = sum(1 for index in range(start, total) if distributed.owns(index))
     extra = distributed.padding_rounds(model, mine)  # before the first forward: it is a collective too
-    bar = tqdm(batches, desc=desc, total=total, disable=not progress or not distributed.is_main(), leave=False,
-               initial=0)
+    bar = tqdm(islice(batches, total), desc=desc, total=total, disable=not progress or not distributed.is_main(),
+               leave=False, initial=0)
     filler = None
     for index, batch in enumerate(bar):
         if index < start or not distributed.owns(index):

@@ -43,6 +43,7 @@ class FactorArguments:
     progress: bool = True
     checkpoint_every: int = 0  # with an output_dir, save a pass's running sums every K batches (0: only per stage)
     output_blocks: int | None = None  # ekfac/kfac: S block-diagonal over this many equal output blocks (None: full S)
+    covariance_fraction: float | None = None  # ekfac/kfac: A and S from the first ceil(f x batches) batches (None: all)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -59,6 +60,14 @@ class FactorArguments:
             if self.strategy not in ("ekfac", "kfac"):
                 raise ValueError(f"output_blocks={self.output_blocks} splits the gradient covariance S, which strategy "
                                  f"'{self.strategy}' does not have; use ekfac or kfac, or output_blocks=None")
+        if self.covariance_fraction is not None:
+            fraction = self.covariance_fraction
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"covariance_fraction={fraction!r} is the share of the fitting batches the covariance "
+                                 "pass reads; give a number in (0, 1], e.g. 0.1, or None for all of them")
+            if self.strategy not in ("ekfac", "kfac"):
+                raise ValueError(f"covariance_fraction={fraction!r} subsets the covariance pass, which strategy "
+                                 f"'{self.strategy}' does not run; use ekfac or kfac, or covariance_fraction=None")
         if self.dtype not in ACCUMULATION_DTYPES:
             raise ValueError(
                 f"FactorArguments.dtype={self.dtype!r} is the accumulation dtype of the factors and must be one of "
@@ -71,7 +80,8 @@ class FactorArguments:
     def fitted_settings(self) -> dict:
         """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
         return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype,
-                "label_sampling": LABEL_SAMPLING, "output_blocks": self.output_blocks}
+                "label_sampling": LABEL_SAMPLING, "output_blocks": self.output_blocks,
+                "covariance_fraction": self.covariance_fraction}
 
 
 def check_output_blocks(layers: Sequence[TrackedLayer], blocks: int | None) -> None:
