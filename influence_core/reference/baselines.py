@@ -7,6 +7,9 @@
   with J_{n,t} the Jacobian of the logits at position t of sequence n; for softmax cross-entropy this is the
   (expected) Fisher. Built with H = R R^T, R[:, c] = sqrt(p_c)(e_c - p): one backward pass per
   (position, class), so only for tiny models.
+- `position_local_gauss_newton`: the same G, exactly, for layers whose output at a position reaches the logits at
+  that position only (the last block's MLP of a transformer): one double-backward pass per output unit instead of
+  one backward pass per (position, class), so a layer of a language model with a large vocabulary.
 - `exact_ihvp`: (G + lambda I)^{-1} V by a dense solve.
 """
 
@@ -16,10 +19,11 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..batch import Batch, eval_mode, row_count, single_rows, to_device, token_weights
 from ..task import IGNORE_INDEX, Task
-from ..tracking import (LayerCapture, TrackedLayer, per_sequence_gradients, tracked_parameters,
+from ..tracking import (LayerCapture, TrackedLayer, per_sequence_gradients, refuse_expert_views, tracked_parameters,
                         tracked_parameters_require_grad)
 
 
@@ -107,6 +111,84 @@ def exact_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer], task: T
             num_examples += row_count(batch)
     if num_examples == 0:
         raise ValueError("no examples to form the Gauss-Newton Hessian from")
+    return gnh / num_examples
+
+
+def position_local_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
+                                batches: Iterable[Batch], seed: int = 0) -> torch.Tensor:
+    """The dense Gauss-Newton Hessian of `exact_gauss_newton` (same G, same normalisation), (P, P), for tracked layers
+    whose output at input position t reaches only the logits at predicted position t (nothing that mixes positions
+    runs after them: the last block's MLP, the attention's output projection of the last block). Then
+
+        J_t = B_t (x) a_t^T,   B_t = d logits_t / d s_t  (C, D),   s_t = the tracked layers' outputs at t, stacked (D,)
+        G = (1/N) sum_n sum_t  (B_t^T H_t B_t) (x) a_t a_t^T,     H_t = diag(p_t) - p_t p_t^T
+
+    with a_t the layers' inputs [1] (the block of layers l, l' pairs rows of B_t for l with those for l'). Column i of
+    B_t, at every t at once, is one double-backward pass (tangent e_i on s at every position: position-local, so each
+    logit sees its own position's only): D passes per batch instead of one per (position, class). A random tangent
+    checks that assumption on every batch: if a tracked layer reaches another position's logits (attention runs after
+    it), ValueError names the layers. Exact in exact arithmetic, not sampled.
+    """
+    refuse_expert_views(layers, "the position-local Gauss-Newton Hessian")
+    unsupported = [l.name for l in layers if l.members or l.one_hot]
+    if unsupported:
+        raise ValueError(f"the position-local Gauss-Newton Hessian takes plain linear layers; {unsupported} are "
+                         "input-sharing blocks or embeddings: track their modules one by one, or use exact_gauss_newton")
+    widths = [l.out_features for l in layers]
+    offsets = [sum(widths[:i]) for i in range(len(layers) + 1)]  # rows of B_t per layer
+    starts = [sum(l.num_parameters for l in layers[:i]) for i in range(len(layers) + 1)]  # blocks of G per layer
+    gnh = torch.zeros(starts[-1], starts[-1], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    num_examples = 0
+    # the math attention kernel is twice differentiable; the fused CPU kernels have no double backward
+    with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture, \
+            sdpa_kernel([SDPBackend.MATH]):
+        for batch in batches:
+            batch = to_device(batch, model)
+            capture.clear(batch)
+            logits, labels = task.forward(model, batch)  # (B, T, C)
+            rows, positions = labels.shape
+            activations = [capture.activations[l.name] * token_weights(task, batch, capture.activations[l.name])
+                           for l in layers]  # (B, T_in, d_in + 1)
+            if activations[0].shape[1] < positions:
+                raise ValueError(f"{positions} predicted positions but {activations[0].shape[1]} input positions: the "
+                                 "task's logits at position t must come from input position t")
+            dummy = torch.zeros_like(logits, requires_grad=True)
+            outputs = [capture.outputs[l.name] for l in layers]
+            transposed = torch.autograd.grad(logits, outputs, grad_outputs=dummy, create_graph=True)  # B^T u per layer
+            transposed = [jt.reshape(rows, a.shape[1], -1) for jt, a in zip(transposed, activations)]  # (B, T_in, d_l)
+            jacobian = torch.empty(*logits.shape, offsets[-1], dtype=torch.float64, device=logits.device)  # B_t
+            for l, jt in enumerate(transposed):
+                for i in range(jt.shape[-1]):
+                    jacobian[..., offsets[l] + i] = torch.autograd.grad(jt[..., i].sum(), dummy, retain_graph=True)[0]
+            tangent = [torch.randn(jt.shape, generator=generator, dtype=torch.float64).to(jt) for jt in transposed]
+            full = torch.autograd.grad(sum((jt * v).sum() for jt, v in zip(transposed, tangent)), dummy)[0].double()
+            local = torch.einsum("btcd,btd->btc", jacobian, torch.cat(tangent, -1)[:, :positions].double())
+            mismatch = float((full - local).norm() / full.norm().clamp_min(1e-300))
+            if mismatch > (1e-8 if logits.dtype == torch.float64 else 1e-3):
+                raise ValueError(f"tracked layers {[l.name for l in layers]} reach the logits of other positions (a "
+                                 f"random tangent differs by {mismatch:.1e} from its position-local image): attention "
+                                 "runs after them; track layers of the last block only, or use exact_gauss_newton")
+            valid = labels != IGNORE_INDEX
+            p = torch.softmax(logits.detach().double(), dim=-1)[valid]  # (n, C), the n predicted tokens
+            jacobian = jacobian[valid]  # (n, C, D)
+            projected = torch.einsum("nc,ncd->nd", p, jacobian)  # B^T p
+            curvature = torch.einsum("ncd,nc,nce->nde", jacobian, p, jacobian) - projected[:, :, None] * projected[:, None]
+            inputs = [a[:, :positions][valid].double() for a in activations]  # (n, d_in + 1)
+            for l, layer in enumerate(layers):
+                for m in range(l, len(layers)):
+                    s = curvature[:, offsets[l]:offsets[l + 1], offsets[m]:offsets[m + 1]]  # (n, d_l, d_m)
+                    aa = inputs[l][:, :, None] * inputs[m][:, None, :]  # (n, i_l, i_m)
+                    block = (s.reshape(len(s), -1).T @ aa.reshape(len(aa), -1)).reshape(
+                        widths[l], widths[m], layer.input_dim, layers[m].input_dim).permute(0, 2, 1, 3)
+                    gnh[starts[l]:starts[l + 1], starts[m]:starts[m + 1]] += block.reshape(
+                        layer.num_parameters, layers[m].num_parameters).cpu()
+            num_examples += row_count(batch)
+    if num_examples == 0:
+        raise ValueError("no examples to form the Gauss-Newton Hessian from")
+    for l in range(len(layers)):  # the blocks below the diagonal mirror those above
+        for m in range(l + 1, len(layers)):
+            gnh[starts[m]:starts[m + 1], starts[l]:starts[l + 1]] = gnh[starts[l]:starts[l + 1], starts[m]:starts[m + 1]].T
     return gnh / num_examples
 
 
