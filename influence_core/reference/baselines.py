@@ -135,9 +135,11 @@ def position_local_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer]
         raise ValueError(f"the position-local Gauss-Newton Hessian takes plain linear layers; {unsupported} are "
                          "input-sharing blocks or embeddings: track their modules one by one, or use exact_gauss_newton")
     widths = [l.out_features for l in layers]
-    offsets = [sum(widths[:i]) for i in range(len(layers) + 1)]  # rows of B_t per layer
-    starts = [sum(l.num_parameters for l in layers[:i]) for i in range(len(layers) + 1)]  # blocks of G per layer
-    gnh = torch.zeros(starts[-1], starts[-1], dtype=torch.float64)
+    offsets = [sum(widths[:i]) for i in range(len(layers) + 1)]  # rows of B_t^T per layer
+    pairs = [(l, m) for l in range(len(layers)) for m in range(l, len(layers))]
+    # block (l, m) of G, accumulated as (d_l d_m, i_l i_m) and rearranged to (d_l i_l, d_m i_m) once at the end
+    sums = {(l, m): torch.zeros(widths[l] * widths[m], layers[l].input_dim * layers[m].input_dim, dtype=torch.float64)
+            for l, m in pairs}
     generator = torch.Generator().manual_seed(seed)
     num_examples = 0
     # the math attention kernel is twice differentiable; the fused CPU kernels have no double backward
@@ -157,37 +159,43 @@ def position_local_gauss_newton(model: nn.Module, layers: Sequence[TrackedLayer]
             outputs = [capture.outputs[l.name] for l in layers]
             transposed = torch.autograd.grad(logits, outputs, grad_outputs=dummy, create_graph=True)  # B^T u per layer
             transposed = [jt.reshape(rows, a.shape[1], -1) for jt, a in zip(transposed, activations)]  # (B, T_in, d_l)
-            jacobian = torch.empty(*logits.shape, offsets[-1], dtype=torch.float64, device=logits.device)  # B_t
+            valid = (labels != IGNORE_INDEX).reshape(-1).cpu()
+            root_p = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])[valid].sqrt().cpu()
+            # R_t = B_t^T diag(sqrt p_t) at the n predicted tokens, (n, D, C): then B_t^T H_t B_t = R R^T - r r^T
+            scaled = torch.empty(len(root_p), offsets[-1], logits.shape[-1], dtype=torch.float64)
+            probe = torch.cat([torch.randn(jt.shape, generator=generator, dtype=torch.float64) for jt in transposed],
+                              -1)[:, :positions].reshape(-1, offsets[-1])  # a random tangent, for the check below
+            local = torch.zeros(rows * positions, logits.shape[-1], dtype=torch.float64)  # its position-local image
             for l, jt in enumerate(transposed):
                 for i in range(jt.shape[-1]):
-                    jacobian[..., offsets[l] + i] = torch.autograd.grad(jt[..., i].sum(), dummy, retain_graph=True)[0]
-            tangent = [torch.randn(jt.shape, generator=generator, dtype=torch.float64).to(jt) for jt in transposed]
-            full = torch.autograd.grad(sum((jt * v).sum() for jt, v in zip(transposed, tangent)), dummy)[0].double()
-            local = torch.einsum("btcd,btd->btc", jacobian, torch.cat(tangent, -1)[:, :positions].double())
+                    column = torch.autograd.grad(jt[..., i].sum(), dummy, retain_graph=True)[0].double().cpu()
+                    column = column.reshape(-1, logits.shape[-1])  # d logits_t / d s_{t, i}, (B T, C)
+                    local.addcmul_(column, probe[:, offsets[l] + i : offsets[l] + i + 1])
+                    scaled[:, offsets[l] + i] = column[valid] * root_p
+            tangent = [v.reshape(rows, positions, -1) for v in probe.split(widths, dim=-1)]
+            dot = sum((jt[:, :positions] * v.to(jt)).sum() for jt, v in zip(transposed, tangent))
+            full = torch.autograd.grad(dot, dummy)[0].double().cpu().reshape(-1, logits.shape[-1])
             mismatch = float((full - local).norm() / full.norm().clamp_min(1e-300))
             if mismatch > (1e-8 if logits.dtype == torch.float64 else 1e-3):
                 raise ValueError(f"tracked layers {[l.name for l in layers]} reach the logits of other positions (a "
                                  f"random tangent differs by {mismatch:.1e} from its position-local image): attention "
                                  "runs after them; track layers of the last block only, or use exact_gauss_newton")
-            valid = labels != IGNORE_INDEX
-            p = torch.softmax(logits.detach().double(), dim=-1)[valid]  # (n, C), the n predicted tokens
-            jacobian = jacobian[valid]  # (n, C, D)
-            projected = torch.einsum("nc,ncd->nd", p, jacobian)  # B^T p
-            curvature = torch.einsum("ncd,nc,nce->nde", jacobian, p, jacobian) - projected[:, :, None] * projected[:, None]
-            inputs = [a[:, :positions][valid].double() for a in activations]  # (n, d_in + 1)
-            for l, layer in enumerate(layers):
-                for m in range(l, len(layers)):
-                    s = curvature[:, offsets[l]:offsets[l + 1], offsets[m]:offsets[m + 1]]  # (n, d_l, d_m)
-                    aa = inputs[l][:, :, None] * inputs[m][:, None, :]  # (n, i_l, i_m)
-                    block = (s.reshape(len(s), -1).T @ aa.reshape(len(aa), -1)).reshape(
-                        widths[l], widths[m], layer.input_dim, layers[m].input_dim).permute(0, 2, 1, 3)
-                    gnh[starts[l]:starts[l + 1], starts[m]:starts[m + 1]] += block.reshape(
-                        layer.num_parameters, layers[m].num_parameters).cpu()
+            projected = torch.bmm(scaled, root_p[:, :, None])  # B^T p, (n, D, 1)
+            curvature = torch.bmm(scaled, scaled.transpose(1, 2)) - projected * projected.transpose(1, 2)  # (n, D, D)
+            inputs = [a[:, :positions].double().cpu().reshape(-1, a.shape[-1])[valid] for a in activations]  # (n, i_l)
+            for l, m in pairs:
+                s = curvature[:, offsets[l]:offsets[l + 1], offsets[m]:offsets[m + 1]].reshape(len(curvature), -1)
+                sums[l, m].addmm_(s.T, (inputs[l][:, :, None] * inputs[m][:, None, :]).reshape(len(s), -1))
             num_examples += row_count(batch)
     if num_examples == 0:
         raise ValueError("no examples to form the Gauss-Newton Hessian from")
-    for l in range(len(layers)):  # the blocks below the diagonal mirror those above
-        for m in range(l + 1, len(layers)):
+    starts = [sum(l.num_parameters for l in layers[:i]) for i in range(len(layers) + 1)]  # blocks of G per layer
+    gnh = torch.empty(starts[-1], starts[-1], dtype=torch.float64)
+    for l, m in pairs:  # [(i, k), (j, n)] -> [(i, j), (k, n)]: output unit, then input unit (the canonical layout)
+        block = sums.pop((l, m)).reshape(widths[l], widths[m], layers[l].input_dim, layers[m].input_dim)
+        gnh[starts[l]:starts[l + 1], starts[m]:starts[m + 1]] = block.permute(0, 2, 1, 3).reshape(
+            layers[l].num_parameters, layers[m].num_parameters)
+        if m != l:
             gnh[starts[m]:starts[m + 1], starts[l]:starts[l + 1]] = gnh[starts[l]:starts[l + 1], starts[m]:starts[m + 1]].T
     return gnh / num_examples
 
