@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape bench-covariance-subset validate validate_zoo lds report findings
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape bench-covariance-subset validate validate_zoo validate_zoo_dense lds report findings
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -112,3 +112,6 @@ lds:  ## fine-tuning LDS (100 half-subsets x 2 seeds) and add-k-copies calibrati
 
 validate_zoo:  ## the same on the zoo's zoo_xs (needs `make zoo`; ~40 min on 1 core) -> figures/validate/zoo_xs/
 	OMP_NUM_THREADS=1 $(PYTHON) -m experiments.validate 'models=[zoo_xs]' figures_dir=figures/validate/zoo_xs
+
+validate_zoo_dense:  ## exact dense-G ground truth on zoo_2xs's last MLP layer, 500 points x 10 fact queries (needs zoo_2xs seed 0) -> figures/validate/zoo_2xs_dense/
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m experiments.validate 'models=[zoo_2xs_dense]' figures_dir=figures/validate/zoo_2xs_dense $(VALIDATE_ARGS)

@@ -1,9 +1,10 @@
 """One model through every estimator and ground truth (paper Sec 5.1, App C, Figs 6-7), and the loop over models.
 
 Per model: query gradients; EK-FAC, K-FAC, diagonal, identity and LiSSA (estimators.py) with one damping per layer;
-the exact damped-GNH influence and the PBRF (ground_truth.py); the damping ablation against the exact influence at
-each damping; dense models also get the diagnostics (diagnostics.py). Timings: IHVP wall time of all queries,
-factor fitting included.
+the exact damped-GNH influence and the PBRF (ground_truth.py; a setup may leave the PBRF out); the damping ablation
+against the exact influence at each damping; dense models also get the diagnostics (diagnostics.py), the residual and
+condition number of the dense solve, and LiSSA's residual at each depth (metrics.lissa_convergence). Timings: IHVP
+wall time of all queries, factor fitting included.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from . import setups
 from .diagnostics import dense_diagnostics, eigenbasis_check
 from .estimators import (FACTOR_STRATEGIES, factor_operator, fit_strategies, layer_damping, precondition, run_lissa,
                          timed)
-from .ground_truth import exact_solution, layerwise, pbrf_ground_truths
-from .metrics import correlation_table, correlations
+from .ground_truth import dense_solve_info, exact_solution, layerwise, pbrf_ground_truths
+from .metrics import correlation_table, correlations, lissa_convergence
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,17 +73,28 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
 
     # Ground truth 1: the exact damped-GNH influence
     exact_method = "dense" if size <= cfg.exact.dense_limit else "cg"
+    if setup.gauss_newton != "per_class" and exact_method != "dense":
+        raise ValueError(f"{setup.name}: gauss_newton '{setup.gauss_newton}' forms a dense G, but {size} tracked "
+                         f"parameters exceed exact.dense_limit={cfg.exact.dense_limit}; track fewer layers or raise it")
     ekfac_inverse = factor_operator(factors["ekfac"], layers, damping_by_layer)
     exact, timings["exact"] = timed(lambda: exact_solution(model, layers, task, data_batches, q_flat, damping, cfg,
-                                                           exact_method, preconditioner=ekfac_inverse))
+                                                           exact_method, preconditioner=ekfac_inverse,
+                                                           gauss_newton=setup.gauss_newton))
     influence["exact"] = scores_of(exact["ihvp"])
+    convergence_of_lissa = []
     if exact_method == "dense":
         influence["exact_layerwise"], timings["exact_layerwise"] = timed(
             lambda: scores_of(exact_ihvp(layerwise(exact["gnh"], layers), q_flat, damping)))
         timings["exact_layerwise"] += exact["gnh_seconds"]
+        exact["dense_info"] = dense_solve_info(exact["gnh"], damping, q_flat, exact["ihvp"])
+        convergence_of_lissa = lissa_convergence(setup.name, exact["gnh"], damping, q_flat, exact["ihvp"], lissa,
+                                                 num_data, setup.query_names)
 
     # Ground truth 2: the PBRF, optimised from the trained weights; preconditioning only speeds the solve up
-    if exact_method == "dense":
+    keep, convergence = {}, []
+    if not setup.pbrf:
+        print(f"{setup.name}: PBRF not run (pbrf: false)")
+    elif exact_method == "dense":
         start = time.perf_counter()
         values, vectors = torch.linalg.eigh(exact["gnh"] + torch.diag(damping))
         root = (vectors / values.sqrt()) @ vectors.T  # (G + lambda)^{-1/2}, symmetric
@@ -90,13 +102,14 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
     else:
         preconditioner = factor_operator(factors["ekfac"], layers, damping_by_layer, power=0.5)
         preconditioner_seconds = 0.0
-    epsilons = {"pbrf": cfg.pbrf.epsilon}
-    if cfg.pbrf.one_copy and exact_method == "dense":
-        epsilons["pbrf_one_copy"] = 1.0 / num_data
-    pbrf, pbrf_seconds, keep, convergence = pbrf_ground_truths(setup, layers, damping, exact, influence["exact"],
-                                                               epsilons, preconditioner, preconditioner_seconds, cfg)
-    influence.update(pbrf)
-    timings.update(pbrf_seconds)
+    if setup.pbrf:
+        epsilons = {"pbrf": cfg.pbrf.epsilon}
+        if cfg.pbrf.one_copy and exact_method == "dense":
+            epsilons["pbrf_one_copy"] = 1.0 / num_data
+        pbrf, pbrf_seconds, keep, convergence = pbrf_ground_truths(setup, layers, damping, exact, influence["exact"],
+                                                                   epsilons, preconditioner, preconditioner_seconds, cfg)
+        influence.update(pbrf)
+        timings.update(pbrf_seconds)
 
     # Damping ablation: the same factors, the exact ground truth at each damping
     ablation = []
@@ -134,7 +147,8 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
         eigenbasis = eigenbasis_check(setup.name, layers, exact["gnh"], factors["ekfac"], setup.fisher)
     return {"influence": influence, "timings": timings, "layer_damping": damping_by_layer, "lissa_curve": lissa_curve,
             "lissa_scale": lissa.scale, "lissa_depth": lissa_args.depth, "exact_method": exact_method,
-            "exact_info": exact.get("info"), "convergence": convergence, "keep": keep, "ablation": ablation,
+            "exact_info": exact.get("info"), "dense_info": exact.get("dense_info"), "gauss_newton": setup.gauss_newton,
+            "fisher": setup.fisher, "lissa_convergence": convergence_of_lissa, "convergence": convergence, "keep": keep, "ablation": ablation,
             "diagnostics": diagnostics, "eigenbasis": eigenbasis, "num_parameters": size, "num_data": num_data,
             "num_scored": num_scored, "num_queries": len(setup.query_names), "layers": [l.name for l in layers],
             "query_names": list(setup.query_names), "architecture": type(model).__name__,

@@ -1,4 +1,5 @@
-"""The validation figure: per model, estimators vs the PBRF, correlation bars, accuracy vs time, damping ablation."""
+"""The validation figure: per model, estimators vs the PBRF (vs the exact influence where the PBRF was not run),
+correlation bars, accuracy vs time, damping ablation."""
 
 from __future__ import annotations
 
@@ -8,18 +9,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from .metrics import estimators_in_order  # noqa: E402
 
 def figure(results: dict[str, dict], table: pd.DataFrame, ablation: pd.DataFrame) -> plt.Figure:
-    """Row per model: scatter EK-FAC / LiSSA / identity vs PBRF; Pearson bars; Pearson vs time; damping ablation."""
+    """Row per model: scatter EK-FAC / LiSSA / identity vs PBRF (or exact); Pearson bars; Pearson vs time; damping
+    ablation."""
     fig, axes = plt.subplots(len(results), 4, figsize=(17, 3.8 * len(results)), squeeze=False)
     colors = {"ekfac": "tab:red", "kfac": "tab:orange", "diagonal": "tab:green", "identity": "tab:gray",
               "lissa": "tab:blue", "exact_layerwise": "tab:brown", "exact": "black"}
     for row, (name, result) in zip(axes, results.items()):
         influence = result["influence"]
-        keep = result["keep"]["pbrf"]
-        truth = influence["pbrf"][:, keep]
+        truth_name = "pbrf" if "pbrf" in influence else "exact"
+        truth_label = {"pbrf": "PBRF", "exact": "exact"}[truth_name]
+        keep = result["keep"].get(truth_name, torch.ones(influence["exact"].shape[1], dtype=torch.bool))
+        truth = influence[truth_name][:, keep]
         ax = row[0]
         for estimator in ("ekfac", "lissa", "identity"):
             est = influence[estimator][:, keep]
@@ -29,15 +34,16 @@ def figure(results: dict[str, dict], table: pd.DataFrame, ablation: pd.DataFrame
             ax.scatter(x, y, s=5, alpha=0.5, color=colors[estimator], label=estimator)
         lim = np.abs(ax.get_xlim()).max()
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
-        ax.set_xlabel("PBRF influence (per-query std units)")
+        ax.set_xlabel(f"{truth_label} influence (per-query std units)")
         ax.set_ylabel("estimate (per-query std units)")
-        ax.set_title(f"{name}: estimators vs PBRF ({int(keep.sum())} converged points)", fontsize=9)
+        points = f"{int(keep.sum())} converged points" if truth_name == "pbrf" else f"{int(keep.sum())} points"
+        ax.set_title(f"{name}: estimators vs {truth_label} ({points})", fontsize=9)
         ax.legend(fontsize=7)
 
         ax = row[1]
         sub = table[(table.model == name)]
-        names = estimators_in_order(result)
         truths = [gt for gt in ("pbrf", "pbrf_one_copy", "exact") if gt in influence]
+        names = [e for e in estimators_in_order(result) if set(truths) - {e}]  # a ground truth alone has no bar
         width = 0.8 / len(truths)
         for k, gt in enumerate(truths):
             vals = [sub[(sub.estimator == e) & (sub.ground_truth == gt)] for e in names]
@@ -52,17 +58,18 @@ def figure(results: dict[str, dict], table: pd.DataFrame, ablation: pd.DataFrame
         ax.legend(fontsize=7)
 
         ax = row[2]
-        pb = sub[sub.ground_truth == "pbrf"].set_index("estimator")
+        pb = sub[sub.ground_truth == truth_name].set_index("estimator")
         curve = [(pb.loc[k, "ihvp_seconds"], pb.loc[k, "pearson"]) for _, k in result["lissa_curve"]]
         ax.plot(*zip(*curve), "o-", color=colors["lissa"], label="LiSSA (depth sweep)")
         for estimator in ("ekfac", "kfac", "diagonal"):
             ax.plot(pb.loc[estimator, "ihvp_seconds"], pb.loc[estimator, "pearson"], "s", color=colors[estimator],
                     label=estimator)
-        ax.plot(pb.loc["exact", "ihvp_seconds"], pb.loc["exact", "pearson"], "*", color="black", ms=9,
-                label=f"exact ({result['exact_method']})")
+        if "exact" in pb.index:
+            ax.plot(pb.loc["exact", "ihvp_seconds"], pb.loc["exact", "pearson"], "*", color="black", ms=9,
+                    label=f"exact ({result['exact_method']})")
         ax.set_xscale("log")
         ax.set_xlabel("IHVP wall time, s (factor fitting included)")
-        ax.set_ylabel("Pearson with PBRF")
+        ax.set_ylabel(f"Pearson with {truth_label}")
         ax.set_title(f"{name}: accuracy vs time", fontsize=9)
         ax.legend(fontsize=7)
 

@@ -3,6 +3,10 @@
 1. exact: (G + lambda)^{-1} q with G the dense Gauss-Newton Hessian of all tracked layers, cross-layer blocks
    included, or conjugate gradient on exact GNH-vector products, preconditioned by EK-FAC (which speeds CG up without
    changing what it converges to); `layerwise(G)` drops the cross-layer blocks: the best any layer-wise method can do.
+   A dense G is formed one of two exact ways (GAUSS_NEWTON): `per_class`, one backward pass per (position, class),
+   for small output spaces; `position_local`, one double backward per output unit, for last-block layers of a
+   language model (its vocabulary is too large for the first). A dense solve reports its residual and the condition
+   number of G + lambda (`dense_solve_info`), a CG solve its iterations and residuals.
 2. PBRF (paper Eq 7) at a small epsilon, optimised from the trained weights for each training point (L-BFGS,
    preconditioned by (G + lambda)^{-1/2} when G is dense, else by EK-FAC); every solve reports its final gradient, and
    points whose solves did not converge are left out of the PBRF correlations. `pbrf_one_copy`: epsilon = 1/N.
@@ -16,11 +20,24 @@ import torch
 from omegaconf import DictConfig
 
 from influence_core import iterate_batches
-from influence_core.reference.baselines import exact_gauss_newton, exact_ihvp
+from influence_core.reference.baselines import exact_gauss_newton, exact_ihvp, position_local_gauss_newton
 from influence_core.reference.gnh import conjugate_gradient, gnh_vector_product
 from influence_core.reference.pbrf import PBRFArguments, pbrf_influence
 
 from .estimators import timed
+
+
+GAUSS_NEWTON: dict[str, Callable] = {"per_class": exact_gauss_newton, "position_local": position_local_gauss_newton}
+
+
+def dense_solve_info(gnh: torch.Tensor, damping: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor) -> dict:
+    """How exact a dense solve of (G + lambda) x = q is: relative residual ||(G + lambda) x - q|| / ||q|| per row,
+    and the extreme eigenvalues and condition number of G + lambda (float64 loses ~ condition x 1e-16 of x)."""
+    system = gnh + torch.diag(torch.as_tensor(damping, dtype=gnh.dtype).expand(gnh.shape[0]))
+    residual = (solution.to(gnh.dtype) @ system - rhs.to(gnh.dtype)).norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-300)
+    eigenvalues = torch.linalg.eigvalsh(system)
+    return {"relative_residual": residual.tolist(), "eigenvalue_min": float(eigenvalues[0]),
+            "eigenvalue_max": float(eigenvalues[-1]), "condition_number": float(eigenvalues[-1] / eigenvalues[0])}
 
 
 def layerwise(gnh: torch.Tensor, layers) -> torch.Tensor:
@@ -36,14 +53,17 @@ def layerwise(gnh: torch.Tensor, layers) -> torch.Tensor:
 
 def exact_solution(model, layers, task, batches, q_flat, damping, cfg: DictConfig, method: str, gnh=None,
                    preconditioner: Callable | None = None, tolerance: float | None = None,
-                   max_iterations: int | None = None) -> dict:
-    """(G + lambda)^{-1} q by a dense solve (forming G once) or by preconditioned CG on GNH-vector products."""
+                   max_iterations: int | None = None, gauss_newton: str = "per_class") -> dict:
+    """(G + lambda)^{-1} q by a dense solve (forming G once, the GAUSS_NEWTON way named) or by preconditioned CG on
+    GNH-vector products."""
     tolerance = tolerance or cfg.exact.cg_tolerance
     max_iterations = max_iterations or cfg.exact.cg_max_iterations
     if method == "dense":
-        seconds = 0.0
-        if gnh is None:
-            gnh, seconds = timed(lambda: exact_gauss_newton(model, layers, task, batches))
+        if gnh is not None:
+            return {"ihvp": exact_ihvp(gnh, q_flat, damping), "gnh": gnh, "gnh_seconds": 0.0}
+        if gauss_newton not in GAUSS_NEWTON:
+            raise ValueError(f"unknown gauss_newton '{gauss_newton}'; choose one of {list(GAUSS_NEWTON)}")
+        gnh, seconds = timed(lambda: GAUSS_NEWTON[gauss_newton](model, layers, task, batches))
         return {"ihvp": exact_ihvp(gnh, q_flat, damping), "gnh": gnh, "gnh_seconds": seconds}
     ihvp, info = conjugate_gradient(lambda v: gnh_vector_product(model, layers, task, batches, v), q_flat, damping,
                                     tolerance=tolerance, max_iterations=max_iterations,

@@ -1,7 +1,7 @@
 """Statistics of the validation: correlations of estimators with ground truths, tables, untrustworthy ground truths.
 
 Correlations (Pearson, Spearman) are computed per test point (query) over the training points and averaged over
-test points, as in the paper.
+test points, as in the paper. With a dense G, LiSSA's convergence is measured per solve (query) and depth.
 """
 
 from __future__ import annotations
@@ -31,6 +31,24 @@ def correlations(estimate: torch.Tensor, truth: torch.Tensor, keep: torch.Tensor
     (p_mean, p_std), (s_mean, s_std) = mean_std(pearson), mean_std(spearman)
     return {"pearson": p_mean, "pearson_std": p_std, "spearman": s_mean, "spearman_std": s_std,
             "points": int(estimate.shape[1])}
+
+
+def lissa_convergence(name: str, gnh: torch.Tensor, damping: torch.Tensor, q_flat: torch.Tensor, exact: torch.Tensor,
+                      lissa, num_data: int, query_names) -> list[dict]:
+    """Per LiSSA depth d and query: relative residual ||(G + lambda) x_d - q|| / ||q|| and relative error
+    ||x_d - x*|| / ||x*|| against the dense solve x* (G the dense GNH, q_flat (Q, P), exact (Q, P)); `lissa` a
+    reference.lissa.LissaResult with its snapshots (depth -> (Q, P)) and their wall times."""
+    system = gnh + torch.diag(torch.as_tensor(damping, dtype=gnh.dtype).expand(gnh.shape[0]))
+    rows = []
+    for depth in sorted(lissa.snapshots):
+        estimate = lissa.snapshots[depth].to(gnh.dtype)
+        residual = (estimate @ system - q_flat).norm(dim=1) / q_flat.norm(dim=1).clamp_min(1e-300)
+        error = (estimate - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300)
+        for query, r, e in zip(query_names, residual.tolist(), error.tolist()):
+            rows.append({"model": name, "query": query, "depth": depth, "depth_over_n": depth / num_data,
+                         "relative_residual": r, "relative_error": e,
+                         "seconds": lissa.snapshot_seconds.get(depth, float("nan"))})
+    return rows
 
 
 GROUND_TRUTHS = ("exact", "pbrf", "pbrf_one_copy")

@@ -87,6 +87,32 @@ def pbrf_text(cfg: DictConfig) -> str:
             "influence, |q^T (G + lambda)^{-1} (g+ + g-)| / 2, in the same units (all points / converged points only).")
 
 
+CURVATURE_TEXT = (
+    "G, the curvature every method targets, is the Gauss-Newton Hessian of the tracked parameters over the curvature "
+    "data (`num_data` sequences / training points): G = (1/N) sum_n sum_t J_nt^T (diag p_nt - p_nt p_nt^T) J_nt, with "
+    "J_nt the Jacobian of the logits at predicted position t and p_nt the model's predictive distribution there. For "
+    "softmax cross-entropy this is the true Fisher taken in expectation over the model's own labels, E_y~p[g g^T], "
+    "exactly: no label is sampled. `gauss_newton` (models table) says how a dense G is formed, both exact in float64: "
+    "`per_class`, one backward pass per (position, class) (influence_core.reference.baselines.exact_gauss_newton); "
+    "`position_local`, for layers of the last block only, whose output at t reaches the logits at t alone: "
+    "G = (1/N) sum_n sum_t (B_t^T H_t B_t) (x) a_t a_t^T with B_t = d logits_t / d output_t from one double backward "
+    "per output unit and a_t the layer input [1] (baselines.position_local_gauss_newton; a random tangent checks the "
+    "locality on every batch). CG models use exact GNH-vector products of the same G. EK-FAC and K-FAC are fitted on "
+    "the same data with the `fisher` of the models table (`sampled`: one label per token drawn from the model, the "
+    "paper's estimator; `expected`: the exact expectation); LiSSA uses exact GNH-vector products on mini-batches.")
+
+
+SOLVES_TEXT = (
+    "`exact_solves`: the solve behind `exact`. Dense: `dense_max_relative_residual` = max over queries of "
+    "||(G + lambda) x - q|| / ||q|| of the Cholesky/LU solve, `eigenvalue_min` / `eigenvalue_max` / `condition_number` of "
+    "G + lambda (eigvalsh); float64 loses about condition x 1e-16 of x. CG: iterations and the largest relative residual. "
+    "`lissa_slowest_rate` = eigenvalue_min / lissa_scale: in expectation LiSSA's error along the slowest eigenvector of "
+    "G + lambda shrinks by a factor 1 - rate per step, so `lissa_depth_for_1e-3` = ln(1e-3) / ln(1 - rate) steps shrink it "
+    "1000-fold (the paper's depth is N = num_data). `lissa_convergence`: per "
+    "depth (dense models), the relative residual ||(G + lambda) x_d - q|| / ||q|| and relative error ||x_d - x*|| / ||x*|| "
+    "of LiSSA's estimate against the dense solve x*, median and max over queries (per query: lissa_convergence_long).")
+
+
 EIGENBASIS_TEXT = (
     "The exact layer blocks G_l in EK-FAC's Kronecker eigenbasis, R = Q^T G_l Q: `correction_error` = "
     "max |diag(R) - Lambda| / max Lambda (EK-FAC's eigenvalues against the dense G: a check of "
@@ -102,15 +128,25 @@ def result_tables(results: dict, table: pd.DataFrame, ablation: pd.DataFrame) ->
         speed.append({"model": name, "ekfac_seconds": t["ekfac"], "lissa_seconds": t["lissa"],
                       "lissa_over_ekfac": t["lissa"] / t["ekfac"], "lissa_depth": r["num_data"],
                       "lissa_scale": r["lissa_scale"], "exact_seconds": t["exact"], "exact_method": r["exact_method"],
-                      "pbrf_seconds": t["pbrf"], "num_parameters": r["num_parameters"], "num_data": r["num_data"],
-                      "model_seconds": r["seconds"]})
+                      "pbrf_seconds": t.get("pbrf", float("nan")), "num_parameters": r["num_parameters"],
+                      "num_data": r["num_data"], "model_seconds": r["seconds"]})
         damping_rows += [{"model": name, "layer": layer, "damping": value} for layer, value in r["layer_damping"].items()]
         models.append({"model": name, "architecture": r.get("architecture", ""), "tracked_layers": len(r["layers"]),
                        "tracked_parameters": r["num_parameters"], "num_data": r["num_data"],
-                       "num_scored": r["num_scored"], "num_queries": r["num_queries"], "seconds": r["seconds"]})
-        info = r.get("exact_info") or {}
-        solves.append({"model": name, "exact_method": r["exact_method"], "cg_iterations": info.get("iterations"),
-                       "cg_max_relative_residual": max(info["relative_residual"]) if info else None})
+                       "num_scored": r["num_scored"], "num_queries": r["num_queries"],
+                       "gauss_newton": r.get("gauss_newton", "per_class") if r["exact_method"] == "dense" else "vector products",
+                       "fisher": r.get("fisher", ""), "pbrf": "pbrf" in r["influence"], "seconds": r["seconds"]})
+        info, dense = r.get("exact_info") or {}, r.get("dense_info") or {}
+        row = {"model": name, "exact_method": r["exact_method"], "cg_iterations": info.get("iterations"),
+               "cg_max_relative_residual": max(info["relative_residual"]) if info else None}
+        if dense:
+            rate = dense["eigenvalue_min"] / r["lissa_scale"]  # LiSSA's slowest direction shrinks by 1 - rate a step
+            row.update({"dense_max_relative_residual": max(dense["relative_residual"]),
+                        "eigenvalue_min": dense["eigenvalue_min"], "eigenvalue_max": dense["eigenvalue_max"],
+                        "condition_number": dense["condition_number"], "lissa_scale": r["lissa_scale"],
+                        "lissa_slowest_rate": rate,
+                        "lissa_depth_for_1e-3": float(np.log(1e-3) / np.log1p(-rate)) if 0 < rate < 1 else None})
+        solves.append(row)
     ablation_wide = ablation.pivot_table(index=["model", "ground_truth", "estimator"], columns="damping_factor",
                                          values="pearson").reset_index()
     ablation_wide.columns = [c if isinstance(c, str) else f"damping_{c:g}" for c in ablation_wide.columns]
@@ -124,6 +160,14 @@ def result_tables(results: dict, table: pd.DataFrame, ablation: pd.DataFrame) ->
         rows = [row for r in results.values() for row in r[key]]
         if rows:
             tables[key] = pd.DataFrame(rows)
+    lissa_rows = [row for r in results.values() for row in r.get("lissa_convergence", [])]
+    if lissa_rows:
+        long = pd.DataFrame(lissa_rows)
+        tables["lissa_convergence_long"] = long
+        tables["lissa_convergence"] = long.groupby(["model", "depth"]).agg(
+            depth_over_n=("depth_over_n", "first"), median_relative_residual=("relative_residual", "median"),
+            max_relative_residual=("relative_residual", "max"), median_relative_error=("relative_error", "median"),
+            max_relative_error=("relative_error", "max"), seconds=("seconds", "first")).reset_index()
     return tables
 
 
@@ -140,10 +184,18 @@ def write_outputs(results: dict, table: pd.DataFrame, ablation: pd.DataFrame, ru
         print(f"warning: {line}")
     if warnings:
         out.section("Warnings: ground truth not converged", "\n".join(f"- {w}" for w in warnings))
+    out.section("Models and curvature", CURVATURE_TEXT, tables["models"])
     out.section("Damping", "Absolute, the same for every estimator and ground truth: lambda_l = "
                 f"{cfg.damping_factor} x mean EK-FAC eigenvalue of layer l:", tables["damping"], 6)
     out.section("Correlations and timings", CORRELATIONS_TEXT, tables["correlations"])
-    out.section("PBRF solves", pbrf_text(cfg), tables["pbrf_convergence"])
+    out.section("Convergence of the solves", SOLVES_TEXT, tables["exact_solves"])
+    if "lissa_convergence" in tables:
+        out.section("LiSSA's convergence against the dense solve", "", tables["lissa_convergence"])
+    if len(tables["pbrf_convergence"]):
+        out.section("PBRF solves", pbrf_text(cfg), tables["pbrf_convergence"])
+    else:
+        out.section("PBRF solves", "Not run for these models (`pbrf: false`): the ground truth is the exact "
+                    "damped-GNH influence alone.")
     out.section("EK-FAC vs LiSSA speed", "", tables["timings"])
     out.section("Damping ablation (Pearson with the ground truth at the same damping)", "",
                 tables["damping_ablation_wide"])

@@ -3,7 +3,7 @@
 - digits_mlp_setup: scikit-learn's bundled 8x8 digits (no download), an MLP trained full-batch, float64;
   f = log p(label | test point).
 - language_model_setup: the micro zoo or a zoo GPT-NeoX on a random subset of its training sequences,
-  f = log p(completion | prompt) of queries from its world.
+  f = log p(completion | prompt) of queries from its world (optionally of one query study, e.g. the fact queries).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class ValidationSetup:
     fisher: str = "sampled"
     batch_size: int = 64
     lissa_depth_multiple: float | None = None  # LiSSA run to this x N (None: cfg.lissa.depth_multiple)
+    gauss_newton: str = "per_class"  # how a dense G is formed (ground_truth.GAUSS_NEWTON): per_class | position_local
+    pbrf: bool = True  # also the PBRF ground truth (two L-BFGS solves per scored point: small setups only)
 
 
 def digits_mlp_setup(cfg: DictConfig, name: str = "digits_mlp") -> ValidationSetup:
@@ -112,12 +114,17 @@ def language_model_setup(name: str, cfg: DictConfig, artifacts: Path) -> Validat
     scored_rows = generator.choice(len(rows), size=min(cfg.num_scored, len(rows)), replace=False)
     scored = {k: v[scored_rows] for k, v in data.items()}
     by_name = {q.name: q for q in world_queries}
-    names = list(cfg.query_names) if cfg.query_names else [q.name for q in world_queries][: cfg.num_queries]
+    study = cfg.get("query_study")
+    candidates = [q.name for q in world_queries if study is None or q.study == study]
+    if not candidates:
+        raise KeyError(f"no query of study '{study}' in the {name} world (studies: {sorted({q.study for q in world_queries})})")
+    names = list(cfg.query_names) if cfg.query_names else candidates[: cfg.num_queries]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise KeyError(f"queries {unknown} are not in the {name} world (e.g. {list(by_name)[:4]})")
     queries = encode_queries(tokenizer, [Query(n, by_name[n].prompt, by_name[n].completion) for n in names])
     return ValidationSetup(name, model, CausalLMTask(), list(cfg.module_patterns), data, scored, queries, names,
                            fisher="sampled", batch_size=cfg.batch_size,
-                           lissa_depth_multiple=cfg.get("lissa_depth_multiple"))
+                           lissa_depth_multiple=cfg.get("lissa_depth_multiple"),
+                           gauss_newton=cfg.get("gauss_newton", "per_class"), pbrf=bool(cfg.get("pbrf", True)))
 
