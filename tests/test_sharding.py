@@ -112,11 +112,16 @@ def test_candidates_score_only_their_pairs(setup, tmp_path):
     assert pq.read_table(tmp_path / "shard_000001.parquet").num_rows == 0  # rows 4-7: no candidate
 
 
-def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fraction, first_stop, second_stop, last_calls", [
+    (None, 3, 6, 1),  # third covariance batch (two checkpointed); then 2 left and the correction stops at its third
+    (0.5, 2, 4, 2),   # covariance_fraction 0.5 of 4 batches: the covariance pass stops after 2
+])
+def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch, fraction, first_stop, second_stop, last_calls):
+    """Interrupting the covariance pass, then the correction pass, and resuming gives the one-shot fit."""
     model = gpt_neox()
     layers = track_layers(model)
     fit = token_batches(16, batch_size=4)
-    args = FactorArguments(checkpoint_every=1, **ARGS)
+    args = FactorArguments(checkpoint_every=1, covariance_fraction=fraction, **ARGS)
     real = passes.pseudo_gradients
     calls = []
 
@@ -127,56 +132,20 @@ def test_factor_pass_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(passes, "pseudo_gradients", counting)
-    fail_at = 3  # third covariance batch: two are checkpointed
+    fail_at = first_stop
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
     assert (tmp_path / "covariance.partial.rank0.safetensors").exists()
     calls.clear()
-    fail_at = 6  # resumed: 2 covariance batches left, then the correction pass is interrupted after its third batch
+    fail_at = second_stop
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
     assert not (tmp_path / "covariance.partial.rank0.safetensors").exists()
     calls.clear()
     fail_at = None
     resumed = fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
-    assert len(calls) == 1  # only the last correction batch
-    fresh = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(**ARGS))
-    for name in fresh.layers:
-        torch.testing.assert_close(resumed.layers[name].eigenvalues, fresh.layers[name].eigenvalues)
-        torch.testing.assert_close(resumed.layers[name].activation_eigenvectors.abs(),
-                                   fresh.layers[name].activation_eigenvectors.abs())
-
-
-def test_covariance_subset_checkpoint_resumes_mid_pass(tmp_path, monkeypatch):
-    """covariance_fraction=0.5 of 4 batches: the covariance pass stops after 2, and resuming either pass mid-way gives
-    the one-shot subset fit."""
-    model = gpt_neox()
-    layers = track_layers(model)
-    fit = token_batches(16, batch_size=4)
-    args = FactorArguments(checkpoint_every=1, covariance_fraction=0.5, **ARGS)
-    real = passes.pseudo_gradients
-    calls = []
-
-    def counting(*a, **k):
-        calls.append(1)
-        if fail_at and len(calls) == fail_at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(passes, "pseudo_gradients", counting)
-    fail_at = 2  # second covariance batch: the first is checkpointed
-    with pytest.raises(KeyboardInterrupt):
-        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
-    calls.clear()
-    fail_at = 4  # resumed: the last covariance batch, then the correction pass is interrupted at its third batch
-    with pytest.raises(KeyboardInterrupt):
-        fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
-    assert not (tmp_path / "covariance.partial.rank0.safetensors").exists()
-    calls.clear()
-    fail_at = None
-    resumed = fit_factors(model, layers, CausalLMTask(), fit, args, output_dir=tmp_path)
-    assert len(calls) == 2  # the last two correction batches
-    fresh = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(covariance_fraction=0.5, **ARGS))
+    assert len(calls) == last_calls  # only the correction batches not yet checkpointed
+    fresh = fit_factors(model, layers, CausalLMTask(), fit, FactorArguments(covariance_fraction=fraction, **ARGS))
     for name in fresh.layers:
         torch.testing.assert_close(resumed.layers[name].eigenvalues, fresh.layers[name].eigenvalues)
         torch.testing.assert_close(resumed.layers[name].activation_eigenvectors.abs(),
