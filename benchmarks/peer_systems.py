@@ -9,6 +9,9 @@ gradient, as in training), then runs its system (`--system floor` measures only 
   generator of its own, so independent of ours.
 - `kronfluence_shared`: kronfluence fed our sampled labels (same generator per batch and pass as ours), so the
   Fisher estimates are the same draw and the scores must agree to float precision: a test of the definitions.
+- `dattri`: dattri-llm's EKFACAttributor (`run_dattri`).
+- `bergson`: bergson's EK-FAC pipeline, stage by stage, and its gradient index (`run_bergson`; the settings it
+  cannot share are listed in benchmarks/peers.py's NOTES and the table's footnote).
 
 Same settings for every system: tracked modules = the MLP linear layers (`track_layers` default "*mlp*"; GPT-2
 Conv1D layers are swapped for the equivalent nn.Linear for kronfluence, which tracks only nn.Linear / Conv2d),
@@ -25,7 +28,8 @@ Timings, wall and CPU time of the process: fit = covariance + eigendecomposition
 time also reported); score = query gradients + preconditioning + the pass over the N training sequences, per Q.
 Peak memory per phase: peak RSS (VmHWM, reset before each phase through /proc/self/clear_refs) and, on a GPU,
 torch.cuda.max_memory_allocated.
-Writes DIR/result.json and DIR/scores_q<Q>.npy ((Q, N) float32, in our sign convention).
+Writes DIR/result.json and DIR/scores_q<Q>.npy ((Q, N) float32, in our sign convention); a system with a gradient
+index (bergson) also DIR/index_scores_q1.npy and the record's `index` entry (build and query times).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compu
 from influence_core.factors.passes import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
-SYSTEMS = ("floor", "ours", "ours_rank32", "kronfluence", "kronfluence_shared", "dattri")
+SYSTEMS = ("floor", "ours", "ours_rank32", "kronfluence", "kronfluence_shared", "dattri", "bergson")
 QUERY_BATCH = 32  # queries per forward/backward of their gradients in every system; all Q share one training pass
 
 
@@ -377,7 +381,158 @@ def run_dattri(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int)
     return record
 
 
-RUNNERS = {"floor": run_floor, "ours": run_ours, "dattri": run_dattri,
+BERGSON_INDEX_DIM = 32  # per-layer projection of bergson's gradient index: 32 x 32 per layer, the bytes of our eigen32
+
+
+def _bergson_stage(worker, config, *args) -> str:
+    """Run one of bergson's stage workers in this process as rank 0 of 1 (what its launcher does on one device),
+    then move the stage's `.part` folder into place, as its own wrappers do. Returns the stage's folder."""
+    shutil.rmtree(config.run_path, ignore_errors=True)
+    shutil.rmtree(config.partial_run_path, ignore_errors=True)
+    config.partial_run_path.mkdir(parents=True)
+    worker(0, 0, 1, config, *args)
+    shutil.move(config.partial_run_path, config.run_path)
+    return config.run_path
+
+
+def _bergson_rows(tensors: dict[str, torch.Tensor]):
+    """Our padded rows as the pre-tokenized datasets.Dataset bergson's workers read: input_ids and labels cut to
+    each row's attention mask (the query prompts keep their IGNORE_INDEX labels), and their lengths."""
+    import datasets
+
+    lengths = tensors["attention_mask"].sum(1).tolist()
+    return datasets.Dataset.from_dict({
+        "input_ids": [row[:n].tolist() for row, n in zip(tensors["input_ids"], lengths)],
+        "labels": [row[:n].tolist() for row, n in zip(tensors["labels"], lengths)],
+        "length": lengths})
+
+
+def run_bergson(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int,
+                index_dim: int | None = BERGSON_INDEX_DIM) -> dict:
+    """bergson's EK-FAC (HessianConfig(method="kfac", ev_correction=True)), its pipeline's stages called one by one:
+    fit = `hessian_worker` (covariances, eigendecomposition, eigenvalue correction); score at Q = `build_worker` on
+    the Q queries (their gradients), `apply_worker` (damped inverse, 0.1 x each layer's mean corrected eigenvalue:
+    InversionConfig's default, as ours), `score_worker` (one pass over the N sequences, every query's column).
+
+    Settings: our tracked layers (every other affine layer of the base model excluded through `filter_modules`),
+    bias columns (`include_bias`), summed training loss, float32, true Fisher (labels sampled by its
+    torch.multinomial from the global generator, seeded here: independent of our draws), batches of the bench's
+    batch size (token budget batch x seq_len, `max_batch_size` batch). bergson takes a model folder, so the model
+    is written with save_pretrained before the timings, and each stage loads it (inside the timings); the data are
+    handed to the workers as an in-memory datasets.Dataset of our token rows (its loader would re-tokenize text and
+    caps a batch at the model's context, 256 tokens for the bench GPT-2). Score sign: bergson's score is
+    grad(query loss)^T H^-1 grad(training loss) with query loss -log p(completion), our I as it stands.
+
+    With index_dim: bergson's gradient index, `build_worker` storing every training sequence's gradient randomly
+    projected to index_dim x index_dim per layer, and a query through its `Attributor` (the query's gradient
+    projected and multiplied with the stored rows). bergson applies EK-FAC only to unprojected gradients
+    (EkfacApplicator refuses projection_dim with ev_correction), so its index scores are plain projected gradient
+    dot products: their agreement with ours is that of an unpreconditioned index.
+    """
+    from bergson.build import build_worker
+    from bergson.config.config import (DistributedConfig, HessianConfig, IndexConfig, InversionConfig,
+                                       PreprocessConfig, ScoreConfig)
+    from bergson.data import load_scores
+    from bergson.hessians.apply_hessian import EkfacConfig, apply_worker
+    from bergson.hessians.hessian_approximations import hessian_worker
+    from bergson.score.score import score_worker
+    from bergson.utils.worker_utils import setup_model_and_peft
+
+    model, workload = loaded.model, loaded.workload
+    layers = track_layers(model)
+    names = [l.name for l in layers]
+    prefix = model.base_model_prefix + "."
+    inside = {n.removeprefix(prefix) for n in names}  # bergson names modules inside model.base_model
+    if not all(n.startswith(prefix) for n in names):
+        raise ValueError(f"tracked layers {names} are not all inside the base model '{model.base_model_prefix}'")
+    others = [n for n, m in model.base_model.named_modules() if n not in inside
+              and (isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+                   or type(m).__name__ == "Conv1D")]
+    root = out / "bergson"
+    shutil.rmtree(root, ignore_errors=True)
+    model.save_pretrained(root / "model")
+    train = _bergson_rows(loaded.train)
+
+    def config(stage: str, rows: int, tokens: int, **fields) -> IndexConfig:
+        return IndexConfig(run_path=str(root / stage), model=str(root / "model"), precision="fp32",
+                           distributed=DistributedConfig(nproc_per_node=1), include_bias=True, loss_reduction="sum",
+                           filter_modules=",".join(others) or None, token_batch_size=rows * tokens,
+                           max_batch_size=rows, **fields)
+
+    batch, seq_len = workload.batch_size, workload.seq_len
+    record: dict = {"tracked_layers": names, "label_sampling": "own generator (torch.multinomial)",
+                    "bergson_untracked_modules": others}
+    start = time.process_time()
+    setup_model_and_peft(config("load", batch, seq_len))  # what each stage pays to read the model folder
+    record["bergson_model_load_cpu_s"] = time.process_time() - start
+    torch.manual_seed(seed + 1234567)
+    with phase(record, "fit"):
+        hessian = _bergson_stage(hessian_worker, config("hessian", batch, seq_len),
+                                 HessianConfig(method="kfac", ev_correction=True, hessian_dtype="fp32"), train)
+    record["fit_stages_s"] = {"covariance_eigendecomposition_correction": record["fit_s"]}
+    record["scores"] = []
+    for count in queries:
+        _, encoded = loaded.encoded_queries(count)
+        query_rows, width = _bergson_rows(encoded), encoded["input_ids"].shape[1]
+        entry: dict = {"queries": count}
+        with phase(entry, "score"):
+            gradients = _bergson_stage(build_worker, config(f"query_q{count}", QUERY_BATCH, width),
+                                       PreprocessConfig(), query_rows)
+            preconditioned = str(root / f"preconditioned_q{count}")
+            shutil.rmtree(preconditioned, ignore_errors=True)
+            apply_worker(0, 0, 1, EkfacConfig(hessian_method_path=hessian, gradient_path=gradients,
+                                              run_path=preconditioned, ev_correction=True,
+                                              apply_batch_size=QUERY_BATCH),
+                         InversionConfig(inversion="damped_inverse", damping_factor=0.1))
+            scores_dir = _bergson_stage(score_worker, config(f"scores_q{count}", batch, seq_len),
+                                        ScoreConfig(query_path=preconditioned, score="individual", precision="fp32"),
+                                        PreprocessConfig(), train)
+            scores = np.asarray(load_scores(Path(scores_dir))[:], dtype=np.float32).T  # (N, Q) -> (Q, N)
+        np.save(out / f"scores_q{count}.npy", scores)
+        record["scores"].append(entry)
+    if index_dim:
+        record["index"] = run_bergson_index(loaded, train, config, index_dim, out)
+    shutil.rmtree(root, ignore_errors=True)
+    return record
+
+
+def run_bergson_index(loaded: LoadedWorkload, train, config, index_dim: int, out: Path) -> dict:
+    """bergson's gradient index: build over the N sequences, then one query (a cold one first, as in
+    benchmarks/index.py, then the timed warm one); writes DIR/index_scores_q1.npy ((1, N), all rows ranked)."""
+    from bergson.build import build_worker
+    from bergson.config.config import PreprocessConfig
+    from bergson.query.attributor import Attributor
+
+    model, workload = loaded.model, loaded.workload
+    entry: dict = {"projection_dim": index_dim, "queries": 1}
+    with phase(entry, "build"):
+        index = _bergson_stage(build_worker, config("index", workload.batch_size, workload.seq_len,
+                                                    projection_dim=index_dim), PreprocessConfig(), train)
+    sizes = json.loads((Path(index) / "info.json").read_text())["grad_sizes"]
+    entry["bytes_per_sequence"] = 4 * sum(sizes.values())  # float32 rows
+    attributor = Attributor(index, device="cpu", unit_norm=False)  # the stored rows, read into memory (not timed)
+    _, encoded = loaded.encoded_queries(1)
+    modules = set(attributor.ordered_modules)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def query():
+        with attributor.trace(model.base_model, None, modules=modules) as result:
+            CausalLMTask().query_loss(model, encoded).backward()  # -log p(completion)
+        model.zero_grad(set_to_none=True)
+        return result
+
+    with phase(entry, "query_cold"):
+        query()
+    with phase(entry, "query"):
+        result = query()
+    scores = np.empty((1, attributor.N), dtype=np.float32)
+    scores[0, result.indices[0].numpy()] = result.scores[0].numpy()
+    np.save(out / "index_scores_q1.npy", scores)
+    return entry
+
+
+RUNNERS = {"floor": run_floor, "ours": run_ours, "dattri": run_dattri, "bergson": run_bergson,
            "ours_rank32": lambda *a: run_ours(*a, query_rank=32), "kronfluence": run_kronfluence,
            "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
 
@@ -410,6 +565,10 @@ def main(argv: list[str] | None = None) -> dict:
         from importlib.metadata import version
 
         record["dattri_llm"] = version("dattri-llm")
+    if args.system == "bergson":
+        import bergson
+
+        record["bergson"] = bergson.__version__
     warm_up(loaded)
     if args.system != "floor":  # the floor in the same process, just before: machine load shifts both alike
         record.update(run_floor(loaded, [], args.out, args.seed, args.floor_sequences))
