@@ -15,8 +15,10 @@ machine) shifts numerator and denominator alike. Agreement compares each peer's 
 queries (at the largest Q of the cell).
 
 Peers: kronfluence (pip install -e ".[bench]" then pip install --no-deps kronfluence==1.0.1; figures/bench/README.md
-says why --no-deps) and dattri-llm 0.1.0 (EKFACAttributor), both installed by `make bench-setup`. bergson is installed
-too but not run: see `SKIPPED`. `ours_rank32`: ours with rank-32 queries, beside full rank. The workloads are described in `benchmarks/workloads.py`.
+says why --no-deps), dattri-llm 0.1.0 (EKFACAttributor) and bergson 2.5.1 (its EK-FAC stages, and its gradient index:
+rows `bergson_index`), all installed by `make bench-setup`; what a peer cannot share with ours is in `NOTES`, printed
+in the table's footnote. `ours_rank32`: ours with rank-32 queries, beside full rank. The workloads are described in
+`benchmarks/workloads.py`.
 """
 
 from __future__ import annotations
@@ -41,14 +43,21 @@ from benchmarks.workloads import MODELS, PEERS_ARTIFACTS, Workload
 
 TOP_K = 100
 
-SKIPPED = {
+NOTES = {  # what a peer does not share with ours, one line each (benchmarks/peer_systems.py has the details)
     "bergson": (
-        "installed by `make bench-setup` (`pip install --no-deps bergson==2.5.1` plus its other dependencies; its "
-        "torchvision/torchaudio requirement has no CPU build for torch 2.13) and `python -m bergson --help` runs, but "
-        "it is not wired into benchmarks/peer_systems.py yet: `python -m bergson ekfac --help` takes --model (a hub "
-        "name or folder) and --data.dataset (an on-disk dataset of text or prompt/completion columns that bergson "
-        "tokenizes itself), not our in-memory model and packed token batches; an adapter that writes the bench "
-        "data and model to disk and maps its scores back is left for a later change"
+        "bergson 2.5.1 (`pip install --no-deps bergson==2.5.1` plus its other dependencies; its torchvision/torchaudio "
+        "requirement has no CPU build for torch 2.13), its EK-FAC stages called in-process (hessian_worker, "
+        "build_worker on the queries, apply_worker, score_worker) with our layers, bias columns, damping 0.1 x mean "
+        "eigenvalue, summed loss, float32 and batches; not shared: its pseudo-labels (torch.multinomial on the global "
+        "generator: other draws, its sampler's cost in its fit), its activation covariance leaves out each "
+        "sequence's last position (no next-token label), it reads the model from a save_pretrained folder in every "
+        "stage (inside its times; one load is `bergson_model_load_cpu_s` in its result.json) and writes every stage to "
+        "disk, and its data loader is bypassed (it would re-tokenize text and cap a batch at the model's context, "
+        "256 tokens for the bench GPT-2: our token rows go in as an in-memory datasets.Dataset); `bergson_index`: "
+        "its gradient index (build_worker with projection_dim 32: random 32 x 32 per layer, the bytes of our eigen32) "
+        "and one query through its Attributor, not preconditioned, since bergson applies EK-FAC only to unprojected "
+        "gradients (EkfacApplicator refuses projection_dim with ev_correction): its agreement with ours is that of "
+        "a plain gradient dot product"
     ),
 }
 
@@ -62,9 +71,10 @@ class Cell:
     systems: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0), ("dattri", "dattri", 0)]
+MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0), ("dattri", "dattri", 0),
+                ("bergson", "bergson", 0)]
 RANK32 = [("ours_rank32", "ours_rank32", 0)]  # Q queries at rank 32 beside full rank (issue 19, item 2)
-FULL_Q = {"ours", "kronfluence", "dattri"}  # systems scored at every Q of a cell; the others at the largest
+FULL_Q = {"ours", "kronfluence", "dattri", "bergson"}  # systems scored at every Q of a cell; the others at the largest
 DIAGNOSTICS = [("ours_seed1", "ours", 1), ("kronfluence_shared", "kronfluence_shared", 0)]
 
 
@@ -98,6 +108,8 @@ def peer_available(system: str) -> str | None:
                 "pip install --no-deps kronfluence==1.0.1)")
     if system == "dattri" and importlib.util.find_spec("dattri_llm") is None:
         return "skipped: dattri-llm is not installed; make bench-setup (pip install dattri-llm==0.1.0)"
+    if system == "bergson" and importlib.util.find_spec("bergson") is None:
+        return "skipped: bergson is not installed; make bench-setup (pip install --no-deps bergson==2.5.1)"
     return None
 
 
@@ -127,7 +139,9 @@ def run_system(cell: Cell, label: str, system: str, seed: int, run_dir: Path, th
 
 def _summary(result: dict) -> str:
     scores = ", ".join(f"Q={s['queries']} {s['score_cpu_s']:.1f} s" for s in result["scores"])
-    return f"CPU time: floor {result['floor_cpu_s']:.1f} s; fit {result['fit_cpu_s']:.1f} s; score {scores}"
+    index = result.get("index")
+    index = f"; index build {index['build_cpu_s']:.1f} s, query {index['query_cpu_s']:.3f} s" if index else ""
+    return f"CPU time: floor {result['floor_cpu_s']:.1f} s; fit {result['fit_cpu_s']:.1f} s; score {scores}{index}"
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -179,12 +193,31 @@ def table(results: dict[str, list[dict]], cells: list[Cell]) -> pd.DataFrame:
                     row.update(agreement(np.load(ours_dir / f"scores_q{q}.npy"),
                                          np.load(Path(r["out"]) / f"scores_q{q}.npy")))
                 rows.append(row)
+            if "index" in r:
+                rows.append(index_row(base, r, ours_dir, min(q["queries"] for q in r["scores"]) if r["scores"] else 1))
     return pd.DataFrame(rows)
+
+
+def index_row(base: dict, r: dict, ours_dir: Path | None, ours_q: int) -> dict:
+    """A peer's gradient index: build (one pass over the N sequences) and one query, over the floor; agreement of
+    the index's scores of the first query with ours (the first row of ours at its smallest Q: the same query)."""
+    index = r["index"]
+    row = {**base, "system": f"{base['system']}_index", "queries": index["queries"], "floor_cpu_s": r["floor_cpu_s"],
+           "build_cpu_s": index["build_cpu_s"], "query_cpu_s": index["query_cpu_s"],
+           "build_over_floor": index["build_cpu_s"] / r["floor_cpu_s"],
+           "query_over_floor": index["query_cpu_s"] / r["floor_cpu_s"],
+           "query_cold_over_floor": index["query_cold_cpu_s"] / r["floor_cpu_s"],
+           "build_peak_rss_mb": index["build_peak_rss_mb"], "bytes_per_sequence": index["bytes_per_sequence"],
+           "projection_dim": index["projection_dim"]}
+    if ours_dir is not None and (ours_dir / f"scores_q{ours_q}.npy").exists():
+        row.update(agreement(np.load(ours_dir / f"scores_q{ours_q}.npy")[:1],
+                             np.load(Path(r["out"]) / "index_scores_q1.npy")))
+    return row
 
 
 SHOWN = ["workload", "system", "queries", "floor_cpu_s", "fit_cpu_s", "score_cpu_s", "fit_over_floor",
          "score_over_floor", "fit_over_floor_wall", "score_over_floor_wall", "floor_peak_rss_mb", "fit_peak_rss_mb",
-         "score_peak_rss_mb", "pearson", "spearman", f"top{TOP_K}_overlap"]
+         "score_peak_rss_mb", "build_over_floor", "query_over_floor", "pearson", "spearman", f"top{TOP_K}_overlap"]
 
 
 def write_outputs(frame: pd.DataFrame, grid: str, manifest: dict) -> Path:
@@ -208,6 +241,7 @@ def write_outputs(frame: pd.DataFrame, grid: str, manifest: dict) -> Path:
         f"ours' top {TOP_K} in the peer's). `ours_seed1`: ours with other sampled labels (the sampling noise floor); "
         f"`kronfluence_shared`: kronfluence fed our sampled labels (same definitions, same draw).\n\n"
         + "".join(f"- {name}: {why}\n" for name, why in manifest["skipped"].items())
+        + "".join(f"- {name}: {what}\n" for name, what in manifest["notes"].items() if name in manifest["systems"])
         + "\nWorkloads: " + "; ".join(f"{w['name']}: {w['model_name']} ({w['architecture']}, {w['parameters']:,} "
                                      f"parameters), {w['sequences']} x {w['seq_len']} tokens"
                                      for w in manifest["workloads"]) + ".\n"
@@ -284,7 +318,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     run_dir = PEERS_ARTIFACTS / "runs" / grid
     start, load_before = time.perf_counter(), load_average()
     results: dict[str, list[dict]] = {}
-    skipped = dict(SKIPPED)
+    skipped: dict[str, str] = {}
     for cell in cells:
         print(f"{cell.workload.name} (Q = {cell.queries}):", flush=True)
         results[cell.workload.name] = []
@@ -305,7 +339,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     manifest = {"grid": grid, "cells": cells_used,
                 "threads": args.threads, "wall_min": (time.perf_counter() - start) / 60, "load_before": load_before,
                 "load_after": load_average(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                "workloads": workloads, "skipped": skipped, "run_dir": str(run_dir)}
+                "workloads": workloads, "skipped": skipped, "run_dir": str(run_dir),
+                "systems": sorted({label for c in cells for label, _, _ in c.systems} - set(skipped)), "notes": NOTES}
     frame = table(results, cells)
     stem = write_outputs(frame, grid, manifest)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
