@@ -90,7 +90,7 @@ bench-setup:  ## the bench extra, then kronfluence and bergson without their tor
 	$(PYTHON) -m pip install --no-deps bergson==2.5.1
 	$(PYTHON) -m pip install dattri-llm==0.1.0
 
-bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the gradient index, and ours vs kronfluence and dattri-llm (PEERS_ARGS="--grid full") -> figures/bench/
+bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the gradient index, and ours vs kronfluence, dattri-llm and bergson (PEERS_ARGS="--grid full") -> figures/bench/
 	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall
 	$(PYTHON) -m benchmarks.index
 	$(PYTHON) -m benchmarks.peers $(PEERS_ARGS)
