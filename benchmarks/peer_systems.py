@@ -420,7 +420,8 @@ def run_bergson(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int
     batch size (token budget batch x seq_len, `max_batch_size` batch). bergson takes a model folder, so the model
     is written with save_pretrained before the timings, and each stage loads it (inside the timings); the data are
     handed to the workers as an in-memory datasets.Dataset of our token rows (its loader would re-tokenize text and
-    caps a batch at the model's context, 256 tokens for the bench GPT-2). Score sign: bergson's score is
+    caps a batch at the model's context, 256 tokens for the bench GPT-2). Its fit's fixed cost is mostly two full
+    gc.collect() passes (`_release_device_memory`, ~0.35 s each in this process), which weigh at small N. Score sign: bergson's score is
     grad(query loss)^T H^-1 grad(training loss) with query loss -log p(completion), our I as it stands.
 
     With index_dim: bergson's gradient index, `build_worker` storing every training sequence's gradient randomly

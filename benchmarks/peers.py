@@ -52,7 +52,7 @@ NOTES = {  # what a peer does not share with ours, one line each (benchmarks/pee
         "generator: other draws, its sampler's cost in its fit), its activation covariance leaves out each "
         "sequence's last position (no next-token label), it reads the model from a save_pretrained folder in every "
         "stage (inside its times; one load is `bergson_model_load_cpu_s` in its result.json) and writes every stage to "
-        "disk, and its data loader is bypassed (it would re-tokenize text and cap a batch at the model's context, "
+        "disk, its fit runs two full gc.collect() passes (~0.35 s each here, whatever N), and its data loader is bypassed (it would re-tokenize text and cap a batch at the model's context, "
         "256 tokens for the bench GPT-2: our token rows go in as an in-memory datasets.Dataset); `bergson_index`: "
         "its gradient index (build_worker with projection_dim 32: random 32 x 32 per layer, the bytes of our eigen32) "
         "and one query through its Attributor, not preconditioned, since bergson applies EK-FAC only to unprojected "
