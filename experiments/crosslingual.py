@@ -86,6 +86,16 @@ def max_length(inputs: StudyInputs, data: DictConfig) -> int:
     return min(int(data.max_length), context) if data.get("max_length") else context
 
 
+def rescored_max_length(context: int, data: DictConfig) -> int:
+    """The length limit of re-scored sequences outside the corpus (translations). A translation may take more tokens
+    than its source (Hangul, Turkish suffixes): with an uncut corpus it is scored whole, up to the model's context
+    (longer ones are refused with the fix); a cut corpus (data.truncation) cuts it at the corpus's length, as it cut
+    the sources."""
+    if data.get("truncation") and data.get("max_length"):
+        return min(int(data.max_length), context)
+    return context
+
+
 def scored_corpus(texts: list[str], tokenizer, length: int, truncation: bool, name: str) -> pipeline.Corpus:
     """pipeline.corpus_from_texts, but cutting long texts when the corpus itself was cut (data.truncation)."""
     if not truncation:
@@ -102,7 +112,8 @@ def rescore(inputs: StudyInputs, cfg: DictConfig, queries, texts: list[str], nam
     the corpus, with the corpus's factors (cached like every other score)."""
     scoring = pipeline.ScoringSettings.from_config(OmegaConf.merge(
         {"query_rank": None}, cfg.get("scoring") or {}, {"tfidf": {"top_k": None}, "top_k_tokens": len(texts)}))
-    scored = scored_corpus(texts, inputs.tokenizer, max_length(inputs, cfg.data), bool(cfg.data.truncation), name)
+    length = rescored_max_length(model_max_length(inputs.model), cfg.data)
+    scored = scored_corpus(texts, inputs.tokenizer, length, bool(cfg.data.truncation), name)
     args = (inputs.loaded, inputs.corpus, queries, cfg.influence, scoring, cfg.artifacts)
     if cfg.get("compute", True) is False:
         scores = pipeline.saved_model_scores(*args, scored=scored)

@@ -205,6 +205,19 @@ def test_crosslingual(micro_zoo, study_artifacts, tmp_path):  # noqa: F811
     assert "renders every document in Korean and Turkish" in (out / "README.md").read_text()
 
 
+def test_translations_are_scored_whole_up_to_the_context_unless_the_corpus_was_cut():
+    """A translation may take more tokens than its source (the zoo v2 run failed on 12 Korean renderings over the
+    corpus's 256): an uncut corpus scores them up to the model's context, a cut one cuts them at its length."""
+    from omegaconf import OmegaConf
+
+    from experiments.crosslingual import rescored_max_length
+
+    assert rescored_max_length(512, OmegaConf.create({"max_length": 256, "truncation": False})) == 512
+    assert rescored_max_length(512, OmegaConf.create({"max_length": 256, "truncation": True})) == 256
+    assert rescored_max_length(128, OmegaConf.create({"max_length": 256, "truncation": True})) == 128
+    assert rescored_max_length(512, OmegaConf.create({"max_length": None, "truncation": True})) == 512
+
+
 def test_figures_mode_recomputes_nothing(micro_zoo, tmp_path):  # noqa: F811
     """With compute=false and no saved scores, a study refuses instead of computing."""
     command = [sys.executable, "-m", "experiments.roleplay", *micro_overrides(micro_zoo, tmp_path / "empty"),
