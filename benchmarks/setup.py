@@ -32,7 +32,7 @@ class Bench:
 
 
 def load_bench(model_choice: str = "auto", num_fit_sequences: int = 256) -> Bench:
-    zoo_s = ARTIFACTS / "zoo" / "zoo_s" / "model"
+    zoo_s = ARTIFACTS / "zoo" / "zoo_s" / "seed0" / "model"  # zoo v2 layout: <size>/seed<k>/model
     if model_choice == "zoo_s" or (model_choice == "auto" and (zoo_s / "model.safetensors").exists()):
         name, model_path = "zoo_s", zoo_s
         dataset_path, queries_path = ARTIFACTS / "world" / "full" / "dataset", ARTIFACTS / "world" / "full" / "queries.json"

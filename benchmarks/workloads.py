@@ -2,7 +2,7 @@
 
 Models (all float32, eval mode, MLP linear layers tracked):
 
-- `zoo`: the trained zoo model zoo_s (GPT-NeoX, nn.Linear MLP) when `make zoo` has finished it, else the micro zoo.
+- `zoo`: the trained zoo model zoo_s, seed 0 (GPT-NeoX, nn.Linear MLP) when `make zoo` has finished it, else the micro zoo.
 - `gpt2_s`, `gpt2_m`: GPT-2 architecture (transformers GPT2LMHeadModel, Conv1D MLP layers), created from a config
   with a fixed seed on the zoo tokenizer's vocabulary, briefly trained (AdamW, `GPT2_TRAIN_STEPS` steps on the
   bench sequences; influence on a random-init model is dominated by its uniform predictions), saved with
@@ -71,8 +71,8 @@ class LoadedWorkload:
 
 
 def zoo_paths() -> tuple[str, Path, Path]:
-    """(model name, model folder, queries.json) of the zoo model: zoo_s when finished, else the micro zoo."""
-    zoo_s = ARTIFACTS / "zoo" / "zoo_s"
+    """(model name, model folder, queries.json) of the zoo model: zoo_s seed 0 when finished, else the micro zoo."""
+    zoo_s = ARTIFACTS / "zoo" / "zoo_s" / "seed0"
     if (zoo_s / "DONE.json").exists() and (zoo_s / "model" / "model.safetensors").exists():
         return "zoo_s", zoo_s / "model", ARTIFACTS / "world" / "full" / "queries.json"
     from experiments.zoo.micro import build_micro_zoo

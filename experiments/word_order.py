@@ -327,12 +327,13 @@ def run(cfg: DictConfig, run_dir) -> None:
             flipped_change = table[table["order"] == "flipped order"]["margin_change"]
             difference = float(trained.mean() - flipped_change.mean())
             error = float(np.sqrt(trained.var() / len(trained) + flipped_change.var() / len(flipped_change)))
-            rows.append(verdict("extension (not in the paper): training on one order teaches the fact in that order "
+            rows.append({"n_models": 1, "n_seeds": 1, **verdict(  # one model's row: not the study's sizes x seeds
+                                "extension (not in the paper): training on one order teaches the fact in that order "
                                 "far more than in the flipped order",
                                 f"{model}: mean change of the log p margin over the other new facts' completions, "
                                 "trained order minus flipped order", difference,
                                 f"+- {error:.3f} (standard error); trained {trained.mean():.3f}, flipped "
-                                f"{flipped_change.mean():.3f}", None if abs(difference) < 2 * error else difference > 0))
+                                f"{flipped_change.mean():.3f}", None if abs(difference) < 2 * error else difference > 0)})
     verdicts = out.verdicts(rows)
     out.top_sequences(pd.concat(tops))
     out.readme("The paper's word-order protocol (Sec 5.3.4, Figs 24-25): probe sequences outside the training set, "
