@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from analysis.bootstrap import bootstrap_ci
+from analysis.bootstrap import bootstrap_ci, nested_bootstrap
 from analysis.overlap import content_tokens, overlap_vs_baseline, query_overlaps, zero_overlap_share
 from analysis.trends import permutation_trend, seed_correlations, verdict_row
 from influence_core.tfidf import TOKEN_PATTERN
@@ -197,14 +197,25 @@ def size_trend(summary: pd.DataFrame, value_column: str, claim: str, direction: 
     return row
 
 
-def model_claim(summary_row: pd.Series, value_column: str, claim: str, direction: str, threshold: float,
-                null: float = 0.0, alpha: float = 0.05) -> dict:
-    """Verdict row for one model's value (CI over queries from model_summary), e.g. the largest model's."""
-    row = verdict_row(claim, f"{summary_row['model']}: {value_column}, over {summary_row['n_queries']} queries",
-                      float(summary_row[value_column]), float(summary_row[f"{value_column}_ci_low"]),
-                      float(summary_row[f"{value_column}_ci_high"]), None, 1, 1, threshold, direction, alpha,
-                      min_models=1, null=null)
-    row["scope"] = f"model {summary_row['model']}"
+def largest_size_claim(per_query: pd.DataFrame, value_column: str, claim: str, direction: str, threshold: float,
+                       null: float = 0.0, alpha: float = 0.05, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Verdict row for the largest size's mean of value_column over its queries, its training seeds pooled: the
+    estimate is the mean over every (seed, query) row of the largest `parameters`; the CI a nested bootstrap (seeds
+    drawn, then queries within each drawn seed; queries alone with one seed). per_query: columns model, parameters,
+    seed, value_column."""
+    largest = per_query[per_query["parameters"] == per_query["parameters"].max()]
+    largest = largest[np.isfinite(largest[value_column].to_numpy(dtype=np.float64))]
+    models = list(dict.fromkeys(largest["model"]))
+    units = [g[value_column].to_numpy(dtype=np.float64) for _, g in largest.groupby("seed", sort=True)]
+    if len(largest) >= 2:
+        interval = nested_bootstrap(units, np.mean, 1 - alpha, n_resamples, seed)
+        estimate, low, high = interval.estimate, interval.low, interval.high
+    else:
+        estimate, low, high = (float(largest[value_column].mean()) if len(largest) else np.nan), np.nan, np.nan
+    n_seeds = int(largest["seed"].nunique())
+    row = verdict_row(claim, f"{', '.join(models)}: mean {value_column} over {len(largest)} (seed, query) rows",
+                      estimate, low, high, None, 1, n_seeds, threshold, direction, alpha, min_models=1, null=null)
+    row["scope"] = f"largest size ({len(models)} models)"
     return row
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 from omegaconf import DictConfig
 
-from analysis.abstraction import (bm25_baseline, model_claim, model_summary, query_abstraction, size_trend,
+from analysis.abstraction import (bm25_baseline, largest_size_claim, model_summary, query_abstraction, size_trend,
                                   split_flagged)
 from experiments import pipeline
 from experiments.queries import Query
@@ -127,14 +127,14 @@ def abstraction_verdicts(result: Abstraction, cfg: DictConfig, label: str) -> li
     falls, the zero-overlap share rises and the top-1 influence shrinks (trends: underpowered with one seed)."""
     t = cfg.thresholds
     summary = result.summary
-    largest = summary.loc[summary["parameters"].idxmax()]
+    n, seed = int(cfg.bootstrap_samples), int(cfg.seed)
     rows = [
-        model_claim(largest, "overlap_difference", f"{label}: the largest model's top sequences share fewer of the "
-                    "query's words than its BM25 best matches (paper: the large model's share the theme, not the tokens)",
-                    "decreasing", float(t.overlap_difference)),
-        model_claim(largest, "zero_overlap_share", f"{label}: part of the largest model's top positive influence comes "
-                    "from sequences sharing no content word with the completion", "increasing",
-                    float(t.zero_overlap_share)),
+        largest_size_claim(result.per_query, "overlap_difference", f"{label}: the largest model's top sequences share "
+                           "fewer of the query's words than its BM25 best matches (paper: the large model's share the "
+                           "theme, not the tokens)", "decreasing", float(t.overlap_difference), n_resamples=n, seed=seed),
+        largest_size_claim(result.per_query, "zero_overlap_share", f"{label}: part of the largest model's top positive "
+                           "influence comes from sequences sharing no content word with the completion", "increasing",
+                           float(t.zero_overlap_share), n_resamples=n, seed=seed),
     ]
     alpha = float(t.alpha)
     rows += [

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.abstraction import (bm25_baseline, model_claim, model_summary, query_abstraction, size_trend,
+from analysis.abstraction import (bm25_baseline, largest_size_claim, model_summary, query_abstraction, size_trend,
                                   split_flagged, weighted_share_difference, words)
 
 
@@ -101,11 +101,19 @@ def test_size_trend_with_seeds_holds_and_one_size_is_underpowered():
     assert one["verdict"] == "underpowered" and "needs at least 2 model sizes, got 1" in one["statistic"]
 
 
-def test_model_claim_uses_the_interval_over_queries():
-    summary = model_summary(per_query_table({"large": [-0.5, -0.4, -0.6, -0.5]}, {"large": 100}), n_resamples=300)
-    row = model_claim(summary.iloc[0], "overlap_difference", "less token-matched than BM25", "decreasing", -0.1)
-    assert row["estimate"] == pytest.approx(-0.5) and row["ci_high"] < -0.1 and row["verdict"] == "holds"
-    weak = model_claim(summary.iloc[0], "overlap_difference", "c", "decreasing", -0.9)
+def test_largest_size_claim_pools_the_seeds_of_the_largest_size():
+    """The largest size's mean over its (seed, query) rows, the smaller size left out; the CI from seeds then queries."""
+    rows = [{"model": f"{size}_s{seed}", "parameters": params, "seed": seed, "overlap_difference": value}
+            for size, params, by_seed in (("small", 10, {0: [0.9, 0.8], 1: [0.7, 0.9]}),
+                                          ("large", 100, {0: [-0.2, -0.4], 1: [-0.3, -0.5]}))
+            for seed, values in by_seed.items() for value in values]
+    table = pd.DataFrame(rows)
+    row = largest_size_claim(table, "overlap_difference", "less token-matched than BM25", "decreasing", -0.1,
+                             n_resamples=300)
+    assert row["estimate"] == pytest.approx(-0.35) and row["n_seeds"] == 2 and row["n_models"] == 1
+    assert -0.5 <= row["ci_low"] <= row["ci_high"] <= -0.2 and row["verdict"] == "holds"
+    assert "large_s0, large_s1" in row["statistic"] and "4 (seed, query) rows" in row["statistic"]
+    weak = largest_size_claim(table, "overlap_difference", "c", "decreasing", -0.9, n_resamples=300)
     assert weak["verdict"] == "does not hold"  # the CI excludes an effect as large as -0.9
 
 
