@@ -25,7 +25,7 @@ from . import setups
 from .diagnostics import dense_diagnostics, eigenbasis_check
 from .estimators import (FACTOR_STRATEGIES, factor_operator, fit_strategies, layer_damping, precondition, run_lissa,
                          timed)
-from .ground_truth import dense_solve_info, exact_solution, layerwise, pbrf_ground_truths
+from .ground_truth import damped_system, dense_solve_info, exact_solution, layerwise, pbrf_ground_truths
 from .metrics import correlation_table, correlations, lissa_convergence
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,17 +92,15 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
 
     # Ground truth 2: the PBRF, optimised from the trained weights; preconditioning only speeds the solve up
     keep, convergence = {}, []
-    if not setup.pbrf:
-        print(f"{setup.name}: PBRF not run (pbrf: false)")
-    elif exact_method == "dense":
-        start = time.perf_counter()
-        values, vectors = torch.linalg.eigh(exact["gnh"] + torch.diag(damping))
-        root = (vectors / values.sqrt()) @ vectors.T  # (G + lambda)^{-1/2}, symmetric
-        preconditioner, preconditioner_seconds = (lambda v: v @ root), time.perf_counter() - start
-    else:
-        preconditioner = factor_operator(factors["ekfac"], layers, damping_by_layer, power=0.5)
-        preconditioner_seconds = 0.0
     if setup.pbrf:
+        if exact_method == "dense":
+            start = time.perf_counter()
+            values, vectors = torch.linalg.eigh(damped_system(exact["gnh"], damping))
+            root = (vectors / values.sqrt()) @ vectors.T  # (G + lambda)^{-1/2}, symmetric
+            preconditioner, preconditioner_seconds = (lambda v: v @ root), time.perf_counter() - start
+        else:
+            preconditioner = factor_operator(factors["ekfac"], layers, damping_by_layer, power=0.5)
+            preconditioner_seconds = 0.0
         epsilons = {"pbrf": cfg.pbrf.epsilon}
         if cfg.pbrf.one_copy and exact_method == "dense":
             epsilons["pbrf_one_copy"] = 1.0 / num_data
@@ -110,6 +108,8 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
                                                                    epsilons, preconditioner, preconditioner_seconds, cfg)
         influence.update(pbrf)
         timings.update(pbrf_seconds)
+    else:
+        print(f"{setup.name}: PBRF not run (pbrf: false)")
 
     # Damping ablation: the same factors, the exact ground truth at each damping
     ablation = []

@@ -30,11 +30,22 @@ from .estimators import timed
 GAUSS_NEWTON: dict[str, Callable] = {"per_class": exact_gauss_newton, "position_local": position_local_gauss_newton}
 
 
+def damped_system(gnh: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """G + lambda for a dense G (P, P) and a damping per parameter (P,) or one scalar."""
+    return gnh + torch.diag(torch.as_tensor(damping, dtype=gnh.dtype).expand(gnh.shape[0]))
+
+
+def relative_residual(system: torch.Tensor, solution: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """||A x - q|| / ||q|| per row, for rows x (Q, P) and q (Q, P) of a symmetric A (P, P)."""
+    rhs = rhs.to(system.dtype)
+    return (solution.to(system.dtype) @ system - rhs).norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-300)
+
+
 def dense_solve_info(gnh: torch.Tensor, damping: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor) -> dict:
     """How exact a dense solve of (G + lambda) x = q is: relative residual ||(G + lambda) x - q|| / ||q|| per row,
     and the extreme eigenvalues and condition number of G + lambda (float64 loses ~ condition x 1e-16 of x)."""
-    system = gnh + torch.diag(torch.as_tensor(damping, dtype=gnh.dtype).expand(gnh.shape[0]))
-    residual = (solution.to(gnh.dtype) @ system - rhs.to(gnh.dtype)).norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-300)
+    system = damped_system(gnh, damping)
+    residual = relative_residual(system, solution, rhs)
     eigenvalues = torch.linalg.eigvalsh(system)
     return {"relative_residual": residual.tolist(), "eigenvalue_min": float(eigenvalues[0]),
             "eigenvalue_max": float(eigenvalues[-1]), "condition_number": float(eigenvalues[-1] / eigenvalues[0])}

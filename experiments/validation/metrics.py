@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig
 from scipy.stats import pearsonr, spearmanr
 
+from .ground_truth import damped_system, relative_residual
+
 def correlations(estimate: torch.Tensor, truth: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, float]:
     """Pearson / Spearman over training points (columns; those with keep=True) per query (row), mean and std over queries."""
     if keep is not None:
@@ -38,11 +40,11 @@ def lissa_convergence(name: str, gnh: torch.Tensor, damping: torch.Tensor, q_fla
     """Per LiSSA depth d and query: relative residual ||(G + lambda) x_d - q|| / ||q|| and relative error
     ||x_d - x*|| / ||x*|| against the dense solve x* (G the dense GNH, q_flat (Q, P), exact (Q, P)); `lissa` a
     reference.lissa.LissaResult with its snapshots (depth -> (Q, P)) and their wall times."""
-    system = gnh + torch.diag(torch.as_tensor(damping, dtype=gnh.dtype).expand(gnh.shape[0]))
+    system = damped_system(gnh, damping)
     rows = []
     for depth in sorted(lissa.snapshots):
         estimate = lissa.snapshots[depth].to(gnh.dtype)
-        residual = (estimate @ system - q_flat).norm(dim=1) / q_flat.norm(dim=1).clamp_min(1e-300)
+        residual = relative_residual(system, estimate, q_flat)
         error = (estimate - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300)
         for query, r, e in zip(query_names, residual.tolist(), error.tolist()):
             rows.append({"model": name, "query": query, "depth": depth, "depth_over_n": depth / num_data,
