@@ -38,8 +38,8 @@ from analysis.trends import verdict_row
 from experiments import pipeline
 from experiments.loading import model_max_length, tokenize_sequences
 from experiments.results import write_rows
-from experiments.study import (CONFIG_DIR, KNOWN_LABEL, WORLD_COLUMNS, StudyInputs, StudyOutput, known_pairs,
-                               run_stage, scored_models, size_groups, top_sequences)
+from experiments.study import (CONFIG_DIR, WORLD_COLUMNS, StudyInputs, StudyOutput, known_label, known_pairs,
+                               on_known_facts, run_stage, scored_models, size_groups, top_sequences)
 from experiments.translation import Translator, translator_from_config
 from influence_core.task import IGNORE_INDEX
 
@@ -362,10 +362,9 @@ def run(cfg: DictConfig, run_dir) -> None:
     known = known_pairs(out.inputs, float(cfg.known_fact_min_share))
     if known is not None:  # zoo models: the same verdicts on the (model, query) pairs whose fact the model knows
         known_grids = {key: grid for key, grid in grids.items() if key in known}
-        keep = [(m, q) in known for m, q in zip(differences["model"], differences["query"])]
-        subset = f"{KNOWN_LABEL} (>= {cfg.known_fact_min_share:g} of its competence paraphrases)"
-        rows += [{**r, "facts": subset, "n_model_queries": len(known_grids)} for r in
-                 crosslingual_verdicts(differences[keep], known_grids, languages, records, int(cfg.bootstrap_samples))]
+        mine = differences[on_known_facts(differences, known)]
+        rows += [{**r, "facts": known_label(cfg.known_fact_min_share), "n_model_queries": len(known_grids)} for r in
+                 crosslingual_verdicts(mine, known_grids, languages, records, int(cfg.bootstrap_samples))]
     verdicts = out.verdicts(rows)
     out.top_sequences(pd.concat(tops))
 

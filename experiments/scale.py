@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 
 from experiments.abstraction import finish_abstraction, stacked_shares_figure, start_abstraction, world_trend
 from experiments.queries import Query
-from experiments.study import (CONFIG_DIR, RELATIONS, WORLD_COLUMNS, StudyInputs, StudyOutput, known_pairs, relation,
-                               run_stage)
+from experiments.study import (CONFIG_DIR, RELATIONS, WORLD_COLUMNS, StudyInputs, StudyOutput, known_label, known_pairs,
+                               on_known_facts, relation, run_stage)
 
 PAPER = "Sec 5.3.1 (top influential sequences per model size, Figs 11-13 style)"
 # ---- the scale study's own rows on the synthetic world (ours) ----------------------------------------------------
@@ -69,14 +69,13 @@ def run(cfg: DictConfig, run_dir) -> None:
                                 "related by meaning (same fact in any language, or same topic)"))
         known = known_pairs(result.inputs, float(cfg.known_fact_min_share))
         if known is not None:  # the same on the fact queries whose fact each model knows
-            world = result.world
-            mine = world[[(m, q) in known for m, q in zip(world["model"], world["query"])]]
+            mine = result.world[on_known_facts(result.world, known)]
             if not mine.empty:
                 known_shares = relation_shares(mine)
                 out.table("relation_shares_known_facts", known_shares)
                 rows.append(world_trend(cfg, known_shares, "related", "ours (synthetic world): larger models' top "
-                                        "sequences are related by meaning, on the fact queries of facts the model "
-                                        f"knows (>= {cfg.known_fact_min_share:g} of its competence paraphrases)"))
+                                        "sequences are related by meaning, on the fact queries of "
+                                        + known_label(cfg.known_fact_min_share)))
     finish_abstraction(out, result, rows, cfg, "Abstraction vs scale (paper Sec 5.3.1).",
                        "Ours, only when the corpus has the synthetic world's columns: top_sequence_relations and "
                        "relation_shares (relation by construction).")

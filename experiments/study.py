@@ -449,7 +449,14 @@ def known_pairs(inputs_list: Sequence[StudyInputs], min_share: float) -> set[tup
     return pairs if any_known else None
 
 
-KNOWN_LABEL = "facts the model knows"  # the suffix of the verdicts restricted to known_pairs
+def known_label(min_share: float) -> str:
+    """How the verdicts restricted to known_pairs name their subset (the `facts` column)."""
+    return f"facts the model knows (>= {min_share:g} of its competence paraphrases)"
+
+
+def on_known_facts(frame: pd.DataFrame, known: set[tuple[str, str]]) -> pd.Series:
+    """Rows of a table with `model` and `query` columns whose (model, query) pair is in `known` (known_pairs)."""
+    return pd.Series([(m, q) in known for m, q in zip(frame["model"], frame["query"])], index=frame.index, dtype=bool)
 
 
 def model_sizes(inputs_list: Sequence[StudyInputs]) -> dict[str, int]:

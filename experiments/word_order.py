@@ -44,8 +44,8 @@ from experiments.loading import model_max_length
 from experiments.pipeline import cache_key, numerical_settings
 from experiments.probes import GROUP_LABELS, GROUPS, Probe, load_probe_file
 from experiments.queries import Query as StudyQuery
-from experiments.study import (CONFIG_DIR, KNOWN_LABEL, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, known_pairs,
-                               run_stage, scored_models, size_groups, study_queries, top_sequences, verdict)
+from experiments.study import (CONFIG_DIR, REPO, WORLD_COLUMNS, StudyInputs, StudyOutput, known_label, known_pairs,
+                               on_known_facts, run_stage, scored_models, size_groups, study_queries, top_sequences, verdict)
 from experiments.zoo import vocabulary as V
 from experiments.zoo.probes import filler_sentence, fresh_facts, load_facts, training_templates, world_probes
 from experiments.zoo.train import completion_logprob
@@ -302,9 +302,7 @@ def run(cfg: DictConfig, run_dir) -> None:
     known = known_pairs(out.inputs, float(cfg.known_fact_min_share))
     subsets = [("all facts", scores)]
     if known is not None:  # zoo models: the same verdicts again on the facts each model knows
-        pairs = pd.Series(list(zip(scores["model"], scores["query"])), index=scores.index)
-        subsets.append((f"{KNOWN_LABEL} (>= {cfg.known_fact_min_share:g} of its competence paraphrases)",
-                        scores[pairs.isin(known)]))
+        subsets.append((known_label(cfg.known_fact_min_share), scores[on_known_facts(scores, known)]))
     for subset, table in subsets:
         for size, names in size_groups([i.loaded.record() for i in out.inputs]):  # the seeds of one size pooled: a two-level CI (seeds, then probes)
             for key, label in QUERY_SETS.items():

@@ -5,7 +5,9 @@ import json
 from types import SimpleNamespace
 
 from experiments.queries import Query
-from experiments.study import known_fact_ids, known_pairs
+import pandas as pd
+
+from experiments.study import known_fact_ids, known_label, known_pairs, on_known_facts
 
 
 def _inputs(tmp_path, name, shares):
@@ -28,3 +30,10 @@ def test_known_facts_by_share_and_pairs(tmp_path):
     # queries without facts never count as known; a model without the file adds nothing
     assert known_pairs([small, large, plain], 0.66) == {("large", "fact_a"), ("large", "fact_b")}
     assert known_pairs([plain], 0.66) is None
+
+
+def test_rows_on_known_facts_and_their_label():
+    frame = pd.DataFrame({"model": ["large", "large", "small"], "query": ["fact_a", "math", "fact_a"]}, index=[5, 6, 7])
+    mask = on_known_facts(frame, {("large", "fact_a")})
+    assert mask.tolist() == [True, False, False] and list(mask.index) == [5, 6, 7]
+    assert known_label(0.66) == "facts the model knows (>= 0.66 of its competence paraphrases)"
