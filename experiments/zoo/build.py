@@ -69,7 +69,7 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
     need to report on the facts each model knows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.zoo.train import SIZES, ranking_accuracy
+    from experiments.zoo.train import SIZES, ranking_hits
 
     model = AutoModelForCausalLM.from_pretrained(result.model_path)
     tokenizer = AutoTokenizer.from_pretrained(result.model_path)
@@ -81,20 +81,19 @@ def evaluate_model(result, sets: dict[str, list]) -> dict:
            "selected_step": result.selected_step, "steps": result.steps,
            "selection_accuracy": None if result.selection_accuracy is None else round(result.selection_accuracy, 3),
            "heldout_loss": round(result.heldout_loss, 4)}
+    hits = {key: ranking_hits(model, tokenizer, qs) for key, qs in sets.items()}
     for key, qs in sets.items():
-        row[key] = round(ranking_accuracy(model, tokenizer, qs), 3)
+        row[key] = round(sum(hits[key]) / len(qs), 3) if qs else float("nan")
         row[key.replace("accuracy", "n") if key.endswith("accuracy") else key + "_n"] = len(qs)
-    write_known_facts(model, tokenizer, sets["competence_all_facts"], Path(result.model_path).parent)
+    write_known_facts(sets["competence_all_facts"], hits["competence_all_facts"], Path(result.model_path).parent)
     return row
 
 
-def write_known_facts(model, tokenizer, competence: list, out_dir: Path) -> Path:
-    """out_dir/known_facts.json: per fact the share of its competence paraphrases the model answers (top-1 among
-    the distractors), read by the studies (experiments.study.known_fact_ids)."""
-    from experiments.zoo.train import ranking_hits
-
+def write_known_facts(competence: list, hits: list[bool], out_dir: Path) -> Path:
+    """out_dir/known_facts.json: per fact the share of its competence paraphrases the model answers (`hits`, per
+    query: top-1 among the distractors, train.ranking_hits), read by the studies (experiments.study.known_fact_ids)."""
     known: dict[str, list[bool]] = {}
-    for query, hit in zip(competence, ranking_hits(model, tokenizer, competence)):
+    for query, hit in zip(competence, hits):
         known.setdefault(query.fact_ids[0], []).append(hit)
     path = Path(out_dir) / "known_facts.json"
     path.write_text(json.dumps({fact: round(sum(hits) / len(hits), 3) for fact, hits in sorted(known.items())}, indent=1))

@@ -54,9 +54,11 @@ def build_micro_zoo(root: Path) -> MicroZoo:
         from experiments.zoo import world as W
         from experiments.zoo.build import write_known_facts
         from experiments.zoo.queries import competence_queries
+        from experiments.zoo.train import ranking_hits
 
-        write_known_facts(AutoModelForCausalLM.from_pretrained(result.model_path),
-                          AutoTokenizer.from_pretrained(result.model_path),
-                          competence_queries(W.world_config("micro"), queried_only=False), root / "model")
+        competence = competence_queries(W.world_config("micro"), queried_only=False)
+        hits = ranking_hits(AutoModelForCausalLM.from_pretrained(result.model_path),
+                            AutoTokenizer.from_pretrained(result.model_path), competence)
+        write_known_facts(competence, hits, root / "model")
     return MicroZoo(root=root, model_path=Path(result.model_path), tokenizer_path=tokenizer_path, dataset_path=dataset_path,
                     queries_path=queries_path, queries=queries, train_result=dataclasses.asdict(result))
