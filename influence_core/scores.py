@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
-                    real_token_activations, row_count, to_device, upcast)
+                    real_token_activations, return_freed_host_memory, row_count, to_device, upcast)
 from .factors.types import FactorMismatchError, Factors, check_number
 from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
 from .task import Task, trim_padding
@@ -133,10 +133,16 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
                 d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
                 check_finite(d, f"query gradient of layer '{layer.name}'")
                 collected[layer.name].append((factors.precondition(layer.name, d) if factors is not None else d).cpu())
+            del grads, loss, a, d
+            return_freed_host_memory()  # the batch's temporaries, kept by glibc's heap otherwise (batch.py)
     if not collected[layers[0].name]:
         raise ValueError("no queries given")
     # layer by layer, each layer's parts freed once joined: peak one layer above the result, not the whole result
-    return LayerGradients({name: _joined(collected.pop(name)) for name in list(collected)}, layer_fingerprints(layers))
+    joined = {}
+    for name in list(collected):
+        joined[name] = _joined(collected.pop(name))
+        return_freed_host_memory()
+    return LayerGradients(joined, layer_fingerprints(layers))
 
 
 def _check_query_labels(task: Task, batch: Batch, first_index: int) -> None:
@@ -203,6 +209,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     device = model_device(model)
     if args.query_rank is not None or args.low_rank is not None:
         preconditioned_queries = compress_queries(preconditioned_queries, args.query_rank, args.low_rank)
+        return_freed_host_memory()  # the truncations' SVD workspaces
     # queries in float32 at least: the model's a and g are upcast to them, so every contraction runs in that dtype
     queries = {n: q.to(device, accumulation_dtype(q.dtype)) if isinstance(q, LowRankQuery)
                else q.to(device, accumulation_dtype(q.dtype)).contiguous() for n, q in preconditioned_queries.items()}
@@ -245,6 +252,8 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
             check_finite(stacked, "influence scores")
             per_layer_parts.append(stacked.cpu())
+            del grads, loss, a, g, layer_scores
+            return_freed_host_memory()  # the batch's per-sequence gradients, kept by glibc's heap otherwise
             if args.per_token:
                 if dropped:  # zeros on the trimmed padding columns
                     token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
