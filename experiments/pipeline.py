@@ -31,7 +31,7 @@ from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, Scor
                             fit_factors, iterate_batches, model_fingerprint, query_gradients, track_layers)
 from influence_core import Query as EngineQuery
 from influence_core.lowrank import compress_queries
-from influence_core.sharding import ShardArguments, read_scores, score_in_shards
+from influence_core.sharding import ShardArguments, read_scores, score_in_shards, token_folder
 from influence_core.task import IGNORE_INDEX
 from influence_core.tfidf import tfidf_candidates
 from influence_core.tracking import share_inputs
@@ -342,8 +342,14 @@ def saved_model_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
     if not (shards / "manifest.json").exists():
         raise FileNotFoundError(f"no saved scores for {loaded.name} in {shards}; compute=false only reads saved "
                                 "results: run the same command with compute=true first")
-    return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers], read_scores(shards),
-                       len(scored or corpus), plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
+    tokens = token_folder(shards, scoring.top_k_tokens)
+    if scoring.top_k_tokens and not (tokens / "manifest.json").exists():
+        raise FileNotFoundError(f"no saved token scores for top_k_tokens={scoring.top_k_tokens} of {loaded.name} in "
+                                f"{tokens}; compute=false only reads saved results: run the same command with "
+                                "compute=true (it reuses the saved dense scores and runs only the token pass)")
+    return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers],
+                       read_scores(shards, top_k_tokens=scoring.top_k_tokens), len(scored or corpus),
+                       plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
 
 
 def fit_plan_factors(loaded: LoadedModel, corpus: Corpus, plan: ScorePlan, influence: DictConfig,
@@ -396,8 +402,9 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
                        output_blocks=influence.output_blocks),
         candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
-    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
-                       plan.factors_dir, plan.scores_dir, timings, training_sequences=len(corpus))
+    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers],
+                       read_scores(shards, top_k_tokens=scoring.top_k_tokens), len(target), plan.factors_dir,
+                       plan.scores_dir, timings, training_sequences=len(corpus))
 
 
 def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
