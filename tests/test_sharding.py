@@ -211,6 +211,13 @@ def test_candidates_score_only_their_pairs(setup, tmp_path):
     for q, n in [(0, 1), (0, 9), (1, 9)]:
         assert float(matrix[q, n]) == pytest.approx(float(one_shot[q, n]))
     assert pq.read_table(tmp_path / "shard_000001.parquet").num_rows == 0  # rows 4-7: no candidate
+    tokens = read_scores(tmp_path, top_k_tokens=2).dropna(subset=["token_scores"])  # the top 2 among the candidates
+    assert sorted(zip(tokens["query"], tokens["train_id"])) == [("q0", 1), ("q0", 9), ("q1", 9)]
+
+
+def test_repeated_train_ids_are_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match="train_ids repeat"):
+        run(setup, tmp_path, train_ids=[0, 1, 2, 3, 4, 5, 6, 7, 8, 8])
 
 
 @pytest.mark.parametrize("fraction, first_stop, second_stop, last_calls", [
