@@ -1,12 +1,15 @@
 """One path for every run, `score` and the studies alike:
 
     model + corpus + queries -> EK-FAC factors (cached) -> preconditioned queries (rank r) ->
-    optional BM25 candidates -> resumable score shards (cached; torchrun: shard i on rank i mod N) -> score tables
+    optional BM25 candidates -> resumable score shards (cached; torchrun: shard i on rank i mod N) ->
+    token scores of each query's top_k_tokens sequences (cached per k beside the shards) -> score tables
 
 Caches live under `artifacts/` and are named by `cache_key` over everything that determines them: factors by
 the model's weights, the corpus and the numerical influence settings; shards by those and the queries' text
-and the scoring settings. A rerun (or another study on the same model and queries) reuses them; a killed run
-resumes at the first missing factor stage or shard.
+and the scoring settings except top_k_tokens, so every study on the same model and queries reads the same dense
+shards whatever its top_k_tokens, and another k costs only the token pass over its top sequences
+(influence_core/sharding.py). A rerun reuses them; a killed run resumes at the first missing factor stage, shard
+or token part.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, Scor
                             fit_factors, iterate_batches, model_fingerprint, query_gradients, track_layers)
 from influence_core import Query as EngineQuery
 from influence_core.lowrank import compress_queries
-from influence_core.sharding import ShardArguments, read_scores, score_in_shards
+from influence_core.sharding import ShardArguments, read_scores, score_in_shards, token_folder
 from influence_core.task import IGNORE_INDEX
 from influence_core.tfidf import tfidf_candidates
 from influence_core.tracking import share_inputs
@@ -100,7 +103,7 @@ class ScoringSettings:
 
     query_rank: int | None = 32  # rank of each layer's preconditioned query (paper: 32); None: full rank
     shard_size: int = 256  # training sequences per shard file
-    top_k_tokens: int = 10  # token-wise influence kept per query and shard for its top sequences
+    top_k_tokens: int = 10  # token-wise influence for each query's top k sequences (not in the shards' cache key)
     tfidf_top_k: int | None = None  # None: score every sequence; k: each query's k best BM25 matches (paper: 10,000)
     tfidf_k1: float = 1.5  # paper
     tfidf_b: float = 0.75  # not stated in the paper; Okapi's usual value
@@ -266,7 +269,8 @@ class ModelScores:
     """Scores of a query set over a corpus for one model, as the shards hold them.
 
     frame: one row per scored (query, sequence) pair: query, train_id, score, layer:<module path> ... (summing
-    to score), token_scores (list over the sequence's tokens, for each query's top sequences of each shard).
+    to score), token_scores (array over the sequence's tokens, summing to score, for each query's top_k_tokens
+    highest-scoring sequences; None elsewhere).
     """
 
     model: LoadedModel
@@ -314,6 +318,10 @@ class ScorePlan:
     fit_count: int
 
 
+# scoring settings the dense shards do not depend on: the token scores are cached per top_k_tokens inside them
+SCORING_NOT_IN_KEY = ("fit_checkpoint_every", "top_k_tokens")
+
+
 def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,
                 scoring: ScoringSettings, artifacts: str | Path, scored: Corpus | None = None) -> ScorePlan:
     """scored: the sequences to score when they are not the fitting corpus (probes, translations); None: corpus."""
@@ -330,7 +338,7 @@ def plan_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     scores_dir = Path(artifacts) / "scores" / loaded.name / cache_key(
         {"factors": str(factors_dir), "scored": (scored or corpus).fingerprint,
          "queries": [q.to_dict() for q in queries], "influence": numbers, "layers": layer_names,
-         "scoring": {k: v for k, v in scoring.__dict__.items() if k != "fit_checkpoint_every"}})
+         "scoring": {k: v for k, v in scoring.__dict__.items() if k not in SCORING_NOT_IN_KEY}})
     return ScorePlan(layers, factors_dir, scores_dir, fit_count)
 
 
@@ -342,8 +350,14 @@ def saved_model_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
     if not (shards / "manifest.json").exists():
         raise FileNotFoundError(f"no saved scores for {loaded.name} in {shards}; compute=false only reads saved "
                                 "results: run the same command with compute=true first")
-    return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers], read_scores(shards),
-                       len(scored or corpus), plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
+    tokens = token_folder(shards, scoring.top_k_tokens)
+    if scoring.top_k_tokens and not (tokens / "manifest.json").exists():
+        raise FileNotFoundError(f"no saved token scores for top_k_tokens={scoring.top_k_tokens} of {loaded.name} in "
+                                f"{tokens}; compute=false only reads saved results: run the same command with "
+                                "compute=true (it reuses the saved dense scores and runs only the token pass)")
+    return ModelScores(loaded, [q.name for q in queries], [l.name for l in plan.layers],
+                       read_scores(shards, top_k_tokens=scoring.top_k_tokens), len(scored or corpus),
+                       plan.factors_dir, plan.scores_dir, training_sequences=len(corpus))
 
 
 def fit_plan_factors(loaded: LoadedModel, corpus: Corpus, plan: ScorePlan, influence: DictConfig,
@@ -396,8 +410,9 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
                        output_blocks=influence.output_blocks),
         candidates=candidates, run_identity={"corpus": target.fingerprint, "factors": str(plan.factors_dir)})
     timings["scores"] = time.perf_counter() - start
-    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers], read_scores(shards), len(target),
-                       plan.factors_dir, plan.scores_dir, timings, training_sequences=len(corpus))
+    return ModelScores(loaded, [q.name for q in queries], [l.name for l in layers],
+                       read_scores(shards, top_k_tokens=scoring.top_k_tokens), len(target), plan.factors_dir,
+                       plan.scores_dir, timings, training_sequences=len(corpus))
 
 
 def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], influence: DictConfig,

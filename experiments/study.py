@@ -117,8 +117,9 @@ def load_study_inputs(model_name: str, model: DictConfig, data: DictConfig, quer
 
 
 def cached_influence(inputs: StudyInputs, cfg: DictConfig) -> InfluenceRun:
-    """Scores of every query over every training sequence through the one pipeline (cached and resumable shards);
-    token-wise influence kept for each query's top `top_k_tokens` sequences of each shard."""
+    """Scores of every query over every training sequence through the one pipeline (cached and resumable shards,
+    shared by every study whatever its top_k_tokens); token-wise influence for each query's top `top_k_tokens`
+    sequences (a small pass of its own, cached per value)."""
     scoring = pipeline.ScoringSettings.from_config(OmegaConf.merge(
         {"query_rank": None, "tfidf": {"top_k": None}}, cfg.get("scoring") or {},
         {"top_k_tokens": int(cfg.get("top_k_tokens", 0))}))

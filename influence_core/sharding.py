@@ -1,15 +1,26 @@
 """Streaming scores: one query set over a training set too large for one pass, in resumable shards.
 
-The training sequences are cut into shards of `shard_size` consecutive rows. Each finished shard is written
-atomically (parquet to a temporary name, then `os.replace`) as `shard_<index>.parquet` with one row per scored
-(query, training sequence) pair:
+Two passes, each cached on its own:
 
-    query | train_id | score | layer:<module path> ... | token_scores (list, only for the shard's top sequences)
+1. The dense pass. The training sequences are cut into shards of `shard_size` consecutive rows; each finished
+   shard is written atomically (parquet to a temporary name, then `os.replace`) as `shard_<index>.parquet` with
+   one row per scored (query, training sequence) pair:
 
-so a killed run restarts at the first missing shard, and a shard file is either complete or absent.
-`manifest.json` records what the shards were computed from (model, layers, queries, data, settings); a rerun
-into the same folder with anything else is refused. Under torch.distributed shard i is scored by rank
-i mod N, all ranks writing into the same (shared) folder.
+       query | train_id | score | layer:<module path> ...
+
+   It does not depend on `top_k_tokens` (no token scores are computed here), so every study reads the same shards.
+
+2. The token pass, for `top_k_tokens` = k > 0. Each query's k highest-scoring sequences over all shards (among its
+   candidates) are scored again with token-wise influence: the union of those rows, all queries at once, in parts
+   of `shard_size` rows written to `tokens_top<k>/shard_<index>.parquet` (query | train_id | token_scores) for the
+   pairs in the query's top k. A second study with another k runs only this small pass; the same k, none.
+
+A killed run restarts at the first missing shard or part, and a file is either complete or absent. Each folder's
+`manifest.json` records what it was computed from (model, layers, queries, data, settings; for the token folder
+also k and the chosen pairs); a rerun into the same folder with anything else is refused. `read_scores(folder, k)`
+joins the two: token_scores filled for each query's top k, None elsewhere. Under torch.distributed shard (or part)
+i is computed by rank i mod N, all ranks writing into the same (shared) folder; with a sharded model (FSDP) every
+rank runs as many forward passes in each pass (`distributed.padding_rounds`).
 """
 
 from __future__ import annotations
@@ -38,18 +49,18 @@ from .scores import ScoreArguments, compute_scores
 from .task import Task, iterate_batches
 from .tracking import TrackedLayer, model_fingerprint
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2  # 2: dense shards without token scores, which live in tokens_top<k>/ beside them
 
 
 class ShardMismatchError(ValueError):
-    """A shard folder was written by another run (model, queries, data or settings)."""
+    """A shard folder was written by another run (model, queries, data or settings), or in another format."""
 
 
 @dataclass
 class ShardArguments:
-    shard_size: int = 1024  # training sequences per shard file
+    shard_size: int = 1024  # training sequences per shard file (and per part of the token pass)
     batch_size: int = 8  # training sequences per forward/backward pass
-    top_k_tokens: int = 10  # token-wise scores kept per query and shard for its k highest-scoring sequences (0: none)
+    top_k_tokens: int = 10  # token-wise scores for each query's k highest-scoring sequences, all shards (0: none)
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1:
@@ -62,15 +73,22 @@ def shard_path(directory: Path, index: int) -> Path:
     return Path(directory) / f"shard_{index:06d}.parquet"
 
 
+def token_folder(directory: Path, top_k_tokens: int) -> Path:
+    """Where the token pass for k = top_k_tokens keeps its parts, inside the dense shards' folder."""
+    return Path(directory) / f"tokens_top{top_k_tokens}"
+
+
 def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, train: Mapping[str, torch.Tensor],
                     preconditioned_queries: Mapping[str, torch.Tensor | LowRankQuery], query_names: Sequence[str],
                     output_dir: str | Path, shard_args: ShardArguments | None = None,
                     score_args: ScoreArguments | None = None, train_ids: Sequence[int] | None = None,
                     candidates: Mapping[str, Sequence[int]] | None = None, run_identity: dict | None = None) -> Path:
     """Score every query against the training rows of `train` (dict of (N, ...) tensors the task reads), shard by
-    shard into `output_dir`, skipping shards already written. Returns the folder; read it with `read_scores`.
+    shard into `output_dir`, skipping shards already written; then, for top_k_tokens = k > 0, the token-wise scores
+    of each query's k highest-scoring sequences (the token pass, skipped when done). Returns the folder; read it
+    with `read_scores(folder, top_k_tokens=k)`.
 
-    train_ids: the id written for each row (default 0..N-1). candidates: query name -> row indices to score
+    train_ids: the id written for each row (default 0..N-1; unique). candidates: query name -> row indices to score
     (e.g. from the TF-IDF filter); other pairs are not scored, and rows no query needs are skipped.
     run_identity: extra settings (e.g. the resolved config) that must match for a rerun to reuse the shards.
     """
@@ -84,6 +102,9 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     train_ids = np.arange(num_rows) if train_ids is None else np.asarray(train_ids, dtype=np.int64)
     if len(train_ids) != num_rows:
         raise ValueError(f"{len(train_ids)} train_ids for {num_rows} training rows")
+    if len(np.unique(train_ids)) != num_rows:
+        raise ValueError(f"train_ids repeat ({num_rows - len(np.unique(train_ids))} duplicates): each (query, "
+                         "train_id) must name one pair; give one id per training row")
     allowed = _candidate_mask(candidates, query_names, num_rows)
     num_shards = -(-num_rows // shard_args.shard_size)
     identity = {
@@ -91,55 +112,112 @@ def score_in_shards(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
         "layer_names": [l.name for l in layers], "query_names": query_names,
         "query_checksum": _query_checksum(preconditioned_queries, [l.name for l in layers]),
         "data_fingerprint": _data_fingerprint(train, train_ids), "num_sequences": num_rows,
-        "shard_size": shard_args.shard_size, "top_k_tokens": shard_args.top_k_tokens,
+        "shard_size": shard_args.shard_size,
         "query_rank": score_args.query_rank, "low_rank": score_args.low_rank,
         "candidates": None if allowed is None else hashlib.sha256(np.packbits(allowed).tobytes()).hexdigest()[:16],
         "run": run_identity,
     }
     _open_folder(directory, identity, num_shards)
 
-    mine = [i for i in range(num_shards) if distributed.owns(i) and not _readable_shard(shard_path(directory, i))]
-    per_token = shard_args.top_k_tokens > 0
-    args = ScoreArguments(**{**asdict(score_args), "per_token": per_token, "progress": False})
     work = {}
-    for index in mine:
-        start, stop = index * shard_args.shard_size, min(num_rows, (index + 1) * shard_args.shard_size)
-        rows = np.arange(start, stop)
-        work[index] = rows if allowed is None else rows[allowed[:, start:stop].any(axis=0)]
+    for index in range(num_shards):
+        if distributed.owns(index) and not _readable_shard(shard_path(directory, index)):
+            start, stop = index * shard_args.shard_size, min(num_rows, (index + 1) * shard_args.shard_size)
+            rows = np.arange(start, stop)
+            work[index] = rows if allowed is None else rows[allowed[:, start:stop].any(axis=0)]
+    dense_args = ScoreArguments(**{**asdict(score_args), "per_token": False, "progress": False})
+    _score_parts(model, layers, task, train, preconditioned_queries, query_names, directory, work,
+                 shard_args.batch_size, dense_args, _empty_table([l.name for l in layers]),
+                 lambda scores, rows: _shard_table(scores, rows, train_ids, allowed),
+                 f"score shards (rank {distributed.rank()})", score_args.progress)
+    if shard_args.top_k_tokens:
+        _score_top_tokens(model, layers, task, train, preconditioned_queries, query_names, directory, identity,
+                          num_shards, train_ids, shard_args, score_args)
+    return directory
+
+
+def _score_top_tokens(model, layers, task, train, preconditioned_queries, query_names, directory: Path,
+                      identity: dict, num_shards: int, train_ids: np.ndarray, shard_args: ShardArguments,
+                      score_args: ScoreArguments) -> None:
+    """The token pass: token-wise scores of each query's top_k_tokens highest-scoring sequences (read from the
+    finished dense shards), the union of their rows scored once with per_token, into token_folder(directory, k)."""
+    k = shard_args.top_k_tokens
+    dense = pd.concat([_read_shard(shard_path(directory, i), ["query", "train_id", "score"]).to_pandas()
+                       for i in range(num_shards)], ignore_index=True)
+    top = top_pairs(dense, query_names, k, train_ids)  # (query index, row) pairs
+    union = np.unique(top[:, 1])
+    parts = [union[i : i + shard_args.shard_size] for i in range(0, len(union), shard_args.shard_size)]
+    folder = token_folder(directory, k)
+    _open_folder(folder, {**identity, "top_k_tokens": k,
+                          "top_pairs": hashlib.sha256(top.tobytes()).hexdigest()[:16]}, len(parts))
+    wanted = np.zeros((len(query_names), len(union)), dtype=bool)  # (Q, rows of the union)
+    wanted[top[:, 0], np.searchsorted(union, top[:, 1])] = True
+    work = {i: rows for i, rows in enumerate(parts)
+            if distributed.owns(i) and not _readable_shard(shard_path(folder, i))}
+    token_args = ScoreArguments(**{**asdict(score_args), "per_token": True, "progress": False})
+    _score_parts(model, layers, task, train, preconditioned_queries, query_names, folder, work, shard_args.batch_size,
+                 token_args, _token_schema().empty_table(),
+                 lambda scores, rows: _token_table(scores, rows, train_ids, wanted[:, np.searchsorted(union, rows)],
+                                                   train),
+                 f"token scores, top {k} (rank {distributed.rank()})", score_args.progress)
+
+
+def top_pairs(frame: pd.DataFrame, query_names: Sequence[str], k: int, train_ids: np.ndarray) -> np.ndarray:
+    """(P, 2) int64 (query index, training row) of each query's k highest-scoring pairs in `frame` (query,
+    train_id, score), queries in `query_names` order; ties go to the lower row, as in a stable sort by score."""
+    query = pd.Categorical(frame["query"], categories=list(query_names)).codes.astype(np.int64)
+    row = pd.Index(train_ids).get_indexer(frame["train_id"].to_numpy())
+    order = np.lexsort((row, -frame["score"].to_numpy(dtype=np.float64), query))
+    query, row = query[order], row[order]
+    first = np.searchsorted(query, query, side="left")  # each pair's rank within its query = position - first
+    keep = np.arange(len(query)) - first < k
+    return np.stack([query[keep], row[keep]], axis=1).astype(np.int64)
+
+
+def _score_parts(model, layers, task, train, preconditioned_queries, query_names, directory: Path,
+                 work: dict[int, np.ndarray], batch_size: int, args: ScoreArguments, empty: pa.Table, table_of,
+                 description: str, progress: bool) -> None:
+    """Score this rank's parts (index -> training rows) and write each as shard_path(directory, index), atomically;
+    `table_of(scores, rows)` turns a part's InfluenceScores into its table (`empty` when it has no rows)."""
     # a model sharded over the ranks (FSDP) needs as many forward passes on every rank: the others' missing ones
     # are run on one row and discarded
-    extra = distributed.padding_rounds(model, sum(-(-len(n) // shard_args.batch_size) for n in work.values()))
-    bar = tqdm(mine, desc=f"score shards (rank {distributed.rank()})", disable=not score_args.progress, leave=False)
-    for index in bar:
-        needed = work[index]
-        table = _empty_table([l.name for l in layers])
-        if len(needed):
-            chosen = torch.as_tensor(needed)
-            batches = iterate_batches({k: v[chosen] for k, v in train.items()}, shard_args.batch_size)
-            scores = compute_scores(model, layers, task, batches, preconditioned_queries, query_names, args)
-            table = _shard_table(scores, needed, train_ids, allowed, train, shard_args.top_k_tokens)
+    extra = distributed.padding_rounds(model, sum(-(-len(rows) // batch_size) for rows in work.values()))
+    for index in tqdm(work, desc=description, disable=not progress, leave=False):
+        rows, table = work[index], empty
+        if len(rows):
+            chosen = torch.as_tensor(rows)
+            batches = iterate_batches({k: v[chosen] for k, v in train.items()}, batch_size)
+            table = table_of(compute_scores(model, layers, task, batches, preconditioned_queries, query_names, args),
+                             rows)
         _write_atomic(table, shard_path(directory, index))
     if extra:
         filler = {k: v[:1] for k, v in train.items()}
         compute_scores(model, layers, task, [filler] * extra, preconditioned_queries, query_names, args)
     distributed.barrier()
-    return directory
 
 
-def read_scores(output_dir: str | Path, require_complete: bool = True) -> pd.DataFrame:
-    """All shard rows of a folder as one DataFrame (query, train_id, score, layer:<name>..., token_scores)."""
+def read_scores(output_dir: str | Path, require_complete: bool = True, top_k_tokens: int = 0) -> pd.DataFrame:
+    """All shard rows of a folder as one DataFrame (query, train_id, score, layer:<name>..., token_scores).
+
+    token_scores: the token-wise scores (array over the sequence's tokens) of each query's top_k_tokens
+    highest-scoring sequences, from the token pass `score_in_shards` ran with that k; None for every other pair
+    (every pair with top_k_tokens=0).
+    """
     directory = Path(output_dir)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"no shard manifest in {directory}; run score_in_shards first")
-    manifest = read_json(manifest_path)
-    paths = [shard_path(directory, i) for i in range(manifest["num_shards"])]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing and require_complete:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing in {directory} (first: {missing[0]}); "
-                                "rerun the same command to finish them")
-    frames = [_read_shard(p).to_pandas() for p in paths if p.exists()]
-    return pd.concat(frames, ignore_index=True) if frames else _empty_table(manifest["layer_names"]).to_pandas()
+    manifest = _read_manifest(directory)
+    frame = _read_folder(directory, manifest, require_complete, _empty_table(manifest["layer_names"])).to_pandas()
+    values = np.full(len(frame), None, dtype=object)
+    if top_k_tokens:
+        folder = token_folder(directory, top_k_tokens)
+        if (folder / "manifest.json").exists() or require_complete:
+            tokens = _read_folder(folder, _read_manifest(folder, top_k_tokens), require_complete,
+                                  _token_schema().empty_table()).to_pandas()
+            index = pd.MultiIndex.from_arrays([tokens["query"], tokens["train_id"]])
+            position = index.get_indexer(pd.MultiIndex.from_arrays([frame["query"], frame["train_id"]]))
+            found = position >= 0
+            values[found] = tokens["token_scores"].to_numpy()[position[found]]
+    frame["token_scores"] = values
+    return frame
 
 
 def scores_matrix(frame: pd.DataFrame, query_names: Sequence[str], num_sequences: int,
@@ -194,9 +272,39 @@ def _readable_shard(path: Path) -> bool:
         return False
 
 
-def _read_shard(path: Path) -> pa.Table:
+def _read_manifest(directory: Path, top_k_tokens: int | None = None) -> dict:
+    """A folder's manifest, refused (ShardMismatchError) when written in another format; for a token folder the
+    missing manifest names the rerun that makes it."""
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        if top_k_tokens is None:
+            raise FileNotFoundError(f"no shard manifest in {directory}; run score_in_shards first")
+        raise FileNotFoundError(f"no token scores for top_k_tokens={top_k_tokens} in {directory}; rerun "
+                                f"score_in_shards with top_k_tokens={top_k_tokens} (it reuses the dense shards and "
+                                "runs only the token pass)")
+    manifest = read_json(manifest_path)
+    version = manifest.get("identity", {}).get("format_version")
+    if version != SHARD_FORMAT_VERSION:
+        raise ShardMismatchError(f"shards in {directory} are in format {version!r}, this code reads format "
+                                 f"{SHARD_FORMAT_VERSION}; delete the folder (or use another) and rerun "
+                                 "score_in_shards")
+    return manifest
+
+
+def _read_folder(directory: Path, manifest: dict, require_complete: bool, empty: pa.Table) -> pa.Table:
+    """Every shard of a folder as one table, in shard order (`empty` when there is none)."""
+    paths = [shard_path(directory, i) for i in range(manifest["num_shards"])]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing and require_complete:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing in {directory} "
+                                f"(first: {missing[0]}); rerun the same command to finish them")
+    tables = [_read_shard(p) for p in paths if p.exists()]
+    return pa.concat_tables(tables) if tables else empty
+
+
+def _read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     try:
-        return pq.read_table(path)
+        return pq.read_table(path, columns=None if columns is None else list(columns))
     except Exception as error:
         raise ValueError(f"shard {path} is damaged ({error}); rerun the same score_in_shards command to recompute "
                          "it") from error
@@ -241,43 +349,43 @@ def _data_fingerprint(train: Mapping[str, torch.Tensor], train_ids: np.ndarray) 
 def _schema(layer_names: Sequence[str]) -> pa.Schema:
     fields = [pa.field("query", pa.string()), pa.field("train_id", pa.int64()), pa.field("score", pa.float64())]
     fields += [pa.field(f"layer:{name}", pa.float64()) for name in layer_names]
-    fields.append(pa.field("token_scores", pa.list_(pa.float64())))
     return pa.schema(fields)
+
+
+def _token_schema() -> pa.Schema:
+    return pa.schema([pa.field("query", pa.string()), pa.field("train_id", pa.int64()),
+                      pa.field("token_scores", pa.list_(pa.float64()))])
 
 
 def _empty_table(layer_names: Sequence[str]) -> pa.Table:
     return _schema(layer_names).empty_table()
 
 
-def _shard_table(scores, rows: np.ndarray, train_ids: np.ndarray, allowed: np.ndarray | None,
-                 train: Mapping[str, torch.Tensor], top_k_tokens: int) -> pa.Table:
-    """Rows of one shard: every allowed (query, sequence) pair; token scores for each query's top sequences."""
+def _shard_table(scores, rows: np.ndarray, train_ids: np.ndarray, allowed: np.ndarray | None) -> pa.Table:
+    """Rows of one dense shard: every allowed (query, sequence) pair, query by query, rows in order."""
     total = scores.total.double().numpy()  # (Q, n)
     per_layer = scores.per_layer.double().numpy()  # (Q, n, L)
+    keep = np.ones(total.shape, dtype=bool) if allowed is None else allowed[:, rows]  # (Q, n)
+    query, column = np.nonzero(keep)  # query-major, rows ascending within a query
+    data = {"query": [scores.query_names[q] for q in query], "train_id": train_ids[rows[column]],
+            "score": total[query, column]}
+    data.update({f"layer:{name}": per_layer[query, column, l] for l, name in enumerate(scores.layer_names)})
+    return pa.table(data, schema=_schema(scores.layer_names))
+
+
+def _token_table(scores, rows: np.ndarray, train_ids: np.ndarray, wanted: np.ndarray,
+                 train: Mapping[str, torch.Tensor]) -> pa.Table:
+    """Rows of one token part: (query, train_id, token_scores over the sequence's real tokens) for the pairs that
+    `wanted` (Q, n) marks."""
     lengths = None
     if "attention_mask" in train:
         lengths = train["attention_mask"][torch.as_tensor(rows)].sum(dim=1).numpy()
-    columns = {"query": [], "train_id": [], "score": [], "token_scores": []}
-    layer_columns = [[] for _ in scores.layer_names]
-    for q, name in enumerate(scores.query_names):
-        keep = np.ones(len(rows), dtype=bool) if allowed is None else allowed[q, rows]
-        kept = np.nonzero(keep)[0]
-        top = set(kept[np.argsort(-total[q, kept], kind="stable")[:top_k_tokens]].tolist()) if top_k_tokens else set()
-        for j in kept:
-            columns["query"].append(name)
-            columns["train_id"].append(int(train_ids[rows[j]]))
-            columns["score"].append(float(total[q, j]))
-            for column, value in zip(layer_columns, per_layer[q, j]):
-                column.append(float(value))
-            if j in top and scores.per_token is not None:
-                width = int(lengths[j]) if lengths is not None else scores.per_token.shape[-1]
-                columns["token_scores"].append(scores.per_token[q, j, :width].double().tolist())
-            else:
-                columns["token_scores"].append(None)
-    data = {"query": columns["query"], "train_id": columns["train_id"], "score": columns["score"]}
-    data.update({f"layer:{name}": values for name, values in zip(scores.layer_names, layer_columns)})
-    data["token_scores"] = columns["token_scores"]
-    return pa.table(data, schema=_schema(scores.layer_names))
+    per_token = scores.per_token.double()  # (Q, n, T)
+    query, column = np.nonzero(wanted)
+    values = [per_token[q, j, : int(lengths[j]) if lengths is not None else per_token.shape[-1]].tolist()
+              for q, j in zip(query, column)]
+    return pa.table({"query": [scores.query_names[q] for q in query], "train_id": train_ids[rows[column]],
+                     "token_scores": values}, schema=_token_schema())
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:

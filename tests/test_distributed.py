@@ -92,3 +92,14 @@ def test_two_processes_equal_one(tmp_path, covariance_fraction):
     two = scores_matrix(two_frame, NAMES, 20)
     torch.testing.assert_close(two, one)
     assert float((two - one).abs().max()) <= RELATIVE_TOLERANCE * float(one.abs().max())
+    # the token pass (default top_k_tokens=10), its parts split over the ranks as the shards are
+    one_tokens, two_tokens = (token_scores(tmp_path / f"shards_{kind}") for kind in ("single", "parallel"))
+    assert set(two_tokens) == set(one_tokens) and len(one_tokens) == 3 * 10
+    for pair, values in one_tokens.items():
+        torch.testing.assert_close(two_tokens[pair], values)
+
+
+def token_scores(folder) -> dict:
+    frame = read_scores(folder, top_k_tokens=10)
+    kept = frame[frame["token_scores"].notna()]
+    return {(q, n): torch.as_tensor(v) for q, n, v in zip(kept["query"], kept["train_id"], kept["token_scores"])}

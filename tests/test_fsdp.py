@@ -100,3 +100,14 @@ def test_two_sharded_processes_equal_one(tmp_path, covariance_fraction):
     largest = float(one.abs().max())
     assert largest > 0
     assert float((two - one).abs().max()) <= SCORE_TOLERANCE * largest
+    # the token pass (default top_k_tokens=10): parts over the ranks, with filler passes where a rank has fewer
+    one_tokens, two_tokens = (token_scores(tmp_path / f"shards_{kind}") for kind in ("single", "sharded"))
+    assert set(two_tokens) == set(one_tokens) and len(one_tokens) == 3 * 10
+    for pair, values in one_tokens.items():
+        torch.testing.assert_close(two_tokens[pair], values, rtol=0, atol=SCORE_TOLERANCE * largest)
+
+
+def token_scores(folder) -> dict:
+    frame = read_scores(folder, top_k_tokens=10)
+    kept = frame[frame["token_scores"].notna()]
+    return {(q, n): torch.as_tensor(v) for q, n, v in zip(kept["query"], kept["train_id"], kept["token_scores"])}

@@ -178,6 +178,44 @@ def test_sequences_outside_the_corpus_score_like_corpus_rows(plain, tmp_path):
     assert scored.matrix()[:, 0] == pytest.approx(full.matrix()[:, 3], abs=1e-5 * scale)
 
 
+def test_studies_with_other_top_k_tokens_share_the_dense_scores(plain, tmp_path):
+    """top_k_tokens is not in the shards' cache key: another k re-scores only each query's top k sequences (token
+    pass), the dense shards are untouched, and top_sequences gets token scores for exactly its top k rows."""
+    from experiments import pipeline
+    from experiments.cli import compose
+    from influence_core.sharding import token_folder
+
+    cfg = compose("experiment/score", ["influence.progress=false"])
+    loaded = pipeline.load_model("gpt2", plain["gpt2"])
+    corpus = pipeline.load_corpus(plain["corpus"], loaded.tokenizer, 256, truncation=True)
+    queries = load_query_file(plain["queries"])[:2]
+    runs = {}
+    for top_k in (0, 3, 5):
+        scoring = pipeline.ScoringSettings(query_rank=None, top_k_tokens=top_k)
+        runs[top_k] = pipeline.score_model(loaded, corpus, queries, cfg.influence, scoring, tmp_path, progress=False)
+        if top_k == 0:
+            shards = runs[0].scores_dir / "shards"
+            written = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.parquet")}
+    assert len({run.scores_dir for run in runs.values()}) == 1  # one dense cache for every k
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.parquet")} == written
+    assert (token_folder(shards, 3) / "manifest.json").exists() and (token_folder(shards, 5) / "manifest.json").exists()
+    dense = runs[0].frame.drop(columns="token_scores")
+    for top_k in (3, 5):
+        assert runs[top_k].frame.drop(columns="token_scores").equals(dense)
+        assert runs[top_k].frame["token_scores"].notna().sum() == len(queries) * top_k
+        top = pipeline.top_sequences(runs[top_k], corpus, top_k + 2)
+        with_tokens = top["token_scores"].notna()
+        assert (with_tokens == (top["rank"] <= top_k)).all()
+        for row in top[with_tokens].itertuples():
+            assert sum(row.token_scores) == pytest.approx(row.influence, rel=1e-4, abs=1e-6)
+    saved = pipeline.saved_model_scores(loaded, corpus, queries, cfg.influence,
+                                        pipeline.ScoringSettings(query_rank=None, top_k_tokens=5), tmp_path)
+    assert saved.frame["token_scores"].notna().sum() == len(queries) * 5
+    with pytest.raises(FileNotFoundError, match="top_k_tokens=4.*compute=true"):
+        pipeline.saved_model_scores(loaded, corpus, queries, cfg.influence,
+                                    pipeline.ScoringSettings(query_rank=None, top_k_tokens=4), tmp_path)
+
+
 @pytest.mark.parametrize("study", list(__import__("experiments.cli", fromlist=["STUDIES"]).STUDIES))
 def test_every_study_runs_as_a_module(study):
     """`python -m experiments.<study>` reaches its Hydra app (a module without its __main__ call runs nothing)."""

@@ -47,35 +47,48 @@ def run(setup, out, **kwargs):
                            ScoreArguments(progress=False, **kwargs.pop("score", {})), **kwargs)
 
 
-def check_equal(frame, one_shot, layer_names):
+def top_k_tokens(top_k, **kwargs):
+    return ShardArguments(**{"shard_size": 4, "batch_size": 3, "top_k_tokens": top_k, **kwargs})
+
+
+def check_equal(frame, one_shot, layer_names, top_k=2):
     torch.testing.assert_close(scores_matrix(frame, NAMES, 10), one_shot.total)
     for l, name in enumerate(layer_names):
         torch.testing.assert_close(scores_matrix(frame, NAMES, 10, f"layer:{name}"), one_shot.per_layer[..., l])
     with_tokens = frame[frame["token_scores"].notna()]
-    assert len(with_tokens) == 3 * 3 * 2  # 3 shards x 3 queries x top 2
+    # each query's top k over all shards, and only those
+    expected_pairs = {(name, int(i)) for q, name in enumerate(NAMES) for i in one_shot.total[q].topk(top_k).indices}
+    assert set(zip(with_tokens["query"], with_tokens["train_id"])) == expected_pairs
     for row in with_tokens.itertuples():
         expected = one_shot.per_token[NAMES.index(row.query), row.train_id]
         torch.testing.assert_close(torch.tensor(row.token_scores), expected[: len(row.token_scores)])
         assert row.score == pytest.approx(sum(row.token_scores))
 
 
+class CountedPasses:
+    """Counts compute_scores calls of the dense pass (per_token off) and of the token pass (per_token on)."""
+
+    def __init__(self, monkeypatch, fail_at: tuple[str, int] | None = None):
+        self.real, self.fail_at, self.calls = sharding.compute_scores, fail_at, {"dense": 0, "tokens": 0}
+        monkeypatch.setattr(sharding, "compute_scores", self)
+
+    def __call__(self, *args, **kwargs):
+        kind = "tokens" if args[6].per_token else "dense"
+        self.calls[kind] += 1
+        if self.fail_at == (kind, self.calls[kind]):
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
 def test_sharded_equals_one_shot(setup, tmp_path):
     out = run(setup, tmp_path)
     assert sorted(p.name for p in out.glob("shard_*.parquet")) == [f"shard_{i:06d}.parquet" for i in range(3)]
-    check_equal(read_scores(out), setup[5], [l.name for l in setup[1]])
+    check_equal(read_scores(out, top_k_tokens=2), setup[5], [l.name for l in setup[1]])
+    assert read_scores(out)["token_scores"].isna().all()  # top_k_tokens=0: no token scores asked for
 
 
 def test_interrupted_run_resumes_without_recomputing(setup, tmp_path, monkeypatch):
-    real = sharding.compute_scores
-    calls = []
-
-    def failing(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(sharding, "compute_scores", failing)
+    counted = CountedPasses(monkeypatch, fail_at=("dense", 2))
     with pytest.raises(KeyboardInterrupt):
         run(setup, tmp_path)
     assert [p.name for p in tmp_path.glob("shard_*.parquet")] == ["shard_000000.parquet"]
@@ -83,18 +96,106 @@ def test_interrupted_run_resumes_without_recomputing(setup, tmp_path, monkeypatc
         read_scores(tmp_path)
     (tmp_path / "shard_000001.parquet.rank0.tmp").write_bytes(b"half a parquet file")  # killed while writing
     finished = (tmp_path / "shard_000000.parquet").stat().st_mtime_ns
-    calls.clear()
-    monkeypatch.setattr(sharding, "compute_scores", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    counted = CountedPasses(monkeypatch)
     run(setup, tmp_path)
-    assert len(calls) == 2 and (tmp_path / "shard_000000.parquet").stat().st_mtime_ns == finished
+    assert counted.calls["dense"] == 2 and (tmp_path / "shard_000000.parquet").stat().st_mtime_ns == finished
     assert not list(tmp_path.glob("*.tmp"))
-    check_equal(read_scores(tmp_path), setup[5], [l.name for l in setup[1]])
+    check_equal(read_scores(tmp_path, top_k_tokens=2), setup[5], [l.name for l in setup[1]])
+
+
+def test_token_scores_equal_per_token_scores_of_those_rows(setup, tmp_path):
+    """The two-pass path's token scores are compute_scores(per_token=True) on just the chosen rows, and they sum to
+    the dense pass's score of the pair."""
+    model, layers, task, q, train, one_shot = setup
+    frame = read_scores(run(setup, tmp_path, shard_args=top_k_tokens(3)), top_k_tokens=3)
+    chosen = frame[frame["token_scores"].notna()]
+    assert len(chosen) == 3 * 3
+    rows = sorted(set(chosen["train_id"]))
+    direct = compute_scores(model, layers, task, [{k: v[rows] for k, v in train.items()}], q, NAMES,
+                            ScoreArguments(per_token=True, progress=False))
+    for row in chosen.itertuples():
+        width = int(train["attention_mask"][row.train_id].sum())
+        expected = direct.per_token[NAMES.index(row.query), rows.index(row.train_id), :width]
+        assert len(row.token_scores) == width
+        torch.testing.assert_close(torch.tensor(row.token_scores), expected)
+        assert sum(row.token_scores) == pytest.approx(row.score, rel=1e-10, abs=1e-12)
+        assert row.score == pytest.approx(float(one_shot.total[NAMES.index(row.query), row.train_id]), rel=1e-12)
+
+
+def test_dense_pass_is_shared_over_top_k_tokens(setup, tmp_path, monkeypatch):
+    """The dense shards do not depend on top_k_tokens; another k runs only the token pass, the same k nothing."""
+    fresh = {}
+    for top_k in (0, 5, 75):  # 75 > the 10 rows: every row gets token scores
+        frame = read_scores(run(setup, tmp_path / f"fresh_{top_k}", shard_args=top_k_tokens(top_k)))
+        fresh[top_k] = frame
+        assert frame.drop(columns="token_scores").equals(fresh[0].drop(columns="token_scores"))
+    shared = tmp_path / "shared"
+    counted = CountedPasses(monkeypatch)
+    run(setup, shared, shard_args=top_k_tokens(0))
+    assert counted.calls == {"dense": 3, "tokens": 0} and not list(shared.glob("tokens_top*"))
+    written = {p.name: p.stat().st_mtime_ns for p in shared.glob("shard_*.parquet")}
+    for top_k, again in [(5, False), (5, True), (75, False), (2, False)]:
+        counted = CountedPasses(monkeypatch)
+        run(setup, shared, shard_args=top_k_tokens(top_k))
+        assert counted.calls["dense"] == 0, f"top_k_tokens={top_k} reran the dense pass"
+        parts = sharding.read_json(sharding.token_folder(shared, top_k) / "manifest.json")["num_shards"]
+        assert counted.calls["tokens"] == (0 if again else parts)  # one call per part of <= 4 rows
+        assert {p.name: p.stat().st_mtime_ns for p in shared.glob("shard_*.parquet")} == written
+    assert sharding.read_json(sharding.token_folder(shared, 75) / "manifest.json")["num_shards"] == 3  # all 10 rows
+    for top_k in (2, 5, 75):
+        frame = read_scores(shared, top_k_tokens=top_k)
+        assert frame.drop(columns="token_scores").equals(fresh[0].drop(columns="token_scores"))
+        check_equal(frame, setup[5], [l.name for l in setup[1]], top_k=min(top_k, 10))
+    assert len(read_scores(shared, top_k_tokens=75)["token_scores"].dropna()) == 3 * 10
+    with pytest.raises(FileNotFoundError, match="no token scores for top_k_tokens=7.*only the token pass"):
+        read_scores(shared, top_k_tokens=7)
+
+
+def test_interrupted_token_pass_resumes(setup, tmp_path, monkeypatch):
+    shard_args = top_k_tokens(4, shard_size=2)  # up to 12 rows of token scores: parts of 2 rows
+    CountedPasses(monkeypatch, fail_at=("tokens", 2))
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path, shard_args=shard_args)
+    folder = sharding.token_folder(tmp_path, 4)
+    parts = sorted(p.name for p in folder.glob("shard_*.parquet"))
+    assert parts == ["shard_000000.parquet"]
+    with pytest.raises(FileNotFoundError, match="shards missing"):
+        read_scores(tmp_path, top_k_tokens=4)
+    first = (folder / "shard_000000.parquet").stat().st_mtime_ns
+    counted = CountedPasses(monkeypatch)
+    run(setup, tmp_path, shard_args=shard_args)
+    num_parts = sharding.read_json(folder / "manifest.json")["num_shards"]
+    assert counted.calls == {"dense": 0, "tokens": num_parts - 1}
+    assert (folder / "shard_000000.parquet").stat().st_mtime_ns == first
+    check_equal(read_scores(tmp_path, top_k_tokens=4), setup[5], [l.name for l in setup[1]], top_k=4)
+
+
+def test_top_pairs_break_ties_like_a_stable_sort():
+    """Ties go to the lower row, the order pipeline.top_sequences shows (a stable sort by score)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"query": ["b", "b", "b", "a", "a", "a"], "train_id": [10, 11, 12, 12, 11, 10],
+                          "score": [1.0, 2.0, 2.0, 0.5, 0.5, 0.7]})
+    pairs = sharding.top_pairs(frame, ["a", "b"], 2, sharding.np.array([10, 11, 12]))
+    assert pairs.tolist() == [[0, 0], [0, 1], [1, 1], [1, 2]]  # a: 10 (0.7), then 11 before 12; b: 11, 12
+
+
+def test_stale_format_is_refused(setup, tmp_path):
+    run(setup, tmp_path, shard_args=top_k_tokens(0))
+    manifest = tmp_path / "manifest.json"
+    saved = sharding.read_json(manifest)
+    saved["identity"]["format_version"] = 1
+    manifest.write_text(sharding.json.dumps(saved))
+    with pytest.raises(ShardMismatchError, match="format 1"):
+        read_scores(tmp_path)
+    with pytest.raises(ShardMismatchError, match="format_version"):
+        run(setup, tmp_path, shard_args=top_k_tokens(0))
 
 
 def test_other_runs_are_refused(setup, tmp_path):
     run(setup, tmp_path)
     with pytest.raises(ShardMismatchError, match="shard_size"):
-        run(setup, tmp_path, shard_args=ShardArguments(shard_size=5, batch_size=3, top_k_tokens=2))
+        run(setup, tmp_path, shard_args=top_k_tokens(2, shard_size=5))
     with pytest.raises(ShardMismatchError, match="query_rank"):
         run(setup, tmp_path, score={"query_rank": 2})
     with pytest.raises(ShardMismatchError, match="run"):
@@ -110,6 +211,13 @@ def test_candidates_score_only_their_pairs(setup, tmp_path):
     for q, n in [(0, 1), (0, 9), (1, 9)]:
         assert float(matrix[q, n]) == pytest.approx(float(one_shot[q, n]))
     assert pq.read_table(tmp_path / "shard_000001.parquet").num_rows == 0  # rows 4-7: no candidate
+    tokens = read_scores(tmp_path, top_k_tokens=2).dropna(subset=["token_scores"])  # the top 2 among the candidates
+    assert sorted(zip(tokens["query"], tokens["train_id"])) == [("q0", 1), ("q0", 9), ("q1", 9)]
+
+
+def test_repeated_train_ids_are_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match="train_ids repeat"):
+        run(setup, tmp_path, train_ids=[0, 1, 2, 3, 4, 5, 6, 7, 8, 8])
 
 
 @pytest.mark.parametrize("fraction, first_stop, second_stop, last_calls", [
