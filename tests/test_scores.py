@@ -192,3 +192,22 @@ def test_damping_override():
     assert factors.damping_for(name) == pytest.approx(0.1 * float(factors.layers[name].eigenvalues.mean()))
     assert factors.with_damping(damping=0.5).damping_for(name) == 0.5
     assert factors.with_damping(damping_factor=1.0).damping_for(name) == pytest.approx(10 * factors.damping_for(name))
+
+
+def test_freed_memory_is_handed_back_between_batches_and_scores_are_unchanged(monkeypatch):
+    """issue 19 item 5: query_gradients and compute_scores give glibc's freed heap back after every batch (and
+    query_gradients after each layer's join); the numbers do not depend on it."""
+    import influence_core.scores as scores_module
+    from influence_core.batch import return_freed_host_memory
+
+    model = gpt2()
+    layers = track_layers(model)
+    factors = fit_factors(model, layers, CausalLMTask(), token_batches(6), FactorArguments(**ARGS))
+    before = influence(model, layers, factors, query_batches(), token_batches(6))
+    calls = []
+    monkeypatch.setattr(scores_module, "return_freed_host_memory", lambda: calls.append(1) or return_freed_host_memory())
+    after = influence(model, layers, factors, query_batches(), token_batches(6))
+    n_query, n_train = len(list(query_batches())), len(list(token_batches(6)))
+    assert len(calls) == n_query + len(layers) + n_train
+    assert torch.equal(before.total, after.total)
+    assert return_freed_host_memory() in (True, False)
