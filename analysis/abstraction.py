@@ -23,8 +23,9 @@ top influences shrink with scale. Measured here on the score tables alone (no co
   its exact permutation p-value (analysis.trends.permutation_trend, sizes permuted within seeds) and a
   bootstrap CI over seeds; with one seed per size the CI does not exist and the verdict is "underpowered"
   (analysis.trends.verdict_row), since seed-to-seed variation cannot be told from a size effect.
-- `weighted_share_difference`: share of the positive influence of a set of sequences held by kinds A minus
-  kinds B, with a bootstrap CI over the sequences (the role-play study's kinds on the synthetic world).
+- `weighted_share_difference`: share of the positive influence of a model's counted sequences held by kinds A
+  minus kinds B, averaged over the models (seeds) given, with a nested bootstrap CI over models, then sequences
+  (the role-play study's kinds on the synthetic world, the largest size's seeds pooled).
 """
 
 from __future__ import annotations
@@ -229,30 +230,51 @@ class ShareDifference:
     n_positive: int
 
 
-def weighted_share_difference(influences, kinds: Sequence[str], kinds_a: Iterable[str], kinds_b: Iterable[str],
-                              n_resamples: int = 2000, seed: int = 0) -> ShareDifference:
-    """Over the positive influences I_i of a set of sequences with labels kinds[i]:
-    share_X = sum_{kind in X} I_i / sum I_i; difference share_A - share_B with a bootstrap CI over sequences."""
-    values = np.asarray(influences, dtype=np.float64).ravel()
-    if len(values) != len(kinds):
-        raise ValueError(f"{len(values)} influences but {len(kinds)} kinds")
-    positive = values > 0
-    if positive.sum() == 0:
-        raise ValueError("no positive influence among the sequences")
-    values = values[positive]
-    labels = np.asarray(kinds, dtype=object)[positive]
-    a = np.isin(labels, list(kinds_a)).astype(np.float64)
-    b = np.isin(labels, list(kinds_b)).astype(np.float64)
+def weighted_share_difference(groups: Sequence[tuple[Sequence[float], Sequence[str]]], kinds_a: Iterable[str],
+                              kinds_b: Iterable[str], n_resamples: int = 2000, seed: int = 0,
+                              confidence: float = 0.95) -> ShareDifference:
+    """Share of positive influence held by kinds A minus kinds B, per model, averaged over the models (training
+    seeds) of ``groups``: one (influences, kinds) pair per model, over its counted sequences.
 
-    def difference(v, in_a, in_b, axis=-1):
-        return ((v * in_a).sum(axis=axis) - (v * in_b).sum(axis=axis)) / v.sum(axis=axis)
+    Per model, over its positive influences I_i with labels k_i: share_X = sum_{k_i in X} I_i / sum I_i. The
+    estimate is the mean over models of share_A - share_B (each model weighs the same; influences of different
+    models are never summed together, their scales differ). The CI is a nested percentile bootstrap: the models
+    drawn with replacement (when there are several), then each drawn model's sequences.
+    """
+    kinds_a, kinds_b = set(kinds_a), set(kinds_b)
+    prepared = []
+    for influences, kinds in groups:
+        values = np.asarray(influences, dtype=np.float64).ravel()
+        if len(values) != len(kinds):
+            raise ValueError(f"{len(values)} influences but {len(kinds)} kinds")
+        positive = values > 0
+        if positive.sum() == 0:
+            raise ValueError("no positive influence among the sequences of a model")
+        labels = np.asarray(kinds, dtype=object)[positive]
+        prepared.append((values[positive], np.isin(labels, list(kinds_a)).astype(np.float64),
+                         np.isin(labels, list(kinds_b)).astype(np.float64)))
+    if not prepared:
+        raise ValueError("no models given")
 
-    total = values.sum()
-    estimate = float(difference(values, a, b))
-    if len(values) >= 2:
-        interval = bootstrap_ci((values, a, b), difference, n_resamples=n_resamples, seed=seed)
-        low, high = interval.low, interval.high
-    else:
-        low = high = np.nan
-    return ShareDifference(float((values * a).sum() / total), float((values * b).sum() / total), estimate, low, high,
-                           len(values))
+    def shares(v, in_a, in_b):
+        return (v * in_a).sum() / v.sum(), (v * in_b).sum() / v.sum()
+
+    per_model = np.array([shares(*g) for g in prepared])  # (models, 2)
+    share_a, share_b = per_model.mean(axis=0)
+    low = high = np.nan
+    if sum(len(g[0]) for g in prepared) >= 2:
+        rng = np.random.default_rng(seed)
+        draws = np.empty(n_resamples)
+        for r in range(n_resamples):
+            chosen = rng.integers(0, len(prepared), len(prepared)) if len(prepared) > 1 else [0]
+            parts = []
+            for m in chosen:
+                v, in_a, in_b = prepared[m]
+                pick = rng.integers(0, len(v), len(v))
+                a, b = shares(v[pick], in_a[pick], in_b[pick])
+                parts.append(a - b)
+            draws[r] = np.mean(parts)
+        tail = (1 - confidence) / 2
+        low, high = (float(x) for x in np.quantile(draws, [tail, 1 - tail]))
+    return ShareDifference(float(share_a), float(share_b), float(share_a - share_b), low, high,
+                           int(sum(len(g[0]) for g in prepared)))

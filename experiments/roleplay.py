@@ -69,18 +69,20 @@ def run(cfg: DictConfig, run_dir) -> None:
             paper="Sec 5.3.5: ours (synthetic world), kinds by construction")
         shutdown = shares[shares["query"] == "shutdown"]
         if len(shutdown):
-            largest = shutdown.loc[shutdown["parameters"].idxmax(), "model"]
-            mine = world[(world["query"] == "shutdown") & (world["model"] == largest)]
-            difference = weighted_share_difference(mine["influence"], mine["kind"].tolist(), SIMILAR,
+            # the largest size's training seeds, each model its own share difference, averaged (nested bootstrap)
+            largest = list(dict.fromkeys(shutdown.loc[shutdown["parameters"] == shutdown["parameters"].max(), "model"]))
+            mine = [world[(world["query"] == "shutdown") & (world["model"] == model)] for model in largest]
+            difference = weighted_share_difference([(m["influence"], m["kind"].tolist()) for m in mine], SIMILAR,
                                                    ("ordinary_dialogue",), int(cfg.bootstrap_samples), int(cfg.seed))
             row = verdict_row("ours (synthetic world): the largest model's top sequences for shutdown are examples or "
                               "descriptions of similar behaviour rather than ordinary dialogue (imitation)",
-                              f"{largest}: share of positive influence from AI-shutdown + AI-fiction minus ordinary "
-                              f"dialogue (CI over its {difference.n_positive} top sequences)", difference.difference,
-                              difference.ci_low, difference.ci_high, None, 1, 1,
+                              f"{', '.join(largest)}: share of positive influence from AI-shutdown + AI-fiction minus "
+                              f"ordinary dialogue, per model, mean over its {len(largest)} seeds (nested bootstrap "
+                              f"over seeds, then its {difference.n_positive} top sequences)", difference.difference,
+                              difference.ci_low, difference.ci_high, None, 1, len(largest),
                               float(cfg.thresholds.similar_minus_ordinary), "increasing",
                               float(cfg.thresholds.alpha), min_models=1)
-            rows.append({**row, "scope": f"model {largest}"})
+            rows.append({**row, "scope": f"largest size ({len(largest)} models)"})
             rows.append(world_trend(cfg, shutdown, "similar", "ours (synthetic world): the share of similar behaviour "
                                     "among shutdown's top sequences grows with model size"))
     finish_abstraction(out, result, rows, cfg, "Role-play (paper Sec 5.3.5).",

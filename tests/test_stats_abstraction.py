@@ -120,10 +120,21 @@ def test_largest_size_claim_pools_the_seeds_of_the_largest_size():
 def test_weighted_share_difference():
     influences = [4.0, 3.0, 2.0, 1.0, -5.0]
     kinds = ["ai_fiction", "ordinary_dialogue", "ai_shutdown", "other", "ai_fiction"]
-    result = weighted_share_difference(influences, kinds, {"ai_shutdown", "ai_fiction"}, {"ordinary_dialogue"},
+    result = weighted_share_difference([(influences, kinds)], {"ai_shutdown", "ai_fiction"}, {"ordinary_dialogue"},
                                        n_resamples=300)
     assert (result.share_a, result.share_b) == pytest.approx((0.6, 0.3))  # negatives do not count
     assert result.difference == pytest.approx(0.3) and result.n_positive == 4
     assert result.ci_low <= 0.3 <= result.ci_high
     with pytest.raises(ValueError, match="no positive"):
-        weighted_share_difference([-1.0], ["other"], {"other"}, set())
+        weighted_share_difference([([-1.0], ["other"])], {"other"}, set())
+
+
+def test_weighted_share_difference_averages_seeds_without_pooling_their_scales():
+    # model 1: A holds all of its influence (difference 1); model 2, with influences 100x larger: B holds all (-1)
+    one = ([1.0, 2.0], ["a", "a"])
+    two = ([100.0, 300.0], ["b", "b"])
+    result = weighted_share_difference([one, two], {"a"}, {"b"}, n_resamples=400)
+    assert result.difference == pytest.approx(0.0)  # the mean of +1 and -1, not the pooled -0.98
+    assert (result.share_a, result.share_b) == pytest.approx((0.5, 0.5))
+    assert result.n_positive == 4
+    assert result.ci_low == pytest.approx(-1.0) and result.ci_high == pytest.approx(1.0)  # seeds drawn
