@@ -37,7 +37,7 @@ sweep:  ## STUDY over MODELS: one scoring job per model (LAUNCHER=joblib; submit
 		hydra/launcher=$(LAUNCHER) $(SWEEP_ARGS)
 	$(PYTHON) -m experiments.$(STUDY) 'models=[$(MODELS)]' stage=gather $(SWEEP_ARGS)
 
-zoo:  ## world v2, tokenizer, six GPT-NeoX sizes x three seeds (2 processes), cached and resumable under artifacts/
+zoo:  ## world v3 (FINDINGS decision 7), tokenizer, six GPT-NeoX sizes x three seeds (2 processes), cached and resumable under artifacts/
 	$(PYTHON) -m experiments.zoo.build
 
 sparsity:  ## study a: power-law tails and top shares of influence (needs `make zoo`)
