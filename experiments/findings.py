@@ -1,11 +1,12 @@
-"""FINDINGS.md: per finding of the paper, our statistic, estimate with CI, verdict, and what zoo v1 said.
+"""FINDINGS.md: per finding of the paper, our statistic, estimate with CI, verdict, and what zoo v2 and v1 said.
 
     python -m experiments.findings            # make findings: after `make all` (the zoo and its eight studies)
 
 Reads only committed results: each study's figures/<study>/study.json (its verdict rows: claim, statistic,
 estimate, ci_low, ci_high, p_value, n_models, n_seeds, verdict, threshold, minimum_detectable_effect, facts),
-figures/zoo/zoo_summary.csv with the competence bar of configs/zoo/build.yaml, and zoo v1's verdicts
-(figures/zoo_v1/<study>/verdicts.csv). It rewrites only the part of FINDINGS.md between the two GENERATED
+figures/zoo/zoo_summary.csv with the competence bar of configs/zoo/build.yaml, the previous zoo's verdicts
+(figures/zoo_v2/<study>/study.json: each claim's v2 estimate and verdict beside today's, matched on claim and facts)
+and zoo v1's (figures/zoo_v1/<study>/verdicts.csv). It rewrites only the part of FINDINGS.md between the two GENERATED
 markers; the prose around them (decisions, changes made after seeing results) is kept as written.
 """
 
@@ -65,6 +66,32 @@ def v1_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def change_table(current: list[dict], previous: list[dict]) -> str:
+    """Each claim (matched on claim text and facts) with zoo v2's estimate [CI] and verdict beside today's; claims
+    only one of them has are listed with a blank on the other side. Counts how many verdicts changed."""
+    def key(r):
+        return r["claim"], r.get("facts") if isinstance(r.get("facts"), str) else ""
+
+    def estimate(r):
+        ci = (f" [{_number(r.get('ci_low'))}, {_number(r.get('ci_high'))}]"
+              if r.get("ci_low") is not None and r.get("ci_high") is not None else "")
+        return _number(r.get("estimate")) + ci
+
+    before = {key(r): r for r in previous}
+    now = {key(r): r for r in current}
+    lines = ["| claim | facts | zoo v2 estimate [95% CI] | zoo v2 | zoo v3 |", "|---|---|---|---|---|"]
+    changed = 0
+    for k in list(now) + [k for k in before if k not in now]:
+        old, new = before.get(k), now.get(k)
+        if old is not None and new is not None and old["verdict"] != new["verdict"]:
+            changed += 1
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            k[0], k[1], estimate(old) if old else "", old["verdict"] if old else "(not in v2)",
+            new["verdict"] if new else "(not in v3)")) + " |")
+    both = len(set(now) & set(before))
+    return f"{changed} of the {both} claims measured on both zoos changed verdict.\n\n" + "\n".join(lines)
+
+
 def competence_section(figures: Path, build_config: Path) -> str:
     """The zoo's competence per size (mean and range over seeds) against the bar written in its config."""
     from experiments.zoo.build import competence_verdict
@@ -86,7 +113,7 @@ def competence_section(figures: Path, build_config: Path) -> str:
                      f"({r['competence_min']:.3f}-{r['competence_max']:.3f}) | {r['all_facts']:.3f} | "
                      f"{r['heldout_loss']:.4f} |")
     passed = "met" if verdict["passes"] else "**not met**"
-    return (f"Competence bar (configs/zoo/build.yaml, written before any zoo v2 model was trained): {bar}. "
+    return (f"Competence bar (configs/zoo/build.yaml, written before any zoo v2 model was trained, unchanged since): {bar}. "
             f"The bar is {passed}: largest size {verdict['largest_mean_competence']:.3f}, Spearman over sizes "
             f"{verdict['spearman_rho_over_sizes']:.3f}, rising: {verdict['rising']}.\n\n" + "\n".join(lines))
 
@@ -101,13 +128,17 @@ def generated_section(figures: Path = REPO / "figures", build_config: Path = REP
         folder = figures / study
         parts += [f"## {study}", ""]
         if not (folder / "study.json").exists():
-            parts += [f"Not run on zoo v2: no {folder.relative_to(figures.parent)}/study.json (`make {study}`).", ""]
+            parts += [f"Not run: no {folder.relative_to(figures.parent)}/study.json (`make {study}`).", ""]
         else:
             record = read_study(folder)
             for r in record.verdicts:
                 counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
             parts += [f"Command: `{record.command}`; {len(record.models)} models; tables and figures in "
                       f"`{folder.relative_to(figures.parent)}/`.", "", verdict_table(record.verdicts), ""]
+        previous = figures / "zoo_v2" / study
+        if (folder / "study.json").exists() and (previous / "study.json").exists():
+            parts += ["Zoo v2 (the previous testbed, figures/zoo_v2/; same protocol and thresholds):", "",
+                      change_table(record.verdicts, read_study(previous).verdicts), ""]
         parts += ["Zoo v1 (old protocol, superseded; figures/zoo_v1/):", "",
                   v1_table(figures / "zoo_v1" / study / "verdicts.csv"), ""]
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items())) or "none"

@@ -24,6 +24,15 @@ def test_findings_tables_come_from_study_json_and_keep_the_prose(tmp_path):
     (figures / "zoo_v1" / "sparsity").mkdir(parents=True)
     pd.DataFrame([{"paper claim": "old claim", "statistic": "s", "measured": 0.45, "uncertainty": "",
                    "holds at our scale": "no"}]).to_csv(figures / "zoo_v1" / "sparsity" / "verdicts.csv", index=False)
+    previous = StudyRecord("sparsity", [ModelRecord("a_s0", "p", "X", 10, 0)], CorpusRecord("c", "f", ["text"], 3), [],
+                           {}, verdicts=[verdict_row("tails follow a power law", "share plausible", 0.41,
+                                                     "does not hold", ci_low=0.36, ci_high=0.46, n_models=2,
+                                                     n_seeds=2, threshold=0.5, facts="all facts"),
+                                         verdict_row("a claim v3 dropped", "s", 0.1, "holds", p_value=0.01, n_models=1, n_seeds=1,
+                                                     facts="all facts")],
+                           command="make sparsity")
+    (figures / "zoo_v2" / "sparsity").mkdir(parents=True)
+    write_study(figures / "zoo_v2" / "sparsity", previous)
     findings = tmp_path / "FINDINGS.md"
     findings.write_text(f"# Findings\n\nhand-written decisions\n\n{BEGIN}\nold table\n{END}\n\nclosing prose\n")
     text = write_findings(findings, figures=figures, build_config=build, studies=("sparsity", "layerwise")).read_text()
@@ -32,4 +41,7 @@ def test_findings_tables_come_from_study_json_and_keep_the_prose(tmp_path):
     assert "**holds**" in text and "Verdicts over all studies: 1 holds." in text
     assert "The bar is met: largest size 0.850" in text and "| a | 10 | 2 | 0.300 (0.200-0.400)" in text
     assert "| old claim | 0.45 | no |" in text
-    assert "Not run on zoo v2: no figures/layerwise/study.json" in text
+    assert "Not run: no figures/layerwise/study.json" in text
+    assert "1 of the 1 claims measured on both zoos changed verdict." in text
+    assert "| tails follow a power law | all facts | 0.41 [0.36, 0.46] | does not hold | holds |" in text
+    assert "| a claim v3 dropped | all facts | 0.1 | holds | (not in v3) |" in text
