@@ -67,8 +67,10 @@ def v1_table(path: Path) -> str:
 
 
 def change_table(current: list[dict], previous: list[dict]) -> str:
-    """Each claim (matched on claim text and facts) with zoo v2's estimate [CI] and verdict beside today's; claims
-    only one of them has are listed with a blank on the other side. Counts how many verdicts changed."""
+    """Each verdict row beside zoo v2's row of the same claim: rows are matched on (claim, facts), the k-th row of a
+    claim today with the k-th of that claim in v2 (a study writes a claim's rows in a fixed order, e.g. one per size),
+    and numbered as in the verdict table above. Rows only one side has get a blank on the other. Counts how many
+    verdicts changed."""
     def key(r):
         return r["claim"], r.get("facts") if isinstance(r.get("facts"), str) else ""
 
@@ -77,19 +79,28 @@ def change_table(current: list[dict], previous: list[dict]) -> str:
               if r.get("ci_low") is not None and r.get("ci_high") is not None else "")
         return _number(r.get("estimate")) + ci
 
-    before = {key(r): r for r in previous}
-    now = {key(r): r for r in current}
-    lines = ["| claim | facts | zoo v2 estimate [95% CI] | zoo v2 | zoo v3 |", "|---|---|---|---|---|"]
+    def numbered(rows):
+        seen: dict = {}
+        out = {}
+        for r in rows:
+            k = key(r)
+            seen[k] = seen.get(k, 0) + 1
+            out[(*k, seen[k])] = r
+        return out
+
+    before, now = numbered(previous), numbered(current)
+    lines = ["| # | claim | facts | zoo v2 estimate [95% CI] | zoo v2 | zoo v3 |", "|---|---|---|---|---|---|"]
     changed = 0
-    for k in list(now) + [k for k in before if k not in now]:
+    order = list(now) + [k for k in before if k not in now]
+    for i, k in enumerate(order, start=1):
         old, new = before.get(k), now.get(k)
         if old is not None and new is not None and old["verdict"] != new["verdict"]:
             changed += 1
         lines.append("| " + " | ".join(_cell(c) for c in (
-            k[0], k[1], estimate(old) if old else "", old["verdict"] if old else "(not in v2)",
-            new["verdict"] if new else "(not in v3)")) + " |")
+            str(i) if new is not None else "", k[0], k[1], estimate(old) if old else "",
+            old["verdict"] if old else "(not in v2)", new["verdict"] if new else "(not in v3)")) + " |")
     both = len(set(now) & set(before))
-    return f"{changed} of the {both} claims measured on both zoos changed verdict.\n\n" + "\n".join(lines)
+    return f"{changed} of the {both} rows measured on both zoos changed verdict.\n\n" + "\n".join(lines)
 
 
 def competence_section(figures: Path, build_config: Path) -> str:

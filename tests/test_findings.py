@@ -42,6 +42,18 @@ def test_findings_tables_come_from_study_json_and_keep_the_prose(tmp_path):
     assert "The bar is met: largest size 0.850" in text and "| a | 10 | 2 | 0.300 (0.200-0.400)" in text
     assert "| old claim | 0.45 | no |" in text
     assert "Not run: no figures/layerwise/study.json" in text
-    assert "1 of the 1 claims measured on both zoos changed verdict." in text
-    assert "| tails follow a power law | all facts | 0.41 [0.36, 0.46] | does not hold | holds |" in text
-    assert "| a claim v3 dropped | all facts | 0.1 | holds | (not in v3) |" in text
+    assert "1 of the 1 rows measured on both zoos changed verdict." in text
+    assert "| 1 | tails follow a power law | all facts | 0.41 [0.36, 0.46] | does not hold | holds |" in text
+    assert "|  | a claim v3 dropped | all facts | 0.1 | holds | (not in v3) |" in text
+
+
+def test_change_table_pairs_repeated_claims_in_order():
+    from experiments.findings import change_table
+
+    def row(estimate, verdict):
+        return {"claim": "c", "facts": "all facts", "estimate": estimate, "verdict": verdict}
+
+    table = change_table([row(1.0, "holds"), row(2.0, "holds")], [row(0.5, "holds"), row(0.7, "underpowered")])
+    assert table.startswith("1 of the 2 rows measured on both zoos changed verdict.")
+    assert "| 1 | c | all facts | 0.5 | holds | holds |" in table
+    assert "| 2 | c | all facts | 0.7 | underpowered | holds |" in table
