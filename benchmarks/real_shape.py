@@ -117,11 +117,11 @@ class LayerFactorsIn:
     """A layer's factors cast to another dtype (the engine stores them in FactorArguments.dtype)."""
 
     def __init__(self, lf, dtype):
-        from influence_core import LayerFactors
+        import dataclasses
 
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        self.inner = LayerFactors(lf.name, cast(lf.activation_eigenvectors), cast(lf.gradient_eigenvectors),
-                                  cast(lf.eigenvalues))
+        # every tensor field of the layer's factors dataclass cast, the rest kept (the factors' API of today)
+        self.inner = dataclasses.replace(lf, **{f.name: getattr(lf, f.name).to(dtype) for f in dataclasses.fields(lf)
+                                                if isinstance(getattr(lf, f.name), torch.Tensor)})
 
     def precondition(self, v, damping):
         return self.inner.precondition(v, damping)
