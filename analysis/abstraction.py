@@ -261,8 +261,9 @@ def weighted_share_difference(groups: Sequence[tuple[Sequence[float], Sequence[s
 
     per_model = np.array([shares(*g) for g in prepared])  # (models, 2)
     share_a, share_b = per_model.mean(axis=0)
+    n_positive = sum(len(g[0]) for g in prepared)
     low = high = np.nan
-    if sum(len(g[0]) for g in prepared) >= 2:
+    if n_positive >= 2:
         rng = np.random.default_rng(seed)
         draws = np.empty(n_resamples)
         for r in range(n_resamples):
@@ -276,5 +277,4 @@ def weighted_share_difference(groups: Sequence[tuple[Sequence[float], Sequence[s
             draws[r] = np.mean(parts)
         tail = (1 - confidence) / 2
         low, high = (float(x) for x in np.quantile(draws, [tail, 1 - tail]))
-    return ShareDifference(float(share_a), float(share_b), float(share_a - share_b), low, high,
-                           int(sum(len(g[0]) for g in prepared)))
+    return ShareDifference(float(share_a), float(share_b), float(share_a - share_b), low, high, int(n_positive))

@@ -37,17 +37,22 @@ def _cell(text) -> str:
     return str(text).replace("|", "/").replace("\n", " ")
 
 
+def _estimate(row: dict) -> str:
+    """A verdict row's estimate with its CI, "0.75 [0.6, 0.9]" (the estimate alone without a CI)."""
+    ci = (f" [{_number(row.get('ci_low'))}, {_number(row.get('ci_high'))}]"
+          if row.get("ci_low") is not None and row.get("ci_high") is not None else "")
+    return _number(row.get("estimate")) + ci
+
+
 def verdict_table(rows: list[dict]) -> str:
     """A study's verdict rows as one markdown table: claim (and the facts it is on), estimate [CI], p, models x
     seeds, threshold, minimum detectable effect, verdict."""
     lines = ["| claim | facts | statistic | estimate [95% CI] | p | models x seeds | threshold | MDE | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ci = (f" [{_number(r.get('ci_low'))}, {_number(r.get('ci_high'))}]"
-              if r.get("ci_low") is not None and r.get("ci_high") is not None else "")
         facts = r.get("facts") if isinstance(r.get("facts"), str) else ""
         lines.append("| " + " | ".join(_cell(c) for c in (
-            r["claim"], facts, r["statistic"], _number(r.get("estimate")) + ci, _number(r.get("p_value")),
+            r["claim"], facts, r["statistic"], _estimate(r), _number(r.get("p_value")),
             f"{r['n_models']} x {r['n_seeds']}", _number(r.get("threshold")),
             _number(r.get("minimum_detectable_effect")), f"**{r['verdict']}**")) + " |")
     return "\n".join(lines)
@@ -74,11 +79,6 @@ def change_table(current: list[dict], previous: list[dict]) -> str:
     def key(r):
         return r["claim"], r.get("facts") if isinstance(r.get("facts"), str) else ""
 
-    def estimate(r):
-        ci = (f" [{_number(r.get('ci_low'))}, {_number(r.get('ci_high'))}]"
-              if r.get("ci_low") is not None and r.get("ci_high") is not None else "")
-        return _number(r.get("estimate")) + ci
-
     def numbered(rows):
         seen: dict = {}
         out = {}
@@ -97,7 +97,7 @@ def change_table(current: list[dict], previous: list[dict]) -> str:
         if old is not None and new is not None and old["verdict"] != new["verdict"]:
             changed += 1
         lines.append("| " + " | ".join(_cell(c) for c in (
-            str(i) if new is not None else "", k[0], k[1], estimate(old) if old else "",
+            str(i) if new is not None else "", k[0], k[1], _estimate(old) if old else "",
             old["verdict"] if old else "(not in v2)", new["verdict"] if new else "(not in v3)")) + " |")
     both = len(set(now) & set(before))
     return f"{changed} of the {both} rows measured on both zoos changed verdict.\n\n" + "\n".join(lines)
