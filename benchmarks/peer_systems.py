@@ -29,7 +29,8 @@ time also reported); score = query gradients + preconditioning + the pass over t
 Peak memory per phase: peak RSS (VmHWM, reset before each phase through /proc/self/clear_refs) and, on a GPU,
 torch.cuda.max_memory_allocated.
 Writes DIR/result.json and DIR/scores_q<Q>.npy ((Q, N) float32, in our sign convention); a system with a gradient
-index (bergson) also DIR/index_scores_q1.npy and the record's `index` entry (build and query times).
+index (ours at seed 0, bergson) also DIR/index_scores_q1.npy and the record's `index` entry (build and query times;
+ours also the re-rank of the query's best rows by exact EK-FAC, DIR/rerank_rows_q1.npy).
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ def run_floor(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int,
     return record
 
 
-def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, query_rank: int | None = None) -> dict:
+def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, query_rank: int | None = None,
+             index_dim: int | None = None) -> dict:
+    """Our EK-FAC: fit, then per Q the query gradients preconditioned batch by batch and one scoring pass; with
+    index_dim also our gradient index on the same factors (`run_ours_index`)."""
     model, task = loaded.model, CausalLMTask()
     layers = track_layers(model)
     batches = iterate_batches(loaded.train, loaded.workload.batch_size)
@@ -155,7 +159,48 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, q
             del preconditioned
         np.save(out / f"scores_q{count}.npy", scores.total.numpy().astype(np.float32))
         record["scores"].append(entry)
+    if index_dim:
+        record["index"] = run_ours_index(loaded, layers, factors, index_dim, out)
     return record
+
+
+OURS_INDEX_DIM = 32  # our gradient index in the peer table: eigen 32 x 32 per layer (benchmarks/index.py's default)
+RERANK_CANDIDATES = 500  # the index's best rows per query rescored by exact EK-FAC (as benchmarks/index.py)
+
+
+def run_ours_index(loaded: LoadedWorkload, layers, factors, index_dim: int, out: Path) -> dict:
+    """Our gradient index (influence_core.index, eigen projection index_dim x index_dim per layer) on the fit's
+    factors: build over the N sequences, one query (a cold one first, then the timed warm one), then that query's
+    re-rank of its RERANK_CANDIDATES best rows by exact EK-FAC. Writes DIR/index_scores_q1.npy ((1, N), the index
+    alone) and DIR/rerank_rows_q1.npy (the re-ranked rows, best first)."""
+    from influence_core.index import GradientIndex, IndexArguments, build_index, query_index, rerank
+
+    model, task, workload = loaded.model, CausalLMTask(), loaded.workload
+    folder = out / "index"
+    shutil.rmtree(folder, ignore_errors=True)
+    entry: dict = {"projection_dim": index_dim, "queries": 1, "rerank_candidates": RERANK_CANDIDATES}
+    arguments = IndexArguments(projection="eigen", output_dim=index_dim, input_dim=index_dim,
+                               batch_size=workload.batch_size, progress=False)
+    with phase(entry, "build"):
+        build_index(model, layers, task, loaded.train, factors, folder, arguments)
+    index = GradientIndex(folder)  # as a new process would: from disk
+    entry["bytes_per_sequence"] = index.bytes_per_sequence
+    _, encoded = loaded.encoded_queries(1)
+
+    def query():
+        return query_index(model, layers, task, iterate_batches(encoded, 1), factors, index)
+
+    with phase(entry, "query_cold"):
+        query()
+    with phase(entry, "query"):
+        scores, preconditioned = query()
+    with phase(entry, "rerank"):
+        rows, _ = rerank(model, layers, task, loaded.train, preconditioned, scores, RERANK_CANDIDATES,
+                         workload.batch_size)
+    np.save(out / "index_scores_q1.npy", scores.numpy().astype(np.float32))
+    np.save(out / "rerank_rows_q1.npy", rows.numpy())
+    shutil.rmtree(folder, ignore_errors=True)
+    return entry
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -533,7 +578,9 @@ def run_bergson_index(loaded: LoadedWorkload, train, config, index_dim: int, out
     return entry
 
 
-RUNNERS = {"floor": run_floor, "ours": run_ours, "dattri": run_dattri, "bergson": run_bergson,
+RUNNERS = {"floor": run_floor,
+           "ours": lambda loaded, queries, out, seed: run_ours(loaded, queries, out, seed,
+                                                              index_dim=OURS_INDEX_DIM if seed == 0 else None), "dattri": run_dattri, "bergson": run_bergson,
            "ours_rank32": lambda *a: run_ours(*a, query_rank=32), "kronfluence": run_kronfluence,
            "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
 

@@ -209,15 +209,29 @@ def index_row(base: dict, r: dict, ours_dir: Path | None, ours_q: int) -> dict:
            "query_cold_over_floor": index["query_cold_cpu_s"] / r["floor_cpu_s"],
            "build_peak_rss_mb": index["build_peak_rss_mb"], "bytes_per_sequence": index["bytes_per_sequence"],
            "projection_dim": index["projection_dim"]}
+    if "rerank_cpu_s" in index:  # ours: the query's best rows by the index rescored by exact EK-FAC
+        row.update(rerank_over_floor=index["rerank_cpu_s"] / r["floor_cpu_s"],
+                   rerank_candidates=index["rerank_candidates"])
     if ours_dir is not None and (ours_dir / f"scores_q{ours_q}.npy").exists():
-        row.update(agreement(np.load(ours_dir / f"scores_q{ours_q}.npy")[:1],
-                             np.load(Path(r["out"]) / "index_scores_q1.npy")))
+        exact = np.load(ours_dir / f"scores_q{ours_q}.npy")[:1]
+        row.update(agreement(exact, np.load(Path(r["out"]) / "index_scores_q1.npy")))
+        reranked = Path(r["out"]) / "rerank_rows_q1.npy"
+        if reranked.exists():
+            row[f"top{TOP_K}_overlap_after_rerank"] = overlap_after_rerank(exact, np.load(reranked))
     return row
+
+
+def overlap_after_rerank(exact: np.ndarray, reranked_rows: np.ndarray, k: int = TOP_K) -> float:
+    """Mean over queries of the share of the exact top k (exact: (Q, N) scores) among the first k re-ranked rows
+    (reranked_rows: (Q, C) row indices, best first)."""
+    k = min(k, exact.shape[1], reranked_rows.shape[1])
+    return float(np.mean([len(set(np.argsort(-e)[:k]) & set(rows[:k])) / k for e, rows in zip(exact, reranked_rows)]))
 
 
 SHOWN = ["workload", "system", "queries", "floor_cpu_s", "fit_cpu_s", "score_cpu_s", "fit_over_floor",
          "score_over_floor", "fit_over_floor_wall", "score_over_floor_wall", "floor_peak_rss_mb", "fit_peak_rss_mb",
-         "score_peak_rss_mb", "build_over_floor", "query_over_floor", "pearson", "spearman", f"top{TOP_K}_overlap"]
+         "score_peak_rss_mb", "build_over_floor", "query_over_floor", "rerank_over_floor", "pearson", "spearman",
+         f"top{TOP_K}_overlap", f"top{TOP_K}_overlap_after_rerank"]
 
 
 def write_outputs(frame: pd.DataFrame, grid: str, manifest: dict) -> Path:

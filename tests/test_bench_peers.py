@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.peer_systems import conv1d_as_linear, peak_rss_mb, run_kronfluence, run_ours
-from benchmarks.peers import agreement
+from benchmarks.peers import agreement, overlap_after_rerank
 from benchmarks.workloads import LoadedWorkload, Workload
 from influence_core import (CausalLMTask, FactorArguments, Query, compute_scores, encode_queries, fit_factors,
                             iterate_batches, precondition_queries, query_gradients, track_layers)
@@ -59,6 +59,27 @@ def test_harness_runs_influence_core_with_the_stated_settings(tmp_path):
     direct = compute_scores(model, layers, task, batches, q).total.numpy()
     np.testing.assert_allclose(harness, direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
     assert record["fit_s"] > 0 and record["scores"][0]["score_s"] > 0
+
+
+def test_our_index_row_at_full_dimension_gives_the_exact_scores(tmp_path):
+    """At full dimension (65 >= every tiny layer's width, bias column included) the eigen index equals exact
+    EK-FAC, so the harness's index scores equal its scoring pass's and its re-rank returns the exact order."""
+    record = run_ours(tiny_workload(), [3], tmp_path, seed=0, index_dim=65)
+    exact = np.load(tmp_path / "scores_q3.npy")[:1]
+    index = np.load(tmp_path / "index_scores_q1.npy")
+    np.testing.assert_allclose(index, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+    rows = np.load(tmp_path / "rerank_rows_q1.npy")
+    assert list(rows[0]) == list(np.argsort(-exact[0], kind="stable"))
+    entry = record["index"]
+    assert entry["bytes_per_sequence"] == 4 * (64 * 17 + 16 * 65) * 2 and entry["build_cpu_s"] > 0
+    assert {"query_cpu_s", "query_cold_cpu_s", "rerank_cpu_s"} <= entry.keys()
+
+
+def test_overlap_after_rerank_on_a_hand_made_table():
+    exact = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    reranked = np.array([[0, 2, 1], [4, 0, 1]])  # query 0: top 2 {0, 1} vs {0, 2}; query 1: {4, 3} vs {4, 0}
+    assert overlap_after_rerank(exact, reranked, k=2) == pytest.approx(0.5)
+    assert overlap_after_rerank(exact, np.array([[1, 0, 4], [3, 4, 0]]), k=2) == pytest.approx(1.0)
 
 
 def test_conv1d_as_linear_keeps_the_function():
