@@ -152,14 +152,40 @@ def _score_top_tokens(model, layers, task, train, preconditioned_queries, query_
                           "top_pairs": hashlib.sha256(top.tobytes()).hexdigest()[:16]}, len(parts))
     wanted = np.zeros((len(query_names), len(union)), dtype=bool)  # (Q, rows of the union)
     wanted[top[:, 0], np.searchsorted(union, top[:, 1])] = True
-    work = {i: rows for i, rows in enumerate(parts)
+    cost, position = token_contraction_share(model, layers), {name: i for i, name in enumerate(query_names)}
+    work = {i: token_jobs(rows, wanted[:, np.searchsorted(union, rows)], cost) for i, rows in enumerate(parts)
             if distributed.owns(i) and not _readable_shard(shard_path(folder, i))}
     token_args = ScoreArguments(**{**asdict(score_args), "per_token": True, "progress": False})
     _score_parts(model, layers, task, train, preconditioned_queries, query_names, folder, work, shard_args.batch_size,
                  token_args, _token_schema().empty_table(),
-                 lambda scores, rows: _token_table(scores, rows, train_ids, wanted[:, np.searchsorted(union, rows)],
-                                                   train),
+                 lambda scores, rows: _token_table(scores, rows, train_ids, wanted[[position[n] for n in
+                                                   scores.query_names]][:, np.searchsorted(union, rows)], train),
                  f"token scores, top {k} (rank {distributed.rank()})", score_args.progress)
+
+
+def token_contraction_share(model: nn.Module, layers: Sequence[TrackedLayer]) -> float:
+    """c: the token-wise contraction of one query over a sequence (2 T d_out d_in multiply-adds per tracked layer,
+    `dense_layer_scores`) over the sequence's forward + backward (~6 T flops per parameter, every parameter counted):
+    2 (tracked parameters) / (6 (all parameters)). An estimate for choosing a plan, not a measurement."""
+    tracked = sum(l.out_features * l.input_dim for l in layers)
+    return 2 * tracked / (6 * max(1, sum(p.numel() for p in model.parameters())))
+
+
+def token_jobs(rows: np.ndarray, wanted: np.ndarray, contraction_share: float) -> list[tuple[np.ndarray | None,
+                                                                                             np.ndarray]]:
+    """How one token part is scored: [(query indices or None for all, rows)] for wanted (Q, n) over its rows.
+
+    Either every row with every query that wants one of them, in one pass (n passes, each with Q' token-wise
+    contractions), or each query alone on its own rows (one pass per wanted pair, one contraction each): whichever
+    costs fewer forward+backward equivalents, n (1 + Q' c) against pairs (1 + c). With each query's own top k
+    the union of rows is nearly the corpus and a row is wanted by few queries, so the second plan is the cheap one
+    (c = `token_contraction_share`)."""
+    queries = np.flatnonzero(wanted.any(axis=1))
+    pairs = int(wanted.sum())
+    together = len(rows) * (1 + len(queries) * contraction_share)
+    if len(queries) <= 1 or together <= pairs * (1 + contraction_share):
+        return [(queries, rows[wanted[queries].any(axis=0)])]
+    return [(np.array([q]), rows[wanted[q]]) for q in queries]
 
 
 def top_pairs(frame: pd.DataFrame, query_names: Sequence[str], k: int, train_ids: np.ndarray) -> np.ndarray:
@@ -175,25 +201,39 @@ def top_pairs(frame: pd.DataFrame, query_names: Sequence[str], k: int, train_ids
 
 
 def _score_parts(model, layers, task, train, preconditioned_queries, query_names, directory: Path,
-                 work: dict[int, np.ndarray], batch_size: int, args: ScoreArguments, empty: pa.Table, table_of,
+                 work: dict[int, np.ndarray | list], batch_size: int, args: ScoreArguments, empty: pa.Table, table_of,
                  description: str, progress: bool) -> None:
-    """Score this rank's parts (index -> training rows) and write each as shard_path(directory, index), atomically;
-    `table_of(scores, rows)` turns a part's InfluenceScores into its table (`empty` when it has no rows)."""
+    """Score this rank's parts and write each as shard_path(directory, index), atomically. A part is its training
+    rows (every query), or a list of jobs (query indices, rows), each scored with those queries only (`token_jobs`);
+    `table_of(scores, rows)` turns one call's InfluenceScores into table rows (`empty` when a part has no rows)."""
+    jobs = {index: part if isinstance(part, list) else [(None, part)] for index, part in work.items()}
     # a model sharded over the ranks (FSDP) needs as many forward passes on every rank: the others' missing ones
     # are run on one row and discarded
-    extra = distributed.padding_rounds(model, sum(-(-len(rows) // batch_size) for rows in work.values()))
-    for index in tqdm(work, desc=description, disable=not progress, leave=False):
-        rows, table = work[index], empty
-        if len(rows):
+    extra = distributed.padding_rounds(model, sum(-(-len(rows) // batch_size) for part in jobs.values()
+                                                  for _, rows in part))
+    for index in tqdm(jobs, desc=description, disable=not progress, leave=False):
+        tables = []
+        for queries, rows in jobs[index]:
+            if not len(rows):
+                continue
             chosen = torch.as_tensor(rows)
             batches = iterate_batches({k: v[chosen] for k, v in train.items()}, batch_size)
-            table = table_of(compute_scores(model, layers, task, batches, preconditioned_queries, query_names, args),
-                             rows)
-        _write_atomic(table, shard_path(directory, index))
+            chosen_queries, names = preconditioned_queries, query_names
+            if queries is not None:
+                chosen_queries = {n: _select_queries(q, queries) for n, q in preconditioned_queries.items()}
+                names = [query_names[q] for q in queries]
+            tables.append(table_of(compute_scores(model, layers, task, batches, chosen_queries, names, args), rows))
+        _write_atomic(pa.concat_tables(tables) if tables else empty, shard_path(directory, index))
     if extra:
         filler = {k: v[:1] for k, v in train.items()}
         compute_scores(model, layers, task, [filler] * extra, preconditioned_queries, query_names, args)
     distributed.barrier()
+
+
+def _select_queries(queries: torch.Tensor | LowRankQuery, indices: np.ndarray) -> torch.Tensor | LowRankQuery:
+    """The preconditioned queries `indices` of one layer (dense (Q, d_out, d_in) or factored)."""
+    chosen = torch.as_tensor(indices, dtype=torch.long)
+    return queries.select(chosen) if isinstance(queries, LowRankQuery) else queries[chosen]
 
 
 def read_scores(output_dir: str | Path, require_complete: bool = True, top_k_tokens: int = 0) -> pd.DataFrame:
@@ -376,7 +416,7 @@ def _shard_table(scores, rows: np.ndarray, train_ids: np.ndarray, allowed: np.nd
 def _token_table(scores, rows: np.ndarray, train_ids: np.ndarray, wanted: np.ndarray,
                  train: Mapping[str, torch.Tensor]) -> pa.Table:
     """Rows of one token part: (query, train_id, token_scores over the sequence's real tokens) for the pairs that
-    `wanted` (Q, n) marks."""
+    `wanted` (Q, n), one row per query of `scores`, marks."""
     lengths = None
     if "attention_mask" in train:
         lengths = train["attention_mask"][torch.as_tensor(rows)].sum(dim=1).numpy()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -149,6 +150,34 @@ def test_dense_pass_is_shared_over_top_k_tokens(setup, tmp_path, monkeypatch):
     assert len(read_scores(shared, top_k_tokens=75)["token_scores"].dropna()) == 3 * 10
     with pytest.raises(FileNotFoundError, match="no token scores for top_k_tokens=7.*only the token pass"):
         read_scores(shared, top_k_tokens=7)
+
+
+def test_token_jobs_choose_the_cheaper_plan():
+    """Hand-made part of 4 rows and 3 queries: each query alone on its rows when few queries share a row, all
+    wanting queries together when they share them; a single query is always one job."""
+    rows = np.array([10, 11, 12, 13])
+    disjoint = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)  # 4 pairs over 4 rows
+    # together: 4 rows x (1 + 3 c); alone: 4 pairs x (1 + c); with c = 0.5: 10 against 6
+    jobs = sharding.token_jobs(rows, disjoint, 0.5)
+    assert [(list(q), list(r)) for q, r in jobs] == [([0], [10, 11]), ([1], [12]), ([2], [13])]
+    shared = np.ones((3, 4), dtype=bool)  # 12 pairs: together 4 x 2.5 = 10 against 12 x 1.5 = 18
+    assert [(list(q), list(r)) for q, r in sharding.token_jobs(rows, shared, 0.5)] == [([0, 1, 2], [10, 11, 12, 13])]
+    one = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=bool)
+    assert [(list(q), list(r)) for q, r in sharding.token_jobs(rows[[0, 2]], one[:, [0, 2]], 5.0)] == [([1], [10, 12])]
+
+
+def test_token_pass_query_by_query_equals_all_queries_at_once(setup, tmp_path, monkeypatch):
+    """Forcing the query-by-query plan (a large contraction share) gives the same token scores, pairs and order."""
+    at_once = read_scores(run(setup, tmp_path / "at_once", shard_args=top_k_tokens(3)), top_k_tokens=3)
+    monkeypatch.setattr(sharding, "token_contraction_share", lambda model, layers: 100.0)
+    counted = CountedPasses(monkeypatch)
+    alone = read_scores(run(setup, tmp_path / "alone", shard_args=top_k_tokens(3)), top_k_tokens=3)
+    parts = sharding.read_json(sharding.token_folder(tmp_path / "alone", 3) / "manifest.json")["num_shards"]
+    assert counted.calls["tokens"] > parts  # more than one call in some part: queries scored apart
+    check_equal(alone, setup[5], [l.name for l in setup[1]], top_k=3)
+    assert list(alone["query"]) == list(at_once["query"]) and list(alone["train_id"]) == list(at_once["train_id"])
+    for a, b in zip(alone["token_scores"].dropna(), at_once["token_scores"].dropna()):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_interrupted_token_pass_resumes(setup, tmp_path, monkeypatch):
