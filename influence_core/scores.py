@@ -253,11 +253,14 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             check_finite(stacked, "influence scores")
             per_layer_parts.append(stacked.cpu())
             del grads, loss, a, g, layer_scores
-            return_freed_host_memory()  # the batch's per-sequence gradients, kept by glibc's heap otherwise
             if args.per_token:
                 if dropped:  # zeros on the trimmed padding columns
                     token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
                 per_token_parts.append(token_scores.cpu())
+    # once, not per batch: every batch needs the same temporaries, which glibc's heap serves again; handing them
+    # back after each batch made the next one fault its pages in anew (gpt2_m, Q = 128: +5-6 s of system time on a
+    # 10 s pass, for 60 MiB less peak; benchmarks/peers, figures/bench/README.md)
+    return_freed_host_memory()
     if not per_layer_parts:
         raise ValueError("the training data is empty: no batches to score")
     per_layer = torch.cat(per_layer_parts, dim=1)
