@@ -191,6 +191,14 @@ def _check_queries_match(layers: Sequence[TrackedLayer], queries: dict) -> None:
                     f"this model's is {value}: recompute them (and their factors) on this model")
 
 
+# compute_scores hands glibc's freed heap back every this many training batches and after its pass. Every batch
+# needs the same temporaries, so trimming after each one made the next fault its pages in anew (gpt2_m, Q = 128:
+# +5-6 s of system time on a 10 s pass, for 60 MiB less peak); never trimming let the retained heap grow with N
+# (gpt2_s, N = 10,000, Q = 32: peak 1,000-1,025 MiB, 799 MiB trimming every 64 batches at no measurable cost;
+# benchmarks/memory_return.py, figures/bench/README.md)
+TRIM_EVERY_BATCHES = 64
+
+
 def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
                    preconditioned_queries: dict[str, torch.Tensor], query_names: Sequence[str] | None = None,
                    args: ScoreArguments | None = None) -> InfluenceScores:
@@ -253,13 +261,12 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             check_finite(stacked, "influence scores")
             per_layer_parts.append(stacked.cpu())
             del grads, loss, a, g, layer_scores
+            if index % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                return_freed_host_memory()
             if args.per_token:
                 if dropped:  # zeros on the trimmed padding columns
                     token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
                 per_token_parts.append(token_scores.cpu())
-    # once, not per batch: every batch needs the same temporaries, which glibc's heap serves again; handing them
-    # back after each batch made the next one fault its pages in anew (gpt2_m, Q = 128: +5-6 s of system time on a
-    # 10 s pass, for 60 MiB less peak; benchmarks/peers, figures/bench/README.md)
     return_freed_host_memory()
     if not per_layer_parts:
         raise ValueError("the training data is empty: no batches to score")

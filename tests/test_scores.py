@@ -196,8 +196,8 @@ def test_damping_override():
 
 def test_freed_memory_is_handed_back_between_batches_and_scores_are_unchanged(monkeypatch):
     """issue 19 item 5: query_gradients gives glibc's freed heap back after every query batch and each layer's
-    join, compute_scores once after its pass (per batch it cost more in page faults than it saved); the numbers do
-    not depend on it."""
+    join, compute_scores every TRIM_EVERY_BATCHES batches and after its pass (per batch it cost more in page
+    faults than it saved); the numbers do not depend on it."""
     import influence_core.scores as scores_module
     from influence_core.batch import return_freed_host_memory
 
@@ -208,7 +208,11 @@ def test_freed_memory_is_handed_back_between_batches_and_scores_are_unchanged(mo
     calls = []
     monkeypatch.setattr(scores_module, "return_freed_host_memory", lambda: calls.append(1) or return_freed_host_memory())
     after = influence(model, layers, factors, query_batches(), token_batches(6))
-    n_query = len(list(query_batches()))
-    assert len(calls) == n_query + len(layers) + 1
+    n_query, n_train = len(list(query_batches())), len(list(token_batches(6)))
+    assert len(calls) == n_query + len(layers) + n_train // scores_module.TRIM_EVERY_BATCHES + 1
+    calls.clear()
+    monkeypatch.setattr(scores_module, "TRIM_EVERY_BATCHES", 2)  # and every k training batches
+    influence(model, layers, factors, query_batches(), token_batches(6))
+    assert len(calls) == n_query + len(layers) + n_train // 2 + 1
     assert torch.equal(before.total, after.total)
     assert return_freed_host_memory() in (True, False)
