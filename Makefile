@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape bench-covariance-subset validate validate_zoo validate_zoo_dense lds report findings
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape bench-real-shape-410m bench-covariance-subset validate validate_zoo validate_zoo_dense lds report findings
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -97,6 +97,9 @@ bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the grad
 
 bench-real-shape:  ## Pythia-160m's dimensions, random weights, T=128, N=32 and 64: fixed and per-sequence costs apart -> figures/bench/real_shape.*
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.real_shape
+
+bench-real-shape-410m:  ## the same at Pythia-410m's dimensions, N=32 (~35 min on one core, ~11 GB) -> figures/bench/real_shape_410m.*
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m benchmarks.real_shape --shape pythia-410m --sequences 32 --tokens 128 --queries 4 --name real_shape_410m
 
 bench-covariance-subset:  ## EK-FAC with A, S from a fraction of the fitting batches (0.02 .. 1), the correction from all: fit time over floor, Pearson and top-100 overlap vs the full fit (zoo, gpt2_s; N=1000) -> figures/bench/covariance_subset.*
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m benchmarks.covariance_subset $(COVARIANCE_SUBSET_ARGS)
