@@ -171,9 +171,8 @@ def token_contraction_share(model: nn.Module, layers: Sequence[TrackedLayer]) ->
     return 2 * tracked / (6 * max(1, sum(p.numel() for p in model.parameters())))
 
 
-def token_jobs(rows: np.ndarray, wanted: np.ndarray, contraction_share: float) -> list[tuple[np.ndarray | None,
-                                                                                             np.ndarray]]:
-    """How one token part is scored: [(query indices or None for all, rows)] for wanted (Q, n) over its rows.
+def token_jobs(rows: np.ndarray, wanted: np.ndarray, contraction_share: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """How one token part is scored: [(query indices, rows)] for wanted (Q, n) over its rows.
 
     Either every row with every query that wants one of them, in one pass (n passes, each with Q' token-wise
     contractions), or each query alone on its own rows (one pass per wanted pair, one contraction each): whichever
