@@ -578,9 +578,9 @@ def run_bergson_index(loaded: LoadedWorkload, train, config, index_dim: int, out
     return entry
 
 
-RUNNERS = {"floor": run_floor,
+RUNNERS = {"floor": run_floor, "dattri": run_dattri, "bergson": run_bergson,
            "ours": lambda loaded, queries, out, seed: run_ours(loaded, queries, out, seed,
-                                                              index_dim=OURS_INDEX_DIM if seed == 0 else None), "dattri": run_dattri, "bergson": run_bergson,
+                                                              index_dim=OURS_INDEX_DIM if seed == 0 else None),
            "ours_rank32": lambda *a: run_ours(*a, query_rank=32), "kronfluence": run_kronfluence,
            "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
 

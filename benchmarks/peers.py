@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import pearsonr, spearmanr
 
+from benchmarks.index import overlap
 from benchmarks.setup import FIGURES, load_average
 from benchmarks.workloads import MODELS, PEERS_ARTIFACTS, Workload, load_workload
 
@@ -216,16 +218,12 @@ def index_row(base: dict, r: dict, ours_dir: Path | None, ours_q: int) -> dict:
         exact = np.load(ours_dir / f"scores_q{ours_q}.npy")[:1]
         row.update(agreement(exact, np.load(Path(r["out"]) / "index_scores_q1.npy")))
         reranked = Path(r["out"]) / "rerank_rows_q1.npy"
-        if reranked.exists():
-            row[f"top{TOP_K}_overlap_after_rerank"] = overlap_after_rerank(exact, np.load(reranked))
+        if reranked.exists():  # share of the exact top k among the re-ranked rows' first k (benchmarks/index.py's)
+            rows = np.load(reranked)
+            k = min(TOP_K, exact.shape[1], rows.shape[1])
+            row[f"top{TOP_K}_overlap_after_rerank"] = float(overlap(torch.from_numpy(rows), torch.from_numpy(exact),
+                                                                    k).mean())
     return row
-
-
-def overlap_after_rerank(exact: np.ndarray, reranked_rows: np.ndarray, k: int = TOP_K) -> float:
-    """Mean over queries of the share of the exact top k (exact: (Q, N) scores) among the first k re-ranked rows
-    (reranked_rows: (Q, C) row indices, best first)."""
-    k = min(k, exact.shape[1], reranked_rows.shape[1])
-    return float(np.mean([len(set(np.argsort(-e)[:k]) & set(rows[:k])) / k for e, rows in zip(exact, reranked_rows)]))
 
 
 SHOWN = ["workload", "system", "queries", "floor_cpu_s", "fit_cpu_s", "score_cpu_s", "fit_over_floor",

@@ -11,7 +11,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.peer_systems import conv1d_as_linear, peak_rss_mb, run_kronfluence, run_ours
-from benchmarks.peers import agreement, overlap_after_rerank
+from benchmarks.index import overlap
+from benchmarks.peers import agreement
 from benchmarks.workloads import LoadedWorkload, Workload
 from influence_core import (CausalLMTask, FactorArguments, Query, compute_scores, encode_queries, fit_factors,
                             iterate_batches, precondition_queries, query_gradients, track_layers)
@@ -76,10 +77,11 @@ def test_our_index_row_at_full_dimension_gives_the_exact_scores(tmp_path):
 
 
 def test_overlap_after_rerank_on_a_hand_made_table():
-    exact = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
-    reranked = np.array([[0, 2, 1], [4, 0, 1]])  # query 0: top 2 {0, 1} vs {0, 2}; query 1: {4, 3} vs {4, 0}
-    assert overlap_after_rerank(exact, reranked, k=2) == pytest.approx(0.5)
-    assert overlap_after_rerank(exact, np.array([[1, 0, 4], [3, 4, 0]]), k=2) == pytest.approx(1.0)
+    """The peer table's top-100 overlap after the re-rank is benchmarks/index.py's `overlap`."""
+    exact = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    reranked = torch.tensor([[0, 2, 1], [4, 0, 1]])  # query 0: top 2 {0, 1} vs {0, 2}; query 1: {4, 3} vs {4, 0}
+    assert float(overlap(reranked, exact, k=2).mean()) == pytest.approx(0.5)
+    assert float(overlap(torch.tensor([[1, 0, 4], [3, 4, 0]]), exact, k=2).mean()) == pytest.approx(1.0)
 
 
 def test_conv1d_as_linear_keeps_the_function():
