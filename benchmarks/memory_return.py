@@ -34,7 +34,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(label: str, call) -> object:
+def measure(name: str, label: str, call) -> object:
     """Run call() with the engine's trim on ("trim") or a no-op ("none"); print its costs; return its result."""
     scores_module.return_freed_host_memory = TRIM if label == "trim" else (lambda: False)
     try:
@@ -42,7 +42,7 @@ def measure(label: str, call) -> object:
         start, (user, system) = peak_rss_mb(), cpu_seconds()
         result = call()
         user_end, system_end = cpu_seconds()
-        print(f"{call.__name__:16s} {label:5s} user {user_end - user:6.2f} s  system {system_end - system:5.2f} s  "
+        print(f"{name:16s} {label:5s} user {user_end - user:6.2f} s  system {system_end - system:5.2f} s  "
               f"start {start:6.0f} MiB  peak {peak_rss_mb():6.0f} MiB  after {rss_mb():6.0f} MiB", flush=True)
         return result
     finally:
@@ -67,19 +67,16 @@ def main(argv=None) -> None:
     def query_gradients_call():
         return query_gradients(model, layers, task, iterate_batches(encoded, 32), progress=False, factors=factors)
 
-    def compute_scores_call():
-        return compute_scores(model, layers, task, batches, preconditioned, names, ScoreArguments(progress=False))
-
-    query_gradients_call.__name__, compute_scores_call.__name__ = "query_gradients", "compute_scores"
     for _ in range(args.repeats):
         for label in ("trim", "none"):
-            measure(label, query_gradients_call)
+            measure("query_gradients", label, query_gradients_call)
             TRIM()
     preconditioned = query_gradients_call()
     TRIM()
     for _ in range(args.repeats):
         for label in ("trim", "none"):
-            measure(label, compute_scores_call)
+            measure("compute_scores", label, lambda: compute_scores(model, layers, task, batches, preconditioned, names,
+                                                                    ScoreArguments(progress=False)))
             TRIM()
 
 

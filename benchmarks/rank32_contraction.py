@@ -3,7 +3,7 @@
     python -m benchmarks.rank32_contraction            # Pythia-160m's MLP shapes, Q = 128, r = 32, 16 x 128 tokens
 
 Random activations, output gradients and rank-r queries; CPU seconds per batch (1 thread) of
-- `factored`: the engine's token-by-token path (`low_rank_token_scores` over the query chunks `compute_scores` uses),
+- `factored`: the engine's token-by-token path (compute_scores' `_factor_chunks` and `_low_rank_tokens`),
   T Q r (d_out + d_in) multiply-adds per sequence;
 - `rebuilt`: each chunk of queries rebuilt dense (L_q R_q) and contracted with the batch's per-sequence gradients D,
   T P + Q r P + Q P per sequence (P = d_out d_in): fewer multiply-adds at these shapes, tried and not kept because
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from influence_core.lowrank import LowRankQuery, flatten_factors, low_rank_token_scores
+from influence_core import ScoreArguments
+from influence_core.lowrank import LowRankQuery
+from influence_core.scores import _factor_chunks, _low_rank_tokens
 from influence_core.tracking import per_sequence_gradients
-
-LOW_RANK_CHUNK = 2**22  # ScoreArguments.low_rank_chunk's default: query chunks of budget / (r x 512) queries
 
 
 def cpu_seconds(call, repeats: int) -> float:
@@ -51,12 +51,11 @@ def main(argv=None) -> None:
         a = torch.randn(args.batch, args.tokens, d_in, generator=generator)
         query = LowRankQuery(torch.randn(args.queries, d_out, args.rank, generator=generator) / d_out ** 0.5,
                              torch.randn(args.queries, args.rank, d_in, generator=generator) / d_in ** 0.5)
-        per_chunk = max(1, LOW_RANK_CHUNK // (args.rank * 512))
-        chunks = [flatten_factors(query.select(slice(i, i + per_chunk))) for i in range(0, args.queries, per_chunk)]
+        chunks = _factor_chunks(query, ScoreArguments().low_rank_chunk)  # as compute_scores lays them out
         step = max(1, args.chunk_bytes // (d_out * d_in * 4))
 
         def factored():
-            return torch.cat([low_rank_token_scores(a, g, left, right, args.rank) for left, right in chunks]).sum(-1)
+            return _low_rank_tokens(a, g, chunks).sum(-1)
 
         def rebuilt():
             flat = per_sequence_gradients(a, g).reshape(args.batch, -1).T  # (P, B)
