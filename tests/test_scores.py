@@ -216,3 +216,31 @@ def test_freed_memory_is_handed_back_between_batches_and_scores_are_unchanged(mo
     assert len(calls) == n_query + len(layers) + n_train // 2 + 1
     assert torch.equal(before.total, after.total)
     assert return_freed_host_memory() in (True, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_over_the_predicted_rows_only_equals_the_ignore_index_cross_entropy(dtype):
+    """summed_cross_entropy takes logits[valid] before the log-softmax: the same loss and logit gradient as
+    cross_entropy(..., ignore_index=-100), and for a query with labels on 2 of 12 positions nothing of the
+    full (B, T, C) size is saved for the backward pass (the log-softmax over every prompt row was)."""
+    from influence_core.task import IGNORE_INDEX, summed_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 13, 50, generator=generator)
+    labels = torch.randint(0, 50, (3, 12), generator=generator)
+    labels[:, :10] = IGNORE_INDEX  # the prompt
+    labels[1, 10] = IGNORE_INDEX
+    for rows in (labels, torch.randint(0, 50, (3, 12), generator=generator)):  # a query, then every row predicted
+        ours_logits = base.to(dtype).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            ours = summed_cross_entropy(ours_logits[:, :-1], rows)  # shifted, non-contiguous, as CausalLMTask's
+        ours.backward()
+        plain_logits = base.to(dtype).requires_grad_()
+        plain = torch.nn.functional.cross_entropy(plain_logits[:, :-1].float().reshape(-1, 50), rows.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+        plain.backward()
+        assert torch.allclose(ours, plain, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(ours_logits.grad.float(), plain_logits.grad.float(), rtol=1e-6, atol=1e-6)
+        if rows is labels:
+            assert max(saved) == 5 * 50  # the 5 predicted rows' log-softmax, not 3 x 12 x 50
