@@ -146,3 +146,18 @@ def test_unconverged_ground_truths_are_flagged():
     assert warnings[0].startswith("b: the CG solve") and "8.0e-03" in warnings[0]
     assert warnings[1].startswith("b: only 1 of 10 training points converged for `pbrf`")
     assert ground_truth_warnings({"a": {"exact_info": None}}, table[table.model == "a"], cfg) == []
+
+
+def test_dense_solve_info_takes_the_eigenvalues_of_the_one_eigendecomposition():
+    """With the PBRF, comparison.py decomposes G + lambda once and hands its eigenvalues over: the same report as
+    the eigvalsh that dense_solve_info runs without them."""
+    from experiments.validation.ground_truth import damped_system, dense_solve_info
+
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    gnh, damping, rhs = root @ root.T, torch.tensor(0.3, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    solution = torch.linalg.solve(damped_system(gnh, damping), rhs.T).T
+    alone = dense_solve_info(gnh, damping, rhs, solution)
+    given = dense_solve_info(gnh, damping, rhs, solution, torch.linalg.eigh(damped_system(gnh, damping))[0])
+    assert alone == pytest.approx(given, rel=1e-12)
+    assert alone["eigenvalue_min"] == pytest.approx(float(torch.linalg.eigvalsh(gnh)[0]) + 0.3, rel=1e-10)

@@ -86,7 +86,12 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
         influence["exact_layerwise"], timings["exact_layerwise"] = timed(
             lambda: scores_of(exact_ihvp(layerwise(exact["gnh"], layers), q_flat, damping)))
         timings["exact_layerwise"] += exact["gnh_seconds"]
-        exact["dense_info"] = dense_solve_info(exact["gnh"], damping, q_flat, exact["ihvp"])
+        # with the PBRF, G + lambda's eigendecomposition is needed for its preconditioner too: computed once
+        start = time.perf_counter()
+        decomposition = torch.linalg.eigh(damped_system(exact["gnh"], damping)) if setup.pbrf else None
+        decomposition_seconds = time.perf_counter() - start
+        exact["dense_info"] = dense_solve_info(exact["gnh"], damping, q_flat, exact["ihvp"],
+                                               None if decomposition is None else decomposition[0])
         convergence_of_lissa = lissa_convergence(setup.name, exact["gnh"], damping, q_flat, exact["ihvp"], lissa,
                                                  num_data, setup.query_names)
 
@@ -95,9 +100,10 @@ def run_validation(setup: setups.ValidationSetup, cfg: DictConfig) -> dict:
     if setup.pbrf:
         if exact_method == "dense":
             start = time.perf_counter()
-            values, vectors = torch.linalg.eigh(damped_system(exact["gnh"], damping))
+            values, vectors = decomposition
             root = (vectors / values.sqrt()) @ vectors.T  # (G + lambda)^{-1/2}, symmetric
-            preconditioner, preconditioner_seconds = (lambda v: v @ root), time.perf_counter() - start
+            preconditioner = (lambda v: v @ root)
+            preconditioner_seconds = decomposition_seconds + time.perf_counter() - start
         else:
             preconditioner = factor_operator(factors["ekfac"], layers, damping_by_layer, power=0.5)
             preconditioner_seconds = 0.0

@@ -41,12 +41,14 @@ def relative_residual(system: torch.Tensor, solution: torch.Tensor, rhs: torch.T
     return (solution.to(system.dtype) @ system - rhs).norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-300)
 
 
-def dense_solve_info(gnh: torch.Tensor, damping: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor) -> dict:
+def dense_solve_info(gnh: torch.Tensor, damping: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor,
+                     eigenvalues: torch.Tensor | None = None) -> dict:
     """How exact a dense solve of (G + lambda) x = q is: relative residual ||(G + lambda) x - q|| / ||q|| per row,
-    and the extreme eigenvalues and condition number of G + lambda (float64 loses ~ condition x 1e-16 of x)."""
+    and the extreme eigenvalues and condition number of G + lambda (float64 loses ~ condition x 1e-16 of x).
+    eigenvalues: those of G + lambda, ascending, when the caller has them (else computed here by eigvalsh)."""
     system = damped_system(gnh, damping)
     residual = relative_residual(system, solution, rhs)
-    eigenvalues = torch.linalg.eigvalsh(system)
+    eigenvalues = torch.linalg.eigvalsh(system) if eigenvalues is None else eigenvalues
     return {"relative_residual": residual.tolist(), "eigenvalue_min": float(eigenvalues[0]),
             "eigenvalue_max": float(eigenvalues[-1]), "condition_number": float(eigenvalues[-1] / eigenvalues[0])}
 
