@@ -151,9 +151,10 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, q
         names, encoded = loaded.encoded_queries(count)
         entry: dict = {"queries": count}
         with phase(entry, "score"):
-            # preconditioned batch by batch: the raw gradients of all Q queries are never held beside them
+            # preconditioned (and at a rank truncated) batch by batch: neither the raw gradients of all Q queries nor
+            # their full-rank preconditioned ones are ever held beside what is kept
             preconditioned = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH), progress=False,
-                                             factors=factors)
+                                             factors=factors, query_rank=query_rank)
             scores = compute_scores(model, layers, task, batches, preconditioned, names,
                                     ScoreArguments(progress=False, query_rank=query_rank))
             del preconditioned

@@ -33,7 +33,6 @@ from influence_core import (CausalLMTask, FactorArguments, InfluenceScores, Scor
                             encode_queries,
                             fit_factors, iterate_batches, model_fingerprint, query_gradients, track_layers)
 from influence_core import Query as EngineQuery
-from influence_core.lowrank import compress_queries
 from influence_core.sharding import ShardArguments, read_scores, score_in_shards, token_folder
 from influence_core.task import IGNORE_INDEX
 from influence_core.tfidf import tfidf_candidates
@@ -389,9 +388,10 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
 
     start = time.perf_counter()
     encoded_queries = encode_queries(tokenizer, engine_queries(queries), max_length=model_max_length(model))
-    preconditioned = query_gradients(model, layers, task, iterate_batches(encoded_queries, influence.query_batch_size),
-                                     progress=progress and influence.progress and distributed.is_main(), factors=factors)
-    stored = compress_queries(preconditioned, scoring.query_rank) if scoring.query_rank is not None else preconditioned
+    # preconditioned and, at a query rank, truncated batch by batch: the full-rank queries of all Q are never held
+    stored = query_gradients(model, layers, task, iterate_batches(encoded_queries, influence.query_batch_size),
+                             progress=progress and influence.progress and distributed.is_main(), factors=factors,
+                             query_rank=scoring.query_rank)
     timings["queries"] = time.perf_counter() - start
 
     candidates = None

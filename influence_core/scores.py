@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
                     real_token_activations, return_freed_host_memory, row_count, to_device, upcast)
 from .factors.types import FactorMismatchError, Factors, check_number
-from .lowrank import LowRankQuery, check_rank, compress_queries, flatten_factors, low_rank_token_scores
+from .lowrank import (LowRankQuery, check_rank, compress_queries, compress_query, flatten_factors,
+                      low_rank_token_scores, uses_low_rank)
 from .task import Task, trim_padding
 from .tracking import (LayerCapture, TrackedLayer, layer_fingerprints, per_sequence_gradients,
                        tracked_parameters_require_grad)
@@ -103,19 +104,30 @@ def dense_scores(queries: torch.Tensor, per_sequence: torch.Tensor) -> torch.Ten
 
 
 def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task, batches: Iterable[Batch],
-                    progress: bool = True, factors: Factors | None = None) -> dict[str, torch.Tensor]:
+                    progress: bool = True, factors: Factors | None = None,
+                    query_rank: int | None = None) -> dict[str, torch.Tensor | LowRankQuery]:
     """q_l = grad of each query's completion loss w.r.t. layer l, canonical layout, (Q, d_out, d_in) per layer.
 
     With `factors`, each batch of gradients is preconditioned as it comes, (G_l + lambda_l I)^{-1} q_l, the same as
     precondition_queries(query_gradients(...), factors) without ever holding the raw gradients of all Q queries
     beside the preconditioned ones (peak memory ~1x instead of ~2x the Q queries' size).
 
+    With `query_rank` r (needs `factors`) each batch's preconditioned queries are also truncated as they come, per
+    layer where r < min(d_out, d_in), to LowRankQuery (Q r (d_out + d_in) numbers): the same result as
+    compress_queries(query_gradients(..., factors), r), query by query, without ever holding the full-rank queries
+    of all Q (at Pythia-160m's shapes 29 GB for Q = 128, against 1.5 GB at rank 32).
+
     Raises ValueError for a query with no predicted label (all -100: its gradient would be 0 and it would score 0
     everywhere), and FactorMismatchError for factors of other layers or another model.
     """
     if factors is not None:
         factors.check_layers(layers)
-    collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in layers}
+    if query_rank is not None:
+        check_rank(query_rank)
+        if factors is None:
+            raise ValueError("query_rank truncates the preconditioned queries (paper Sec 3.2): give factors too, or "
+                             "compress after precondition_queries with compress_queries")
+    collected: dict[str, list] = {l.name: [] for l in layers}
     seen = 0
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in enumerate(tqdm(batches, desc="query gradients", disable=not progress, leave=False)):
@@ -132,7 +144,11 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name]))
                 d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
                 check_finite(d, f"query gradient of layer '{layer.name}'")
-                collected[layer.name].append((factors.precondition(layer.name, d) if factors is not None else d).cpu())
+                if factors is not None:
+                    d = factors.precondition(layer.name, d)
+                if uses_low_rank(d.shape, query_rank):
+                    d = compress_query(d, query_rank)
+                collected[layer.name].append(d.to("cpu"))
             del grads, loss, a, d
             return_freed_host_memory()  # the batch's temporaries, kept by glibc's heap otherwise (batch.py)
     if not collected[layers[0].name]:
@@ -158,8 +174,13 @@ def _check_query_labels(task: Task, batch: Batch, first_index: int) -> None:
                          "completion was truncated away): it would score 0 everywhere; give each query completion labels")
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _joined(parts: list) -> torch.Tensor | LowRankQuery:
+    """The batches' parts of one layer, concatenated over queries (tensors, or LowRankQuery factors)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], LowRankQuery):
+        return LowRankQuery(torch.cat([p.left for p in parts]), torch.cat([p.right for p in parts]))
+    return torch.cat(parts)
 
 
 def precondition_queries(gradients: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:

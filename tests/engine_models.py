@@ -55,13 +55,13 @@ def token_batches(n: int, length: int = 6, seed: int = 2, batch_size: int = 4, p
     return iterate_batches({"input_ids": ids, "attention_mask": mask, "labels": labels}, batch_size)
 
 
-def query_batches(n: int = 3, length: int = 5, seed: int = 3):
-    """Queries: the first two tokens are the prompt (ignored), the rest the completion."""
+def query_batches(n: int = 3, length: int = 5, seed: int = 3, batch_size: int | None = None):
+    """Queries: the first two tokens are the prompt (ignored), the rest the completion; one batch unless batch_size."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, length), generator=g)
     labels = ids.clone()
     labels[:, :2] = -100
-    return iterate_batches({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, n)
+    return iterate_batches({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, batch_size or n)
 
 
 class FixedLabelTask(CausalLMTask):

@@ -90,3 +90,32 @@ def test_gram_truncation_equals_the_svd_truncation(shape):
         eye = torch.eye(r, dtype=torch.float64).expand(len(full_rank_rows), r, r)
         torch.testing.assert_close(full_rank_rows @ full_rank_rows.transpose(1, 2), eye, rtol=0, atol=1e-10)
         torch.testing.assert_close(q.left.norm(dim=1), s[..., :r], rtol=0, atol=1e-10 * float(s.max()))
+
+
+def test_queries_truncated_batch_by_batch_equal_truncated_after(monkeypatch):
+    """query_gradients(..., factors, query_rank=r) truncates each batch's preconditioned queries as they come: the
+    same rank-r queries (hence scores) as compress_queries on the full-rank result, while every part it joins is
+    already factored; without factors the rank is refused."""
+    import influence_core.scores as scores_module
+
+    model, task = gpt_neox(), CausalLMTask()
+    layers = track_layers(model)
+    factors = fit_factors(model, layers, task, token_batches(8), FactorArguments(dtype="float64", progress=False))
+    after = compress_queries(query_gradients(model, layers, task, query_batches(n=5, batch_size=2), progress=False,
+                                             factors=factors), rank=3)
+    joined, join = [], scores_module._joined
+    monkeypatch.setattr(scores_module, "_joined", lambda parts: joined.append(parts) or join(parts))
+    batchwise = query_gradients(model, layers, task, query_batches(n=5, batch_size=2), progress=False, factors=factors,
+                                query_rank=3)
+    assert len(joined) == len(layers) and all(len(parts) == 3 for parts in joined)  # 3 batches of <= 2 queries
+    assert all(isinstance(p, LowRankQuery) for parts in joined for p in parts)
+    assert batchwise.layer_fingerprints
+    for name, query in after.items():
+        assert isinstance(batchwise[name], LowRankQuery) and batchwise[name].shape == query.shape
+        torch.testing.assert_close(batchwise[name].dense(), query.dense())
+    expected = compute_scores(model, layers, task, token_batches(9), after, args=ScoreArguments(progress=False))
+    got = compute_scores(model, layers, task, token_batches(9), batchwise,
+                         args=ScoreArguments(progress=False, query_rank=3))
+    torch.testing.assert_close(got.total, expected.total)
+    with pytest.raises(ValueError, match="query_rank truncates the preconditioned queries"):
+        query_gradients(model, layers, task, query_batches(n=2), progress=False, query_rank=3)
