@@ -46,6 +46,11 @@ from benchmarks.workloads import MODELS, PEERS_ARTIFACTS, Workload, load_workloa
 TOP_K = 100
 
 NOTES = {  # what a peer does not share with ours, one line each (benchmarks/peer_systems.py has the details)
+    "ours": (
+        "ours groups its query batches (32 queries) by the queries' real length (`iterate_batches(..., by_length="
+        "True)`, results in the queries' order), so a batch pads only to its own longest query; the peers take the "
+        "same batches of 32 in the given order"
+    ),
     "bergson": (
         "bergson 2.5.1 (`pip install --no-deps bergson==2.5.1` plus its other dependencies; its torchvision/torchaudio "
         "requirement has no CPU build for torch 2.13), its EK-FAC stages called in-process (hessian_worker, "

@@ -94,7 +94,8 @@ def query(index_dir: str | Path, queries_path: str | Path, candidates: int = 500
                              max_length=model_max_length(loaded.model))
     task = CausalLMTask()
     start = time.perf_counter()
-    scores, preconditioned = query_index(loaded.model, layers, task, iterate_batches(encoded, query_batch_size),
+    scores, preconditioned = query_index(loaded.model, layers, task,
+                                         iterate_batches(encoded, query_batch_size, by_length=True),
                                          factors, index)
     timings = {"index": time.perf_counter() - start}
     corpus = None

@@ -389,7 +389,8 @@ def score_model(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Query], i
     start = time.perf_counter()
     encoded_queries = encode_queries(tokenizer, engine_queries(queries), max_length=model_max_length(model))
     # preconditioned and, at a query rank, truncated batch by batch: the full-rank queries of all Q are never held
-    stored = query_gradients(model, layers, task, iterate_batches(encoded_queries, influence.query_batch_size),
+    stored = query_gradients(model, layers, task,
+                             iterate_batches(encoded_queries, influence.query_batch_size, by_length=True),
                              progress=progress and influence.progress and distributed.is_main(), factors=factors,
                              query_rank=scoring.query_rank)
     timings["queries"] = time.perf_counter() - start
@@ -432,7 +433,8 @@ def layer_token_scores(loaded: LoadedModel, corpus: Corpus, queries: Sequence[Qu
                           fit_args, output_dir=plan.factors_dir, data_fingerprint=f"{corpus.fingerprint}:{plan.fit_count}")
     encoded_queries = encode_queries(loaded.tokenizer, engine_queries(queries), max_length=model_max_length(loaded.model))
     preconditioned = query_gradients(loaded.model, plan.layers, task,
-                                     iterate_batches(encoded_queries, influence.query_batch_size), progress=False,
+                                     iterate_batches(encoded_queries, influence.query_batch_size, by_length=True),
+                                     progress=False,
                                      factors=factors)
     per_layer = []
     for layer in plan.layers:

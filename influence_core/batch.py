@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 Batch = Mapping[str, Any]
 
 
+# the key under which a batch of iterate_batches(..., by_length=True) carries its rows' indices in the data set
+SOURCE_ROWS = "source_rows"
+
+
+def refuse_reordered(batch: Batch, what: str) -> None:
+    """Refuse a batch of rows out of their data set's order (SOURCE_ROWS): `what` returns its rows in batch order."""
+    if SOURCE_ROWS in batch:
+        raise ValueError(f"{what} got batches grouped by length (iterate_batches(..., by_length=True)): its results "
+                         "would be in the sorted order, not the data set's; batch these data with by_length=False")
+
+
 def row_count(batch: Batch) -> int:
     """Number of rows (sequences) of a batch, or of a whole data set given as a dict of (N, ...) tensors: the first
     dimension of input_ids if present, else of the first tensor with a dimension."""

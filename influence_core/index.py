@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from . import (Factors, ScoreArguments, TrackedLayer, compute_scores, iterate_batches, model_fingerprint,
                per_sequence_gradients, query_gradients)
-from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, real_token_activations, to_device,
-                    upcast)
+from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, real_token_activations,
+                    refuse_reordered, to_device, upcast)
 from .sharding import _data_fingerprint
 from .task import Task, trim_padding
 from .tracking import LayerCapture, layer_fingerprints, tracked_parameters_require_grad
@@ -279,6 +279,7 @@ def compressed_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task:
         with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
             for index, batch in enumerate(batches):
                 check_nonempty(batch, index, "training")
+                refuse_reordered(batch, "the gradient index")
                 batch, _ = trim_padding(to_device(batch, model))
                 capture.clear(batch)
                 loss = task.training_loss(model, batch)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batch import (Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
-                    real_token_activations, return_freed_host_memory, row_count, to_device, upcast)
+from .batch import (SOURCE_ROWS, Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
+                    real_token_activations, refuse_reordered, return_freed_host_memory, row_count, to_device, upcast)
 from .factors.types import FactorMismatchError, Factors, check_number
 from .lowrank import (LowRankQuery, check_rank, compress_queries, compress_query, flatten_factors,
                       low_rank_token_scores, uses_low_rank)
@@ -128,11 +128,13 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
             raise ValueError("query_rank truncates the preconditioned queries (paper Sec 3.2): give factors too, or "
                              "compress after precondition_queries with compress_queries")
     collected: dict[str, list] = {l.name: [] for l in layers}
+    rows: list[torch.Tensor] = []  # each batch's rows' indices among the queries (SOURCE_ROWS when grouped by length)
     seen = 0
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in enumerate(tqdm(batches, desc="query gradients", disable=not progress, leave=False)):
             check_nonempty(batch, index, "query")
-            _check_query_labels(task, batch, seen)
+            rows.append(batch[SOURCE_ROWS].cpu() if SOURCE_ROWS in batch else torch.arange(seen, seen + row_count(batch)))
+            _check_query_labels(task, batch, rows[-1])
             seen += row_count(batch)
             batch, _ = trim_padding(to_device(batch, model))
             capture.clear(batch)
@@ -154,14 +156,20 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
     if not collected[layers[0].name]:
         raise ValueError("no queries given")
     # layer by layer, each layer's parts freed once joined: peak one layer above the result, not the whole result
+    positions = torch.cat(rows)  # where each computed row goes in the result
+    if torch.equal(positions, torch.arange(len(positions))):
+        positions = None
+    elif not torch.equal(positions.sort().values, torch.arange(len(positions))):
+        raise ValueError(f"the query batches' {SOURCE_ROWS} are not a permutation of 0..{len(positions) - 1}: give "
+                         "each query once, batched by one iterate_batches call")
     joined = {}
     for name in list(collected):
-        joined[name] = _joined(collected.pop(name))
+        joined[name] = _joined(collected.pop(name), positions)
         return_freed_host_memory()
     return LayerGradients(joined, layer_fingerprints(layers))
 
 
-def _check_query_labels(task: Task, batch: Batch, first_index: int) -> None:
+def _check_query_labels(task: Task, batch: Batch, rows: torch.Tensor) -> None:
     """Refuse queries without a predicted label: their measurement is empty, their influence 0 everywhere."""
     counts = task.label_counts(batch)
     if counts is None:
@@ -169,18 +177,30 @@ def _check_query_labels(task: Task, batch: Batch, first_index: int) -> None:
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         names = batch.get("names") or batch.get("query_names")
-        which = ", ".join(f"{first_index + i}" + (f" ('{names[i]}')" if names is not None else "") for i in empty)
+        which = ", ".join(f"{int(rows[i])}" + (f" ('{names[i]}')" if names is not None else "") for i in empty)
         raise ValueError(f"query {which} has no completion label (all labels -100 after the shift, e.g. the "
                          "completion was truncated away): it would score 0 everywhere; give each query completion labels")
 
 
-def _joined(parts: list) -> torch.Tensor | LowRankQuery:
-    """The batches' parts of one layer, concatenated over queries (tensors, or LowRankQuery factors)."""
-    if len(parts) == 1:
-        return parts[0]
+def _joined(parts: list, positions: torch.Tensor | None = None) -> torch.Tensor | LowRankQuery:
+    """The batches' parts of one layer joined over queries (tensors, or LowRankQuery factors); with `positions`, the
+    k-th row of the parts (in batch order) lands at row positions[k] of the result."""
     if isinstance(parts[0], LowRankQuery):
-        return LowRankQuery(torch.cat([p.left for p in parts]), torch.cat([p.right for p in parts]))
-    return torch.cat(parts)
+        return LowRankQuery(_rows_joined([p.left for p in parts], positions),
+                            _rows_joined([p.right for p in parts], positions))
+    return _rows_joined(parts, positions)
+
+
+def _rows_joined(parts: list[torch.Tensor], positions: torch.Tensor | None) -> torch.Tensor:
+    """torch.cat(parts), or its rows scattered to `positions`, written once into one tensor of the result's size."""
+    if positions is None:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = parts[0].new_empty((len(positions), *parts[0].shape[1:]))
+    start = 0
+    for part in parts:
+        out[positions[start:start + len(part)]] = part
+        start += len(part)
+    return out
 
 
 def precondition_queries(gradients: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:
@@ -255,6 +275,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
             check_nonempty(batch, index, "training")
+            refuse_reordered(batch, "compute_scores")
             batch, dropped = trim_padding(to_device(batch, model))  # per-token scores get the dropped columns back
             capture.clear(batch)
             loss = task.training_loss(model, batch)

@@ -104,7 +104,8 @@ def test_queries_truncated_batch_by_batch_equal_truncated_after(monkeypatch):
     after = compress_queries(query_gradients(model, layers, task, query_batches(n=5, batch_size=2), progress=False,
                                              factors=factors), rank=3)
     joined, join = [], scores_module._joined
-    monkeypatch.setattr(scores_module, "_joined", lambda parts: joined.append(parts) or join(parts))
+    monkeypatch.setattr(scores_module, "_joined",
+                        lambda parts, positions: joined.append(parts) or join(parts, positions))
     batchwise = query_gradients(model, layers, task, query_batches(n=5, batch_size=2), progress=False, factors=factors,
                                 query_rank=3)
     assert len(joined) == len(layers) and all(len(parts) == 3 for parts in joined)  # 3 batches of <= 2 queries

@@ -244,3 +244,49 @@ def test_loss_over_the_predicted_rows_only_equals_the_ignore_index_cross_entropy
         assert torch.allclose(ours_logits.grad.float(), plain_logits.grad.float(), rtol=1e-6, atol=1e-6)
         if rows is labels:
             assert max(saved) == 5 * 50  # the 5 predicted rows' log-softmax, not 3 x 12 x 50
+
+
+def varied_queries(n: int = 7, width: int = 9, seed: int = 5) -> dict[str, torch.Tensor]:
+    """n queries right-padded to `width`, of 3..width real tokens (prompt 2 tokens, the rest the completion)."""
+    from engine_models import VOCAB
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, width), generator=generator)
+    lengths = torch.tensor([width, 3, 6, 4, width - 1, 3, 5][:n])
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_queries_grouped_by_length_give_the_gradients_in_their_own_order():
+    """iterate_batches(..., by_length=True) sorts rows by real length and tags each batch with its rows' indices;
+    query_gradients returns the same (preconditioned, or rank-truncated) queries in the original order, and the
+    passes whose outputs are per row refuse such batches."""
+    from influence_core import iterate_batches
+    from influence_core.batch import SOURCE_ROWS
+    from influence_core.index import IndexArguments, compressed_gradients, index_bases
+
+    encoded = varied_queries()
+    grouped = iterate_batches(encoded, 3, by_length=True)
+    assert [b[SOURCE_ROWS].tolist() for b in grouped] == [[1, 5, 3], [6, 2, 4], [0]]  # lengths 3, 3, 4 | 5, 6, 8 | 9
+    model, task = gpt_neox(), CausalLMTask()
+    layers = track_layers(model)
+    factors = fit_factors(model, layers, task, token_batches(8), FactorArguments(dtype="float64", progress=False))
+    for kwargs in ({}, {"factors": factors}, {"factors": factors, "query_rank": 3}):
+        plain = query_gradients(model, layers, task, iterate_batches(encoded, 3), progress=False, **kwargs)
+        sorted_ = query_gradients(model, layers, task, grouped, progress=False, **kwargs)
+        for name, value in plain.items():
+            expected, got = (value.dense(), sorted_[name].dense()) if "query_rank" in kwargs else (value, sorted_[name])
+            torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="grouped by length"):
+        compute_scores(model, layers, task, grouped, plain, args=ScoreArguments(progress=False))
+    with pytest.raises(ValueError, match="grouped by length"):
+        compressed_gradients(model, layers, task, grouped, index_bases(layers, factors, IndexArguments()))
+    with pytest.raises(ValueError, match="these data have none"):
+        iterate_batches({"input_ids": encoded["input_ids"]}, 3, by_length=True)
+    labels = encoded["labels"].clone()
+    labels[3] = -100  # query 3, the third row of the first grouped batch, has no completion label
+    with pytest.raises(ValueError, match=r"query 3 has no completion label"):
+        query_gradients(model, layers, task, iterate_batches({**encoded, "labels": labels}, 3, by_length=True),
+                        progress=False)
