@@ -153,9 +153,9 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, q
         with phase(entry, "score"):
             # preconditioned (and at a rank truncated) batch by batch: neither the raw gradients of all Q queries nor
             # their full-rank preconditioned ones are ever held beside what is kept
-            preconditioned = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH, by_length=True),
-                                             progress=False,
-                                             factors=factors, query_rank=query_rank)
+            query_batches = iterate_batches(encoded, QUERY_BATCH, by_length=True)
+            preconditioned = query_gradients(model, layers, task, query_batches, progress=False, factors=factors,
+                                             query_rank=query_rank)
             scores = compute_scores(model, layers, task, batches, preconditioned, names,
                                     ScoreArguments(progress=False, query_rank=query_rank))
             del preconditioned

@@ -2,11 +2,11 @@
 
     python -m benchmarks.query_lengths --model gpt2_m --queries 128
 
-Fits the bench workload's factors, then times `query_gradients` on the same Q queries in batches of 32, as given
-and grouped by length (`iterate_batches(..., by_length=True)`), raw and preconditioned, the variants interleaved,
-`--repeats` times (CPU seconds of this one-thread process), and prints the token positions each batching pays for
-(rows x the batch's longest row, summed over batches) and the largest difference between the two results. Nothing
-is written.
+Fits the bench workload's factors, then times `query_gradients` on the same Q queries in the peer harness's batches
+(`peer_systems.QUERY_BATCH`, 32), as given and grouped by length (`iterate_batches(..., by_length=True)`), raw and
+preconditioned, the variants interleaved, `--repeats` times (CPU seconds of this one-thread process), and prints the
+token positions each batching pays for (rows x the batch's longest row, summed over batches) and the largest
+difference between the two results. Nothing is written.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import time
 
 import torch
 
+from benchmarks.peer_systems import QUERY_BATCH
 from benchmarks.workloads import MODELS, Workload, load_workload
 from influence_core import CausalLMTask, FactorArguments, fit_factors, iterate_batches, query_gradients, track_layers
-
-QUERY_BATCH = 32
 
 
 def padded_positions(batches) -> int:
