@@ -9,6 +9,8 @@ factor number (FactorArguments.dtype), b_m bytes per model number, B sequences p
     eigenvalue correction, per batch  2 B (d_out / k) d_in b_f                 per-sequence gradients and rotation
     scoring, per batch                B (d_out / k) d_in b_f                   per-sequence gradients
     preconditioned queries            Q d_out d_in x 4 (full rank)  or  Q r (d_out + d_in) x 4 (rank r)
+    rank-r queries kept dense         Q d_out d_in x 4, summed over layers, at most 1 GiB (ScoreArguments.dense_query_bytes)
+    pooled training batches           a quarter of the dense queries' bytes, at most 256 MiB (scores.POOL_MAX_BYTES)
     captured activations / gradients  B T (d_in + d_out) b_m
 
 plus the model's weights (parameters x b_m) and the activations its backward pass keeps, estimated as
@@ -33,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from .scores import POOL_MAX_BYTES, ScoreArguments
 from .tracking import TrackedLayer
 
 GIB = 2**30
@@ -58,6 +61,7 @@ class LayerMemory:
     scoring_per_sequence: int
     queries: int
     captures_per_token: int
+    dense_queries: int = 0  # Q d_out d_in x 4: the queries at full rank, or rank-r ones rebuilt dense for scoring
 
 
 @dataclass
@@ -112,7 +116,8 @@ def layer_memory(layer: TrackedLayer, factor_bytes: int, model_bytes: int, queri
         correction_per_sequence=2 * block * d_in * factor_bytes,
         scoring_per_sequence=block * d_in * factor_bytes,
         queries=query_numbers * 4,
-        captures_per_token=(d_in + d_out) * model_bytes)
+        captures_per_token=(d_in + d_out) * model_bytes,
+        dense_queries=queries * d_out * d_in * 4)
 
 
 def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: int, queries: int = 32,
@@ -137,6 +142,12 @@ def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: 
     if not per_layer:
         raise ValueError("no tracked layers to plan for")
 
+    # compute_scores keeps rank-r queries dense too while they fit dense_query_bytes, and pools training batches
+    # for the dense contraction up to a quarter of the dense queries (scores._pool_budget)
+    dense_total = sum(l.dense_queries for l in per_layer)
+    copies = 0 if query_rank is None else min(ScoreArguments().dense_query_bytes, dense_total)
+    pool = min(POOL_MAX_BYTES, (dense_total if query_rank is None else copies) // 4)
+
     def stages(b: int) -> dict[str, int]:
         captures = b * tokens * sum(l.captures_per_token for l in per_layer)
         forward = weights + b * tokens * backward_per_token + captures
@@ -146,7 +157,7 @@ def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: 
             "eigendecomposition": weights + sum(l.covariance for l in per_layer)
             + max(l.eigendecomposition for l in per_layer),
             "eigenvalue correction": forward + all_factors + max(b * l.correction_per_sequence for l in per_layer),
-            "scoring": forward + all_factors + sum(l.queries for l in per_layer)
+            "scoring": forward + all_factors + sum(l.queries for l in per_layer) + copies + pool
             + max(b * l.scoring_per_sequence for l in per_layer),
         }
 

@@ -18,6 +18,11 @@ either by the factored contraction sum_t (g_t^T U_s)(V^T a_t), cost B T Q r (d_o
 per-sequence gradient, or, when the rank-r matrices fit in `dense_query_bytes`, by the dense contraction with
 them, cost B T d_out d_in + B Q d_out d_in (+ B T Q d_out d_in for token scores): the cheaper per batch and
 layer. Both give the same numbers; layers already of rank <= r keep the exact dense queries.
+
+Pooled contraction: the dense product (Q, P) x (P, B) streams a layer's Q P query numbers from memory for only B
+sequences, so at large Q it is bound by memory, not arithmetic. compute_scores keeps the captured a and g of
+consecutive training batches (up to ScoreArguments.pool_bytes; automatic: a quarter of the dense queries' bytes)
+and contracts them in one product per layer (`pooled_scores`): the same numbers, batch by batch as given.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from tqdm.auto import tqdm
 from .batch import (SOURCE_ROWS, Batch, accumulation_dtype, check_finite, check_nonempty, eval_mode, model_device,
                     real_token_activations, refuse_reordered, return_freed_host_memory, row_count, to_device, upcast)
 from .factors.types import FactorMismatchError, Factors, check_number
-from .lowrank import (LowRankQuery, check_rank, compress_queries, compress_query, flatten_factors,
+from .lowrank import (LowRankQuery, check_rank, compress_queries, flatten_factors,
                       low_rank_token_scores, uses_low_rank)
 from .task import Task, trim_padding
 from .tracking import (LayerCapture, TrackedLayer, layer_fingerprints, per_sequence_gradients,
@@ -48,6 +53,8 @@ class ScoreArguments:
     dense_query_bytes: int = 2**30  # rank-r queries also kept dense (for the cheaper path) while they fit in this
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
     output_blocks: int | None = None  # dense layers: contract k blocks of output rows one after another (None: at once)
+    pool_bytes: int | None = None  # dense layers: training batches pooled up to this many bytes (see `pooled_scores`);
+    # None: automatic, a quarter of the dense queries' bytes, at most POOL_MAX_BYTES; 0: every batch on its own
 
     def __post_init__(self) -> None:
         for name in ("per_token", "progress"):
@@ -61,6 +68,8 @@ class ScoreArguments:
         check_number("low_rank_chunk", self.low_rank_chunk, 1, integer=True)
         if self.output_blocks is not None:
             check_number("output_blocks", self.output_blocks, 1, integer=True)
+        if self.pool_bytes is not None:
+            check_number("pool_bytes", self.pool_bytes, 0, integer=True)
 
 
 class LayerGradients(dict):
@@ -144,14 +153,16 @@ def query_gradients(model: nn.Module, layers: Sequence[TrackedLayer], task: Task
             for layer in layers:
                 # a, g upcast first: the outer products sum over tokens in float32 at least, not the model's bf16
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name]))
-                d = per_sequence_gradients(a, upcast(grads[layer.name], a.dtype))
-                check_finite(d, f"query gradient of layer '{layer.name}'")
-                if factors is not None:
-                    d = factors.precondition(layer.name, d)
-                if uses_low_rank(d.shape, query_rank):
-                    d = compress_query(d, query_rank)
+                g = upcast(grads[layer.name], a.dtype)
+                check_finite(a, f"query activations of layer '{layer.name}'")
+                check_finite(g, f"query output gradients of layer '{layer.name}'")
+                if factors is None:
+                    d = per_sequence_gradients(a, g)
+                else:  # preconditioned (and truncated where r < min(d_out, d_in)) from a and g: no D_n formed first
+                    rank = query_rank if uses_low_rank((layer.out_features, layer.input_dim), query_rank) else None
+                    d = factors.precondition_query(layer.name, a, g, rank)
                 collected[layer.name].append(d.to("cpu"))
-            del grads, loss, a, d
+            del grads, loss, a, g, d
             return_freed_host_memory()  # the batch's temporaries, kept by glibc's heap otherwise (batch.py)
     if not collected[layers[0].name]:
         raise ValueError("no queries given")
@@ -272,6 +283,11 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             size = q.shape[0] * q.shape[1] * q.shape[2] * q.left.element_size()
             if size <= budget:
                 reconstructed[n], budget = q.dense(), budget - size
+    dense = {n: q for n, q in queries.items() if not isinstance(q, LowRankQuery)} | reconstructed
+    budget = _pool_budget(args, dense)
+    row_bytes = max((q[0].numel() * q.element_size() for q in dense.values()), default=0)  # D of one sequence
+    pool: list[tuple[int, dict]] = []  # (rows, {layer: (Q, B) scores, or (a, g) to contract at the flush})
+    pooled_bytes = 0
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
             check_nonempty(batch, index, "training")
@@ -281,7 +297,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
             loss = task.training_loss(model, batch)
             check_finite(loss, "training loss")
             grads = capture.output_gradients(loss)
-            layer_scores, token_scores = [], 0.0
+            parts, held, token_scores = {}, 0, 0.0
             for layer in layers:
                 q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
@@ -291,24 +307,38 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                     q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
                 if isinstance(q, LowRankQuery):
                     tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
-                    layer_scores.append(tokens.sum(dim=-1))
+                    parts[layer.name] = tokens.sum(dim=-1)
                     if args.per_token:
                         token_scores = token_scores + tokens
                     continue
+                if budget:
+                    parts[layer.name] = (a, g)
+                    held += (a.numel() + g.numel()) * a.element_size()
+                    continue
                 scores, tokens = dense_layer_scores(q, a, g, args.per_token, args.output_blocks)
-                layer_scores.append(scores)
+                parts[layer.name] = scores
                 if args.per_token:
                     token_scores = token_scores + tokens
-            stacked = torch.stack(layer_scores, dim=-1)  # (Q, B, L)
-            check_finite(stacked, "influence scores")
-            per_layer_parts.append(stacked.cpu())
-            del grads, loss, a, g, layer_scores
+            rows = row_count(batch)
+            held += rows * row_bytes if budget else 0  # with the largest layer's D_n at the flush
+            if pool and pooled_bytes + held > budget:
+                per_layer_parts.append(pooled_scores(pool, names, dense))
+                pool, pooled_bytes = [], 0
+            pool.append((rows, parts))
+            pooled_bytes += held
+            if not budget or pooled_bytes >= budget or sum(r for r, _ in pool) >= POOL_MAX_SEQUENCES:
+                per_layer_parts.append(pooled_scores(pool, names, dense))
+                pool, pooled_bytes = [], 0
+            del grads, loss, a, g, parts
             if index % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
                 return_freed_host_memory()
             if args.per_token:
                 if dropped:  # zeros on the trimmed padding columns
                     token_scores = torch.nn.functional.pad(token_scores, (0, dropped))
                 per_token_parts.append(token_scores.cpu())
+        if pool:
+            per_layer_parts.append(pooled_scores(pool, names, dense))
+        del pool
     return_freed_host_memory()
     if not per_layer_parts:
         raise ValueError("the training data is empty: no batches to score")
@@ -319,6 +349,66 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
         per_token = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_token_parts], dim=1)
     return InfluenceScores(query_names, names, per_layer.sum(dim=-1), per_layer, per_token)
 
+
+
+# Training sequences pooled for one dense contraction: past ~128 the (Q, P) x (P, n) product gains little more
+# (gpt2_m's 512 x 129 layer, Q = 128, one thread: 0.43 ms per sequence at n = 16, 0.24 at 64, 0.21 at 128, 0.20 at
+# 256; logs of benchmarks/pooled_scores.py in figures/bench/README.md), and at most this many bytes are pooled.
+POOL_MAX_SEQUENCES = 128
+POOL_MAX_BYTES = 2**28
+
+
+def _pool_budget(args: ScoreArguments, dense: dict[str, torch.Tensor]) -> int:
+    """Bytes of captured activations and output gradients that may be pooled over training batches (0: none).
+
+    Pooling pays where the dense queries are large: each (Q, P) x (P, B) product streams all Q P numbers of a layer's
+    queries from memory for only B sequences. Automatic: a quarter of the dense queries' bytes (so the pool grows
+    memory by at most a quarter of what the queries already hold), at most POOL_MAX_BYTES. Token scores and output
+    blocks contract batch by batch (their own memory bounds).
+    """
+    if args.per_token or args.output_blocks is not None or not dense:
+        return 0
+    if args.pool_bytes is not None:
+        return args.pool_bytes
+    return min(POOL_MAX_BYTES, sum(q.numel() * q.element_size() for q in dense.values()) // 4)
+
+
+def pooled_scores(pool: list[tuple[int, dict]], names: Sequence[str],
+                  dense: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(Q, n, L) per-layer scores of the n = sum B_k rows of the pooled batches, in batch order.
+
+    Each pooled batch holds, per layer, either its (Q, B_k) scores or its (a (B_k, T_k, d_in), g (B_k, T_k, d_out)).
+    A layer's (a, g) of all batches are padded with zeros to the longest T_k (zero rows add nothing to
+    D_n = sum_t g_t a_t^T) and contracted with the layer's dense queries in one (Q, P) x (P, n) product: the same
+    numbers as batch by batch, up to summation order.
+    """
+    columns = []
+    for name in names:
+        inputs = [parts[name] for _, parts in pool if isinstance(parts[name], tuple)]
+        contracted = None
+        if inputs:
+            longest = max(a.shape[1] for a, _ in inputs)
+            a = torch.cat([_padded_tokens(a, longest) for a, _ in inputs])
+            g = torch.cat([_padded_tokens(g, longest) for _, g in inputs])
+            contracted = dense_scores(dense[name], per_sequence_gradients(a, g)).split(
+                [a.shape[0] for a, _ in inputs], dim=1)
+            del a, g
+        pieces, taken = [], 0
+        for _, parts in pool:
+            if isinstance(parts[name], tuple):
+                pieces.append(contracted[taken])
+                taken += 1
+            else:
+                pieces.append(parts[name])
+        columns.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    stacked = torch.stack(columns, dim=-1)  # (Q, n, L)
+    check_finite(stacked, "influence scores")
+    return stacked.cpu()
+
+
+def _padded_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, T, d) -> (B, tokens, d), zeros after T."""
+    return x if x.shape[1] == tokens else torch.nn.functional.pad(x, (0, 0, 0, tokens - x.shape[1]))
 
 
 def dense_layer_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool,

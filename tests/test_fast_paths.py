@@ -127,3 +127,36 @@ def test_query_gradients_preconditioned_batch_by_batch_equal_preconditioning_aft
     partial = Factors(factors.strategy, {n: f for n, f in factors.layers.items() if n != layers[0].name})
     with pytest.raises(ValueError, match="no factors for layers"):
         query_gradients(model, layers, task, split, progress=False, factors=partial)
+
+
+@pytest.mark.parametrize("blocks", [None, 2], ids=["whole_S", "block_diagonal_S"])
+@pytest.mark.parametrize("tokens_first", [True, False])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_query_preconditioning_from_tokens_equals_form_precondition_truncate(blocks, tokens_first, rank, monkeypatch):
+    """EigenbasisFactors.precondition_query (tokens rotated first or D_n rotated; rank-r truncation in the eigenbasis,
+    factors rotated back) gives the numbers of forming D_n, preconditioning it and truncating the result."""
+    from influence_core.factors import types
+    from influence_core.factors.types import LayerFactors
+    from influence_core.lowrank import LowRankQuery
+    from influence_core.tracking import LayerCapture
+
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(12, seed=5),
+                          FactorArguments(strategy="ekfac", output_blocks=blocks, **ARGS))
+    batch = query_batches(n=4, length=7)[0]
+    with LayerCapture(layers) as capture:
+        capture.clear(batch)
+        grads = capture.output_gradients(task.query_loss(model, batch))
+        captured = [(l.name, capture.activations[l.name].double(), grads[l.name].double()) for l in layers]
+    monkeypatch.setattr(types, "rotate_tokens_first", lambda *shape: tokens_first)
+    for name, a, g in captured:
+        layer, damping = factors.layers[name], factors.damping_for(name)
+        got = layer.precondition_query(a, g, damping, rank)
+        want = LayerFactors.precondition_query(layer, a, g, damping, rank)  # the base: form, precondition, truncate
+        assert isinstance(got, LowRankQuery) == (rank is not None)
+        if rank is not None:
+            assert got.left.shape == want.left.shape and got.right.shape == want.right.shape
+            got, want = got.dense(), want.dense()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -34,9 +34,14 @@ def test_byte_counts_of_one_layer():
     weights = 20 * 4  # 15 weights + 5 biases, float32
     assert plan.weights == weights
     captures = 4 * 7 * 9 * 4
-    assert plan.stages["scoring"] == weights + captures + layer.factors + layer.queries + 4 * layer.scoring_per_sequence
+    pool = layer.queries // 4  # training batches pooled for the dense contraction: a quarter of the dense queries
+    assert plan.stages["scoring"] == (weights + captures + layer.factors + layer.queries + pool
+                                      + 4 * layer.scoring_per_sequence)
     ranked = plan_memory(track_layers(model, ["*mlp*"]), model, tokens=7, queries=2, query_rank=1, batch_size=4)
     assert ranked.layers[0].queries == 2 * 1 * (5 + 4) * 4
+    dense_copy = 2 * 20 * 4  # the rank-1 queries rebuilt dense for the cheaper contraction
+    assert ranked.stages["scoring"] == (weights + captures + layer.factors + ranked.layers[0].queries + dense_copy
+                                        + dense_copy // 4 + 4 * layer.scoring_per_sequence)
 
 
 def test_largest_batch_that_fits_and_a_clear_refusal():

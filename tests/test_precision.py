@@ -128,7 +128,9 @@ def test_bf16_model_accumulates_in_float32(tmp_path):
     for layer in layers:
         assert factors.layers[layer.name].eigenvalues.dtype == torch.float32
         assert preconditioned[layer.name].dtype == fused[layer.name].dtype == torch.float32
-        torch.testing.assert_close(fused[layer.name], preconditioned[layer.name])
+        # the fused route rotates the tokens before summing them (EigenbasisFactors.precondition_query): the same
+        # numbers in another float32 summation order, so compared as a whole, not entry by entry
+        assert relative_error(preconditioned[layer.name].double(), fused[layer.name]) < ACCUMULATION_REL_TOL
     scores = compute_scores(model, layers, task, iterate_batches(train, 8), fused)
     assert scores.total.dtype == torch.float32 and torch.isfinite(scores.total).all()
 

@@ -290,3 +290,55 @@ def test_queries_grouped_by_length_give_the_gradients_in_their_own_order():
     with pytest.raises(ValueError, match=r"query 3 has no completion label"):
         query_gradients(model, layers, task, iterate_batches({**encoded, "labels": labels}, 3, by_length=True),
                         progress=False)
+
+
+@pytest.mark.parametrize("rank_settings", [{}, {"query_rank": 2, "dense_query_bytes": 8000}],
+                         ids=["dense", "mixed_low_rank"])
+def test_training_batches_pooled_for_the_contraction_give_the_same_scores(monkeypatch, rank_settings):
+    """Pooling batches of different lengths (zero-padded to the longest) into one (Q, P) x (P, n) product per layer
+    gives the batch-by-batch scores; with a large pool every dense layer is contracted once."""
+    import influence_core.scores as scores_module
+
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(12, seed=5), FactorArguments(strategy="ekfac", **ARGS))
+    queries = precondition_queries(query_gradients(model, layers, task, query_batches(8), progress=False), factors)
+    # T = 16, 16, 12, 12 (one row); 8 queries, so that the rank-2 layer kept dense (the first, within 8000 bytes of float64) is
+    # cheaper dense than factored: the mixed case pools that layer and scores the others batch by batch
+    train = list(token_batches(8, length=16)) + list(token_batches(5, length=12, seed=7))
+    calls = []
+    original = scores_module.per_sequence_gradients
+    monkeypatch.setattr(scores_module, "per_sequence_gradients", lambda a, g: calls.append(a.shape[0]) or original(a, g))
+
+    def run(pool_bytes):
+        calls.clear()
+        return compute_scores(model, layers, task, train, queries,
+                              args=ScoreArguments(progress=False, pool_bytes=pool_bytes, **rank_settings))
+
+    alone = run(0)
+    alone_calls = list(calls)
+    pooled = run(2**30)
+    torch.testing.assert_close(pooled.per_layer, alone.per_layer)
+    assert pooled.total.shape == (8, 13)
+    assert len(calls) < len(alone_calls) and all(rows == 13 for rows in calls)  # one 13-row contraction per layer
+    if not rank_settings:
+        assert len(calls) == len(layers) and len(alone_calls) == 4 * len(layers)
+    squeezed = run(1)  # a budget below one batch: every batch flushed on its own
+    assert calls == alone_calls
+    torch.testing.assert_close(squeezed.per_layer, alone.per_layer, rtol=0, atol=0)
+
+
+def test_pool_budget_is_a_quarter_of_the_dense_queries_and_off_for_token_scores():
+    from influence_core.scores import POOL_MAX_BYTES, _pool_budget
+
+    dense = {"a": torch.zeros(4, 8, 16), "b": torch.zeros(4, 2, 2)}  # 512 + 16 float32 numbers
+    assert _pool_budget(ScoreArguments(), dense) == (512 + 16) * 4 // 4
+    assert _pool_budget(ScoreArguments(pool_bytes=7), dense) == 7
+    assert _pool_budget(ScoreArguments(per_token=True), dense) == 0
+    assert _pool_budget(ScoreArguments(output_blocks=2), dense) == 0
+    assert _pool_budget(ScoreArguments(), {}) == 0
+    assert _pool_budget(ScoreArguments(), {"big": torch.empty(2**28, dtype=torch.uint8)}) == 2**26
+    assert POOL_MAX_BYTES == 2**28
+    with pytest.raises(ValueError, match="pool_bytes"):
+        ScoreArguments(pool_bytes=-1)

@@ -29,7 +29,7 @@ from .. import distributed
 from ..batch import Batch, check_finite, check_nonempty, real_token_activations, row_count, to_device, token_weights, upcast
 from ..task import IGNORE_INDEX, Task, sampled_label_surrogate, trim_padding
 from ..tracking import LayerCapture, per_sequence_gradients, tracked_parameters_require_grad
-from .types import FactorArguments, FactorMismatchError
+from .types import FactorArguments, FactorMismatchError, rotate_tokens_first
 
 
 def pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch: Batch, args: FactorArguments,
@@ -61,12 +61,6 @@ def pseudo_gradients(model: nn.Module, task: Task, capture: LayerCapture, batch:
         r[..., c] += sqrt_p[..., c]
         draws.append(capture.output_gradients((logits * r.to(logits.dtype)).sum(), retain_graph=c < num_classes - 1))
     return draws
-
-
-def rotate_tokens_first(tokens: int, d_out: int, d_in: int) -> bool:
-    """Whether Q_S^T D_n Q_A is cheaper as (g_t Q_S)(a_t Q_A) summed over tokens, T (d_in^2 + d_out^2) multiply-adds
-    per sequence, than by rotating D_n itself, d_out d_in (d_out + d_in): short sequences rotate tokens."""
-    return tokens * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_out + d_in)
 
 
 def gradient_covariance_shape(d_out: int, blocks: int | None) -> tuple[int, ...]:

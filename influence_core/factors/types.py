@@ -9,7 +9,8 @@ from typing import Iterable, Literal, Sequence
 import torch
 
 from ..batch import accumulation_dtype
-from ..tracking import TrackedLayer, layer_fingerprints, model_fingerprint
+from ..lowrank import LowRankQuery, compress_query
+from ..tracking import TrackedLayer, layer_fingerprints, model_fingerprint, per_sequence_gradients
 
 STRATEGY_NAMES = ("ekfac", "kfac", "diagonal", "identity")
 ACCUMULATION_DTYPES = ("float32", "float64")
@@ -94,6 +95,12 @@ def check_output_blocks(layers: Sequence[TrackedLayer], blocks: int | None) -> N
                              f"'{layer.name}'; choose a divisor of every tracked layer's output width")
 
 
+def rotate_tokens_first(tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether Q_S^T D_n Q_A is cheaper as (g_t Q_S)(a_t Q_A) summed over tokens, T (d_in^2 + d_out^2) multiply-adds
+    per sequence, than by rotating D_n itself, d_out d_in (d_out + d_in): short sequences rotate tokens."""
+    return tokens * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_out + d_in)
+
+
 def gradient_basis(q_s: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
     """Q_S^T v (transpose) or Q_S v for v (..., d_out, d_in); Q_S (d_out, d_out), or block-diagonal stored (k, b, b)
     with d_out = k b, applied to the k row blocks of v, each (b, d_in), on its own."""
@@ -134,6 +141,15 @@ class LayerFactors:
         rounding it back to 8 bits would undo the fp32 factors).
         """
         return v.to(accumulation_dtype(v.dtype))
+
+    def precondition_query(self, activations: torch.Tensor, output_gradients: torch.Tensor, damping: float,
+                           rank: int | None = None) -> torch.Tensor | LowRankQuery:
+        """(G_l + damping I)^{-1} D_n for the per-sequence gradients D_n = sum_t g_t a_t^T of a batch of queries,
+        a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in); with `rank` r, its best rank-r approximation
+        (compress_query). Here D_n is formed, preconditioned and truncated; bases may take shorter routes to the
+        same numbers (EigenbasisFactors)."""
+        preconditioned = self.precondition(per_sequence_gradients(activations, output_gradients), damping)
+        return preconditioned if rank is None else compress_query(preconditioned, rank)
 
 
 @dataclass
@@ -215,6 +231,34 @@ class EigenbasisFactors(LayerFactors):
         rotated = rotated / (scale if power == 1.0 else scale ** power)
         return (gradient_basis(q_s, rotated, transpose=False) @ q_a.T).to(dtype)
 
+    def precondition_query(self, activations: torch.Tensor, output_gradients: torch.Tensor, damping: float,
+                           rank: int | None = None) -> torch.Tensor | LowRankQuery:
+        """Q_S [(Q_S^T D_n Q_A) / (Lambda + damping)] Q_A^T for a (B, T, d_in), g (B, T, d_out), by two shorter routes
+        to the numbers of the base's form-precondition-truncate:
+
+        - short queries rotate their tokens, M_n = sum_t (Q_S^T g_t)(Q_A^T a_t)^T, T (d_in^2 + d_out^2) + T d_out d_in
+          multiply-adds, instead of forming D_n and rotating it, T d_out d_in + d_out d_in (d_out + d_in)
+          (`rotate_tokens_first`, as the eigenvalue correction);
+        - with `rank` r, M_n / (Lambda + damping) is truncated in the eigenbasis and only its factors are rotated back:
+          Q_S and Q_A are orthogonal, so the best rank-r approximation of Q_S X Q_A^T is Q_S X_r Q_A^T; r (d_out^2 +
+          d_in^2) instead of d_out d_in (d_out + d_in) for the dense rotation back.
+        """
+        dtype = accumulation_dtype(activations.dtype)
+        a, g = activations.to(self.eigenvalues.dtype), output_gradients.to(self.eigenvalues.dtype)
+        q_a, q_s, eigenvalues = (t.to(a.device) for t in
+                                 (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
+        block = q_s.shape[-1]
+        if rotate_tokens_first(a.shape[1], block, a.shape[2]):
+            rotated = gradient_basis(q_s, g.transpose(1, 2), transpose=True) @ (a @ q_a)  # (B, d_out, d_in)
+        else:
+            rotated = gradient_basis(q_s, per_sequence_gradients(a, g), transpose=True) @ q_a
+        rotated = rotated / (eigenvalues + damping)
+        if rank is None:
+            return (gradient_basis(q_s, rotated, transpose=False) @ q_a.T).to(dtype)
+        truncated = compress_query(rotated, rank)
+        return LowRankQuery(gradient_basis(q_s, truncated.left, transpose=False).to(dtype).contiguous(),
+                            (truncated.right @ q_a.T).to(dtype).contiguous())
+
 
 @dataclass
 class Factors:
@@ -235,6 +279,11 @@ class Factors:
 
     def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
         return self.layers[name].precondition(v, self.damping_for(name))
+
+    def precondition_query(self, name: str, activations: torch.Tensor, output_gradients: torch.Tensor,
+                           rank: int | None = None) -> torch.Tensor | LowRankQuery:
+        """Layer `name`'s preconditioned query gradients from their tokens' a and g (LayerFactors.precondition_query)."""
+        return self.layers[name].precondition_query(activations, output_gradients, self.damping_for(name), rank)
 
     def layer_shape(self, name: str) -> tuple[int, int] | None:
         """(d_out, d_in [+1]) the factors of a layer were fitted for: from its tensors, else the manifest; None if unknown."""

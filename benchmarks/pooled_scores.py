@@ -1,0 +1,80 @@
+"""What pooling training batches for the dense contraction saves (issue 19 item 2; figures/bench/README.md,
+"Pooled contraction").
+
+    python -m benchmarks.pooled_scores --model gpt2_m --queries 128
+
+Two measurements in this one-thread process, CPU seconds:
+1. the product of one layer's Q queries with n per-sequence gradients, (Q, P) x (P, n), per sequence, for
+   n = 16 .. 256 (P the workload's largest tracked layer): the queries are streamed from memory once per product,
+   so small n is bound by memory, not arithmetic;
+2. `compute_scores` on the workload's N training sequences in its batches, each batch contracted on its own
+   (ScoreArguments(pool_bytes=0)) against the automatic pool, interleaved, `--repeats` times, with the largest
+   difference between the two score tables. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.peer_systems import QUERY_BATCH
+from benchmarks.workloads import MODELS, Workload, load_workload
+from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
+                            iterate_batches, query_gradients, track_layers)
+from influence_core.scores import _pool_budget
+
+
+def product_seconds(num_queries: int, numbers: int, rows: int, work: int = 4096) -> float:
+    """CPU seconds per sequence of (Q, P) x (P, n) products, over `work` sequences."""
+    queries, gradients = torch.randn(num_queries, numbers), torch.randn(rows, numbers)
+    queries @ gradients.T
+    repeats = max(1, work // rows)
+    start = time.process_time()
+    for _ in range(repeats):
+        queries @ gradients.T
+    return (time.process_time() - start) / (repeats * rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="gpt2_m")
+    parser.add_argument("--sequences", type=int, default=1000)
+    parser.add_argument("--queries", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    loaded = load_workload(Workload(args.model, args.sequences, 64, 16))
+    model, task = loaded.model, CausalLMTask()
+    layers = track_layers(model)
+    largest = max(layers, key=lambda l: l.num_parameters)
+    for q in args.queries:
+        cells = ", ".join(f"n = {n}: {product_seconds(q, largest.num_parameters, n) * 1e3:.3f}"
+                          for n in (16, 32, 64, 128, 256))
+        print(f"Q = {q}, {largest.name} ({largest.out_features} x {largest.input_dim}), ms per sequence: {cells}",
+              flush=True)
+    factors = fit_factors(model, layers, task, iterate_batches(loaded.train, 16),
+                          FactorArguments(strategy="ekfac", progress=False))
+    for q in args.queries:
+        _, encoded = loaded.encoded_queries(q)
+        queries = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH, by_length=True),
+                                  progress=False, factors=factors)
+        budget = _pool_budget(ScoreArguments(), dict(queries))
+        print(f"Q = {q}: automatic pool {budget / 2**20:.1f} MiB "
+              f"(queries {sum(t.numel() * t.element_size() for t in queries.values()) / 2**20:.1f} MiB)", flush=True)
+        results = {}
+        for _ in range(args.repeats):
+            for pool_bytes in (0, None):
+                start = time.process_time()
+                scores = compute_scores(model, layers, task, iterate_batches(loaded.train, 16), queries,
+                                        args=ScoreArguments(progress=False, pool_bytes=pool_bytes))
+                seconds = time.process_time() - start
+                print(f"  {'each batch alone' if pool_bytes == 0 else 'pooled':16s} {seconds:6.2f} s CPU", flush=True)
+                results[pool_bytes] = scores.total
+        worst = float((results[None] - results[0]).abs().max() / results[0].abs().max())
+        print(f"  largest difference {worst:.1e} of the largest score", flush=True)
+
+
+if __name__ == "__main__":
+    main()
