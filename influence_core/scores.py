@@ -286,8 +286,8 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     dense = {n: q for n, q in queries.items() if not isinstance(q, LowRankQuery)} | reconstructed
     budget = _pool_budget(args, dense)
     row_bytes = max((q[0].numel() * q.element_size() for q in dense.values()), default=0)  # D of one sequence
-    pool: list[tuple[int, dict]] = []  # (rows, {layer: (Q, B) scores, or (a, g) to contract at the flush})
-    pooled_bytes = 0
+    pool: list[dict] = []  # per pooled batch {layer: its (Q, B) scores, or its (a, g) to contract at the flush}
+    pooled_bytes = pooled_rows = 0
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
         for index, batch in enumerate(tqdm(batches, desc="scores", disable=not args.progress, leave=False)):
             check_nonempty(batch, index, "training")
@@ -321,14 +321,14 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                     token_scores = token_scores + tokens
             rows = row_count(batch)
             held += rows * row_bytes if budget else 0  # with the largest layer's D_n at the flush
-            if pool and pooled_bytes + held > budget:
+            if pool and pooled_bytes + held > budget:  # flushed first: the pool never holds more than the budget
                 per_layer_parts.append(pooled_scores(pool, names, dense))
-                pool, pooled_bytes = [], 0
-            pool.append((rows, parts))
-            pooled_bytes += held
-            if not budget or pooled_bytes >= budget or sum(r for r, _ in pool) >= POOL_MAX_SEQUENCES:
+                pool, pooled_bytes, pooled_rows = [], 0, 0
+            pool.append(parts)
+            pooled_bytes, pooled_rows = pooled_bytes + held, pooled_rows + rows
+            if not budget or pooled_bytes >= budget or pooled_rows >= POOL_MAX_SEQUENCES:
                 per_layer_parts.append(pooled_scores(pool, names, dense))
-                pool, pooled_bytes = [], 0
+                pool, pooled_bytes, pooled_rows = [], 0, 0
             del grads, loss, a, g, parts
             if index % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
                 return_freed_host_memory()
@@ -373,8 +373,7 @@ def _pool_budget(args: ScoreArguments, dense: dict[str, torch.Tensor]) -> int:
     return min(POOL_MAX_BYTES, sum(q.numel() * q.element_size() for q in dense.values()) // 4)
 
 
-def pooled_scores(pool: list[tuple[int, dict]], names: Sequence[str],
-                  dense: dict[str, torch.Tensor]) -> torch.Tensor:
+def pooled_scores(pool: list[dict], names: Sequence[str], dense: dict[str, torch.Tensor]) -> torch.Tensor:
     """(Q, n, L) per-layer scores of the n = sum B_k rows of the pooled batches, in batch order.
 
     Each pooled batch holds, per layer, either its (Q, B_k) scores or its (a (B_k, T_k, d_in), g (B_k, T_k, d_out)).
@@ -384,22 +383,16 @@ def pooled_scores(pool: list[tuple[int, dict]], names: Sequence[str],
     """
     columns = []
     for name in names:
-        inputs = [parts[name] for _, parts in pool if isinstance(parts[name], tuple)]
-        contracted = None
+        inputs = [parts[name] for parts in pool if isinstance(parts[name], tuple)]
+        contracted = iter(())
         if inputs:
             longest = max(a.shape[1] for a, _ in inputs)
-            a = torch.cat([_padded_tokens(a, longest) for a, _ in inputs])
-            g = torch.cat([_padded_tokens(g, longest) for _, g in inputs])
-            contracted = dense_scores(dense[name], per_sequence_gradients(a, g)).split(
-                [a.shape[0] for a, _ in inputs], dim=1)
-            del a, g
-        pieces, taken = [], 0
-        for _, parts in pool:
-            if isinstance(parts[name], tuple):
-                pieces.append(contracted[taken])
-                taken += 1
-            else:
-                pieces.append(parts[name])
+            pooled_a = torch.cat([_padded_tokens(a, longest) for a, _ in inputs])
+            pooled_g = torch.cat([_padded_tokens(g, longest) for _, g in inputs])
+            contracted = iter(dense_scores(dense[name], per_sequence_gradients(pooled_a, pooled_g)).split(
+                [a.shape[0] for a, _ in inputs], dim=1))
+            del pooled_a, pooled_g
+        pieces = [next(contracted) if isinstance(parts[name], tuple) else parts[name] for parts in pool]
         columns.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     stacked = torch.stack(columns, dim=-1)  # (Q, n, L)
     check_finite(stacked, "influence scores")

@@ -219,13 +219,16 @@ class EigenbasisFactors(LayerFactors):
         return cls(name, tensors[f"{name}.eigenvalues"], tensors[f"{name}.activation_eigenvectors"],
                    tensors[f"{name}.gradient_eigenvectors"])
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q_A, Q_S, Lambda) on `device` (a no-op where they already are): factors are loaded on the CPU, queries
+        live on the model's device."""
+        return tuple(t.to(device) for t in (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
+
     def precondition(self, v: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
         """Computed in the factors' dtype; returned in v's dtype, but never below float32."""
         dtype = accumulation_dtype(v.dtype)
         v = v.to(self.eigenvalues.dtype)
-        # on v's device (a no-op where they already are): factors are loaded on the CPU, queries live on the model's
-        q_a, q_s, eigenvalues = (t.to(v.device) for t in
-                                 (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
+        q_a, q_s, eigenvalues = self._on(v.device)
         rotated = gradient_basis(q_s, v, transpose=True) @ q_a
         scale = eigenvalues + damping
         rotated = rotated / (scale if power == 1.0 else scale ** power)
@@ -245,8 +248,7 @@ class EigenbasisFactors(LayerFactors):
         """
         dtype = accumulation_dtype(activations.dtype)
         a, g = activations.to(self.eigenvalues.dtype), output_gradients.to(self.eigenvalues.dtype)
-        q_a, q_s, eigenvalues = (t.to(a.device) for t in
-                                 (self.activation_eigenvectors, self.gradient_eigenvectors, self.eigenvalues))
+        q_a, q_s, eigenvalues = self._on(a.device)
         block = q_s.shape[-1]
         if rotate_tokens_first(a.shape[1], block, a.shape[2]):
             rotated = gradient_basis(q_s, g.transpose(1, 2), transpose=True) @ (a @ q_a)  # (B, d_out, d_in)
