@@ -1,7 +1,7 @@
 # The front door: one target per study, plus setup, test, figures, bench.
 PYTHON ?= python
 
-.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-gpu bench-real-shape bench-real-shape-410m bench-covariance-subset validate validate_zoo validate_zoo_dense lds report findings
+.PHONY: setup demo test plain sweep zoo sparsity layerwise word_order studies_i scale crosslingual math_code roleplay memorisation all figures score bench bench-setup bench-zoo bench-gpu bench-real-shape bench-real-shape-410m bench-covariance-subset validate validate_zoo validate_zoo_dense lds report findings
 
 setup:  ## install the project and its test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -90,7 +90,10 @@ bench-setup:  ## the bench extra, then kronfluence and bergson without their tor
 	$(PYTHON) -m pip install --no-deps bergson==2.5.1
 	$(PYTHON) -m pip install dattri-llm==0.1.0
 
-bench:  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the gradient index, and ours vs kronfluence, dattri-llm and bergson (PEERS_ARGS="--grid full") -> figures/bench/
+bench-zoo:  ## the bench workloads' world, tokenizer and zoo model zoo_s seed 0 (~5 min on one core; `make zoo` builds them too); figures under artifacts/bench/zoo_figures
+	$(PYTHON) -m experiments.zoo.build sizes=[zoo_s] seeds=[0] workers=1 figures_dir=artifacts/bench/zoo_figures
+
+bench: bench-zoo  ## cost cutting (throughput, low-rank accuracy, TF-IDF recall), the gradient index, and ours vs kronfluence, dattri-llm and bergson (PEERS_ARGS="--grid full") -> figures/bench/
 	$(PYTHON) -m benchmarks.throughput && $(PYTHON) -m benchmarks.lowrank_accuracy && $(PYTHON) -m benchmarks.tfidf_recall
 	$(PYTHON) -m benchmarks.index
 	$(PYTHON) -m benchmarks.peers $(PEERS_ARGS)

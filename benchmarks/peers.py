@@ -260,7 +260,7 @@ def write_outputs(frame: pd.DataFrame, grid: str, manifest: dict) -> Path:
         + "".join(f"- {name}: {why}\n" for name, why in manifest["skipped"].items())
         + "".join(f"- {name}: {what}\n" for name, what in manifest["notes"].items() if name in manifest["systems"])
         + "\nWorkloads: " + "; ".join(f"{w['name']}: {w['model_name']} ({w['architecture']}, {w['parameters']:,} "
-                                     f"parameters), {w['sequences']} x {w['seq_len']} tokens"
+                                     f"parameters, vocabulary {w['vocab_size']:,}), {w['sequences']} x {w['seq_len']} tokens"
                                      for w in manifest["workloads"]) + ".\n"
     )
     Path(f"{stem}.md").write_text(shown.round(4).to_markdown(index=False) + note)

@@ -2,7 +2,9 @@
 
 Models (all float32, eval mode, MLP linear layers tracked):
 
-- `zoo`: the trained zoo model zoo_s, seed 0 (GPT-NeoX, nn.Linear MLP) when `make zoo` has finished it, else the micro zoo.
+- `zoo`: the trained zoo model zoo_s, seed 0 (GPT-NeoX, nn.Linear MLP), built by `make bench-zoo` (~5 min, once) or
+  `make zoo`. There is no fallback: a workload without it (or without the full world's tokenizer and queries) is
+  refused, because the micro zoo's vocabulary (512 against 4,096 tokens) and queries change every cost and peak.
 - `gpt2_s`, `gpt2_m`: GPT-2 architecture (transformers GPT2LMHeadModel, Conv1D MLP layers), created from a config
   with a fixed seed on the zoo tokenizer's vocabulary, briefly trained (AdamW, `GPT2_TRAIN_STEPS` steps on the
   bench sequences; influence on a random-init model is dominated by its uniform predictions), saved with
@@ -70,47 +72,57 @@ class LoadedWorkload:
         return names, encode_queries(self.tokenizer, as_engine_queries(chosen))
 
 
-def zoo_paths() -> tuple[str, Path, Path]:
-    """(model name, model folder, queries.json) of the zoo model: zoo_s seed 0 when finished, else the micro zoo."""
-    zoo_s = ARTIFACTS / "zoo" / "zoo_s" / "seed0"
-    if (zoo_s / "DONE.json").exists() and (zoo_s / "model" / "model.safetensors").exists():
-        return "zoo_s", zoo_s / "model", ARTIFACTS / "world" / "full" / "queries.json"
-    from experiments.zoo.micro import build_micro_zoo
+BENCH_ZOO_COMMAND = "make bench-zoo"  # world, tokenizer and zoo_s seed 0 of the full preset, ~5 min on one core
 
-    zoo = build_micro_zoo(ARTIFACTS / "micro_zoo")
-    return "micro", Path(zoo.model_path), Path(zoo.queries_path)
+
+class MissingBenchZooError(FileNotFoundError):
+    """The bench's zoo model, tokenizer or queries are not built."""
+
+
+def zoo_paths() -> tuple[str, Path, Path]:
+    """(model name, model folder, queries.json) of the bench's zoo model, zoo_s seed 0 of the full world.
+
+    Raises MissingBenchZooError, naming the command that builds it, when it is not there: an earlier version fell
+    back to the micro zoo silently, and tables from two machines then compared different workloads (gpt2_m with 0.89M
+    against 1.35M parameters: the micro tokenizer's 512-token vocabulary against the full one's 4,096).
+    """
+    zoo_s = ARTIFACTS / "zoo" / "zoo_s" / "seed0"
+    queries = ARTIFACTS / "world" / "full" / "queries.json"
+    needed = [zoo_s / "DONE.json", zoo_s / "model" / "model.safetensors", queries]
+    missing = [str(p.relative_to(ARTIFACTS.parent)) for p in needed if not p.exists()]
+    if missing:
+        raise MissingBenchZooError(f"the bench workloads need the zoo model zoo_s seed 0 and the full world's queries; "
+                                   f"missing {', '.join(missing)}: run `{BENCH_ZOO_COMMAND}` (~5 min, once)")
+    return "zoo_s", zoo_s / "model", queries
 
 
 def gpt2_tokenizer():
-    """(name, tokenizer) for the GPT-2 models: the full zoo world's tokenizer when built (stable while the zoo models
-    retrain), else the zoo model's."""
+    """("full", tokenizer) for the GPT-2 models: the full zoo world's tokenizer (stable while the zoo models retrain).
+    Raises MissingBenchZooError when it is not built."""
     from transformers import AutoTokenizer
 
     full = ARTIFACTS / "tokenizer" / "full"
-    if (full / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(full))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return "full", tokenizer
-    from experiments.loading import load_model_and_tokenizer
-
-    zoo_name, zoo_model, _ = zoo_paths()
-    return zoo_name, load_model_and_tokenizer(zoo_model)[1]
+    if not (full / "tokenizer.json").exists():
+        raise MissingBenchZooError(f"the GPT-2 bench models use the full zoo world's tokenizer; missing "
+                                   f"{full.relative_to(ARTIFACTS.parent)}/tokenizer.json: run `{BENCH_ZOO_COMMAND}`")
+    tokenizer = AutoTokenizer.from_pretrained(str(full))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return "full", tokenizer
 
 
 def load_workload(workload: Workload) -> LoadedWorkload:
     from experiments.loading import load_model_and_tokenizer
     from experiments.zoo.queries import load_queries
 
-    zoo_name, zoo_model, queries_path = zoo_paths() if workload.model == "zoo" else (None, None, None)
     if workload.model == "zoo":
-        model_name, tokenizer_name = zoo_name, zoo_name
+        model_name, zoo_model, queries_path = zoo_paths()
+        tokenizer_name = model_name
         model, tokenizer = load_model_and_tokenizer(zoo_model)
     else:
         model_name, (tokenizer_name, tokenizer) = workload.model, gpt2_tokenizer()
+        queries_path = zoo_paths()[2]
         model = gpt2_model(workload.model, tokenizer, tokenizer_name, workload.seq_len)
-    full_queries = ARTIFACTS / "world" / "full" / "queries.json"
-    queries_path = full_queries if full_queries.exists() else (queries_path or zoo_paths()[2])
     blocks = training_blocks(tokenizer, tokenizer_name, workload.sequences, workload.seq_len)
     model.eval()
     train = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks.clone()}

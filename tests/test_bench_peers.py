@@ -170,3 +170,23 @@ def test_bergson_agrees_with_ours_sign_included(tmp_path):
     plain = compute_scores(model, layers, task, batches, precondition_queries(
         query_gradients(model, layers, task, iterate_batches(encoded, 1), progress=False), identity)).total.numpy()
     assert agreement(plain, np.load(tmp_path / "bergson" / "index_scores_q1.npy"))["pearson"] > 0.8
+
+
+def test_bench_workloads_refuse_a_missing_zoo_instead_of_falling_back(tmp_path, monkeypatch):
+    """No silent micro-zoo fallback: its 512-token vocabulary made two machines' tables compare other workloads."""
+    import benchmarks.workloads as workloads
+
+    monkeypatch.setattr(workloads, "ARTIFACTS", tmp_path / "artifacts")
+    for call in (workloads.zoo_paths, workloads.gpt2_tokenizer,
+                 lambda: workloads.load_workload(Workload("gpt2_m", 16))):
+        with pytest.raises(workloads.MissingBenchZooError, match="make bench-zoo"):
+            call()
+    seed0 = tmp_path / "artifacts" / "zoo" / "zoo_s" / "seed0"
+    (seed0 / "model").mkdir(parents=True)
+    (seed0 / "DONE.json").write_text("{}")
+    (seed0 / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(workloads.MissingBenchZooError, match="queries.json"):
+        workloads.zoo_paths()
+    (tmp_path / "artifacts" / "world" / "full").mkdir(parents=True)
+    (tmp_path / "artifacts" / "world" / "full" / "queries.json").write_text("[]")
+    assert workloads.zoo_paths() == ("zoo_s", seed0 / "model", tmp_path / "artifacts" / "world" / "full" / "queries.json")
