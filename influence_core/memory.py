@@ -10,7 +10,7 @@ factor number (FactorArguments.dtype), b_m bytes per model number, B sequences p
     scoring, per batch                B (d_out / k) d_in b_f                   per-sequence gradients
     preconditioned queries            Q d_out d_in x 4 (full rank)  or  Q r (d_out + d_in) x 4 (rank r)
     rank-r queries kept dense         Q d_out d_in x 4, summed over layers, at most 1 GiB (ScoreArguments.dense_query_bytes)
-    pooled training batches           a quarter of the dense queries' bytes, at most 256 MiB (scores.POOL_MAX_BYTES)
+    pooled training batches           pool_bytes (ScoreArguments.pool_bytes, default 0: each batch alone)
     captured activations / gradients  B T (d_in + d_out) b_m
 
 plus the model's weights (parameters x b_m) and the activations its backward pass keeps, estimated as
@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from .scores import POOL_MAX_BYTES, ScoreArguments
+from .scores import ScoreArguments
 from .tracking import TrackedLayer
 
 GIB = 2**30
@@ -122,9 +122,11 @@ def layer_memory(layer: TrackedLayer, factor_bytes: int, model_bytes: int, queri
 
 def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: int, queries: int = 32,
                 query_rank: int | None = 32, factor_dtype: str = "float32", batch_size: int | None = None,
-                budget: int | None = None, max_batch: int = 4096, output_blocks: int | None = None) -> MemoryPlan:
+                budget: int | None = None, max_batch: int = 4096, output_blocks: int | None = None,
+                pool_bytes: int = 0) -> MemoryPlan:
     """Peak bytes of each stage at `batch_size`, or at the largest batch (<= max_batch) whose peak fits `budget`,
-    with the layers' S split into `output_blocks` blocks (None: whole).
+    with the layers' S split into `output_blocks` blocks (None: whole) and `pool_bytes` of training batches pooled
+    for the dense contraction (ScoreArguments.pool_bytes).
 
     Raises ValueError naming the largest layer when not even one sequence fits the budget.
     """
@@ -142,11 +144,11 @@ def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: 
     if not per_layer:
         raise ValueError("no tracked layers to plan for")
 
-    # compute_scores keeps rank-r queries dense too while they fit dense_query_bytes, and pools training batches
-    # for the dense contraction up to a quarter of the dense queries (scores._pool_budget)
+    # compute_scores keeps rank-r queries dense too while they fit dense_query_bytes (an upper bound: a layer whose
+    # batches are cheaper factored keeps its flattened factors instead), and pools training batches up to pool_bytes
     dense_total = sum(l.dense_queries for l in per_layer)
     copies = 0 if query_rank is None else min(ScoreArguments().dense_query_bytes, dense_total)
-    pool = min(POOL_MAX_BYTES, (dense_total if query_rank is None else copies) // 4)
+    pool = pool_bytes
 
     def stages(b: int) -> dict[str, int]:
         captures = b * tokens * sum(l.captures_per_token for l in per_layer)

@@ -19,10 +19,11 @@ per-sequence gradient, or, when the rank-r matrices fit in `dense_query_bytes`, 
 them, cost B T d_out d_in + B Q d_out d_in (+ B T Q d_out d_in for token scores): the cheaper per batch and
 layer. Both give the same numbers; layers already of rank <= r keep the exact dense queries.
 
-Pooled contraction: the dense product (Q, P) x (P, B) streams a layer's Q P query numbers from memory for only B
-sequences, so at large Q it is bound by memory, not arithmetic. compute_scores keeps the captured a and g of
-consecutive training batches (up to ScoreArguments.pool_bytes; automatic: a quarter of the dense queries' bytes)
-and contracts them in one product per layer (`pooled_scores`): the same numbers, batch by batch as given.
+Pooled contraction (opt-in): the dense product (Q, P) x (P, B) streams a layer's Q P query numbers from memory for
+only B sequences. With ScoreArguments(pool_bytes=b) compute_scores keeps the captured a and g of consecutive
+training batches up to b bytes and contracts them in one product per layer (`pooled_scores`): the same numbers,
+batch by batch as given. Off by default: on the bench's gpt2_m (Q = 128) it was within noise of batch by batch and
+raised the peak by up to the pool's size (figures/bench/README.md, "Pooled contraction").
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ class ScoreArguments:
     dense_query_bytes: int = 2**30  # rank-r queries also kept dense (for the cheaper path) while they fit in this
     low_rank_chunk: int = 2**22  # at most this many (token x query x rank) products in flight per layer
     output_blocks: int | None = None  # dense layers: contract k blocks of output rows one after another (None: at once)
-    pool_bytes: int | None = None  # dense layers: training batches pooled up to this many bytes (see `pooled_scores`);
-    # None: automatic, a quarter of the dense queries' bytes, at most POOL_MAX_BYTES; 0: every batch on its own
+    pool_bytes: int = 0  # dense layers: training batches pooled up to this many bytes (`pooled_scores`); 0: each alone
 
     def __post_init__(self) -> None:
         for name in ("per_token", "progress"):
@@ -68,8 +68,7 @@ class ScoreArguments:
         check_number("low_rank_chunk", self.low_rank_chunk, 1, integer=True)
         if self.output_blocks is not None:
             check_number("output_blocks", self.output_blocks, 1, integer=True)
-        if self.pool_bytes is not None:
-            check_number("pool_bytes", self.pool_bytes, 0, integer=True)
+        check_number("pool_bytes", self.pool_bytes, 0, integer=True)
 
 
 class LayerGradients(dict):
@@ -273,19 +272,18 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     # queries in float32 at least: the model's a and g are upcast to them, so every contraction runs in that dtype
     queries = {n: q.to(device, accumulation_dtype(q.dtype)) if isinstance(q, LowRankQuery)
                else q.to(device, accumulation_dtype(q.dtype)).contiguous() for n, q in preconditioned_queries.items()}
-    # Low-rank layers: factors laid side by side once, in query chunks that bound the (tokens, Q r) temporaries.
-    factored = {n: _factor_chunks(q, args.low_rank_chunk) for n, q in queries.items() if isinstance(q, LowRankQuery)}
+    # Rank-r layers are kept in one more form, built on first use: their factors laid side by side (in query chunks
+    # that bound the (tokens, Q r) temporaries) for the factored contraction, or their rank-r matrices rebuilt dense
+    # (while they fit dense_query_bytes) where the dense contraction is cheaper at the batch's shape. With fixed-shape
+    # training batches a layer needs only one of the two: the other is never built (gpt2_m, Q = 128: 80 MiB less).
+    lowrank = {n for n, q in queries.items() if isinstance(q, LowRankQuery)}
+    may_rebuild = _dense_candidates(queries, lowrank, args)
+    factored: dict[str, list] = {}
     reconstructed: dict[str, torch.Tensor] = {}
-    if args.low_rank is not True:
-        budget = args.dense_query_bytes
-        for n in factored:
-            q = queries[n]
-            size = q.shape[0] * q.shape[1] * q.shape[2] * q.left.element_size()
-            if size <= budget:
-                reconstructed[n], budget = q.dense(), budget - size
-    dense = {n: q for n, q in queries.items() if not isinstance(q, LowRankQuery)} | reconstructed
-    budget = _pool_budget(args, dense)
-    row_bytes = max((q[0].numel() * q.element_size() for q in dense.values()), default=0)  # D of one sequence
+    dense = {n: q for n, q in queries.items() if n not in lowrank}
+    budget = _pool_budget(args)
+    row_bytes = max((_dense_nbytes(queries[n]) // num_queries for n in {*dense, *may_rebuild}),
+                    default=0)  # D of one sequence, largest layer
     pool: list[dict] = []  # per pooled batch {layer: its (Q, B) scores, or its (a, g) to contract at the flush}
     pooled_bytes = pooled_rows = 0
     with eval_mode(model), tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
@@ -302,10 +300,13 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                 q = queries[layer.name]  # (Q, d_out, d_in), or its rank-r factors
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
                 g = upcast(grads[layer.name], q.dtype)
-                if isinstance(q, LowRankQuery) and layer.name in reconstructed and \
-                        _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
+                if layer.name in may_rebuild and _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
+                    if layer.name not in reconstructed:
+                        reconstructed[layer.name] = dense[layer.name] = q.dense()
                     q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
                 if isinstance(q, LowRankQuery):
+                    if layer.name not in factored:
+                        factored[layer.name] = _factor_chunks(q, args.low_rank_chunk)
                     tokens = _low_rank_tokens(a, g, factored[layer.name])  # (Q, B, T)
                     parts[layer.name] = tokens.sum(dim=-1)
                     if args.per_token:
@@ -351,57 +352,73 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
 
 
 
-# Training sequences pooled for one dense contraction: past ~128 the (Q, P) x (P, n) product gains little more
-# (gpt2_m's 512 x 129 layer, Q = 128, one thread: 0.43 ms per sequence at n = 16, 0.24 at 64, 0.21 at 128, 0.20 at
-# 256; logs of benchmarks/pooled_scores.py in figures/bench/README.md), and at most this many bytes are pooled.
+# Training sequences pooled for one dense contraction at most: past ~128 the (Q, P) x (P, n) product gains little
+# more (gpt2_m's 512 x 129 layer, Q = 128, one thread: 0.43 ms per sequence at n = 16, 0.24 at 64, 0.21 at 128, 0.20
+# at 256; benchmarks/pooled_scores.py, figures/bench/README.md).
 POOL_MAX_SEQUENCES = 128
-POOL_MAX_BYTES = 2**28
 
 
-def _pool_budget(args: ScoreArguments, dense: dict[str, torch.Tensor]) -> int:
-    """Bytes of captured activations and output gradients that may be pooled over training batches (0: none).
+def _dense_nbytes(query: torch.Tensor | LowRankQuery) -> int:
+    """Bytes of a layer's queries as dense (Q, d_out, d_in) matrices (rank-r ones: once rebuilt)."""
+    if isinstance(query, LowRankQuery):
+        q, d_out, d_in = query.shape
+        return q * d_out * d_in * query.left.element_size()
+    return query.numel() * query.element_size()
 
-    Pooling pays where the dense queries are large: each (Q, P) x (P, B) product streams all Q P numbers of a layer's
-    queries from memory for only B sequences. Automatic: a quarter of the dense queries' bytes (so the pool grows
-    memory by at most a quarter of what the queries already hold), at most POOL_MAX_BYTES. Token scores and output
-    blocks contract batch by batch (their own memory bounds).
-    """
-    if args.per_token or args.output_blocks is not None or not dense:
+
+def _pool_budget(args: ScoreArguments) -> int:
+    """Bytes of captured activations and output gradients that may be pooled over training batches (0: none): the
+    requested pool_bytes; none for token scores and output blocks, which contract batch by batch (their own memory
+    bounds)."""
+    if args.per_token or args.output_blocks is not None:
         return 0
-    if args.pool_bytes is not None:
-        return args.pool_bytes
-    return min(POOL_MAX_BYTES, sum(q.numel() * q.element_size() for q in dense.values()) // 4)
+    return args.pool_bytes
+
+
+def _dense_candidates(queries: dict, lowrank: set[str], args: ScoreArguments) -> set[str]:
+    """The rank-r layers whose rank-r matrices may be rebuilt dense: in order, while their dense bytes fit
+    args.dense_query_bytes (none with low_rank=True, which forces the factored contraction)."""
+    if args.low_rank is True:
+        return set()
+    chosen, budget = set(), args.dense_query_bytes
+    for name in queries:
+        if name in lowrank:
+            q = queries[name]
+            size = _dense_nbytes(q)
+            if size <= budget:
+                chosen.add(name)
+                budget -= size
+    return chosen
 
 
 def pooled_scores(pool: list[dict], names: Sequence[str], dense: dict[str, torch.Tensor]) -> torch.Tensor:
     """(Q, n, L) per-layer scores of the n = sum B_k rows of the pooled batches, in batch order.
 
     Each pooled batch holds, per layer, either its (Q, B_k) scores or its (a (B_k, T_k, d_in), g (B_k, T_k, d_out)).
-    A layer's (a, g) of all batches are padded with zeros to the longest T_k (zero rows add nothing to
-    D_n = sum_t g_t a_t^T) and contracted with the layer's dense queries in one (Q, P) x (P, n) product: the same
-    numbers as batch by batch, up to summation order.
+    A layer's D_n = sum_t g_t a_t^T of all batches are written into one (n, d_out, d_in) tensor, batch by batch (any
+    T_k), and contracted with the layer's dense queries in one (Q, P) x (P, n) product: the same numbers as batch by
+    batch, up to summation order. Each layer's (a, g) are released from the pool once its D_n are formed.
     """
     columns = []
     for name in names:
-        inputs = [parts[name] for parts in pool if isinstance(parts[name], tuple)]
+        pooled = [isinstance(parts[name], tuple) for parts in pool]
         contracted = iter(())
-        if inputs:
-            longest = max(a.shape[1] for a, _ in inputs)
-            pooled_a = torch.cat([_padded_tokens(a, longest) for a, _ in inputs])
-            pooled_g = torch.cat([_padded_tokens(g, longest) for _, g in inputs])
-            contracted = iter(dense_scores(dense[name], per_sequence_gradients(pooled_a, pooled_g)).split(
-                [a.shape[0] for a, _ in inputs], dim=1))
-            del pooled_a, pooled_g
-        pieces = [next(contracted) if isinstance(parts[name], tuple) else parts[name] for parts in pool]
+        if any(pooled):
+            queries = dense[name]
+            rows = [parts[name][0].shape[0] for parts, p in zip(pool, pooled) if p]
+            per_sequence = queries.new_empty((sum(rows), *queries.shape[1:]))
+            for piece, parts in zip(per_sequence.split(rows), (parts for parts, p in zip(pool, pooled) if p)):
+                a, g = parts[name]
+                torch.bmm(g.transpose(1, 2), a, out=piece)  # per_sequence_gradients, written in place
+                parts[name] = None
+            del a, g
+            contracted = iter(dense_scores(queries, per_sequence).split(rows, dim=1))
+            del per_sequence
+        pieces = [next(contracted) if p else parts[name] for parts, p in zip(pool, pooled)]
         columns.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     stacked = torch.stack(columns, dim=-1)  # (Q, n, L)
     check_finite(stacked, "influence scores")
     return stacked.cpu()
-
-
-def _padded_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(B, T, d) -> (B, tokens, d), zeros after T."""
-    return x if x.shape[1] == tokens else torch.nn.functional.pad(x, (0, 0, 0, tokens - x.shape[1]))
 
 
 def dense_layer_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, per_token: bool,

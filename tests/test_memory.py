@@ -34,14 +34,16 @@ def test_byte_counts_of_one_layer():
     weights = 20 * 4  # 15 weights + 5 biases, float32
     assert plan.weights == weights
     captures = 4 * 7 * 9 * 4
-    pool = layer.queries // 4  # training batches pooled for the dense contraction: a quarter of the dense queries
-    assert plan.stages["scoring"] == (weights + captures + layer.factors + layer.queries + pool
+    assert plan.stages["scoring"] == (weights + captures + layer.factors + layer.queries
                                       + 4 * layer.scoring_per_sequence)
+    pooled = plan_memory(track_layers(model, ["*mlp*"]), model, tokens=7, queries=2, query_rank=None, batch_size=4,
+                         pool_bytes=1000)  # training batches pooled for the dense contraction (opt-in)
+    assert pooled.stages["scoring"] == plan.stages["scoring"] + 1000
     ranked = plan_memory(track_layers(model, ["*mlp*"]), model, tokens=7, queries=2, query_rank=1, batch_size=4)
     assert ranked.layers[0].queries == 2 * 1 * (5 + 4) * 4
     dense_copy = 2 * 20 * 4  # the rank-1 queries rebuilt dense for the cheaper contraction
     assert ranked.stages["scoring"] == (weights + captures + layer.factors + ranked.layers[0].queries + dense_copy
-                                        + dense_copy // 4 + 4 * layer.scoring_per_sequence)
+                                        + 4 * layer.scoring_per_sequence)
 
 
 def test_largest_batch_that_fits_and_a_clear_refusal():

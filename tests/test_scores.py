@@ -295,8 +295,8 @@ def test_queries_grouped_by_length_give_the_gradients_in_their_own_order():
 @pytest.mark.parametrize("rank_settings", [{}, {"query_rank": 2, "dense_query_bytes": 8000}],
                          ids=["dense", "mixed_low_rank"])
 def test_training_batches_pooled_for_the_contraction_give_the_same_scores(monkeypatch, rank_settings):
-    """Pooling batches of different lengths (zero-padded to the longest) into one (Q, P) x (P, n) product per layer
-    gives the batch-by-batch scores; with a large pool every dense layer is contracted once."""
+    """Pooling batches of different lengths into one (Q, P) x (P, n) product per layer gives the batch-by-batch
+    scores; with a large pool every dense layer is contracted once."""
     import influence_core.scores as scores_module
 
     model = gpt_neox()
@@ -308,8 +308,8 @@ def test_training_batches_pooled_for_the_contraction_give_the_same_scores(monkey
     # cheaper dense than factored: the mixed case pools that layer and scores the others batch by batch
     train = list(token_batches(8, length=16)) + list(token_batches(5, length=12, seed=7))
     calls = []
-    original = scores_module.per_sequence_gradients
-    monkeypatch.setattr(scores_module, "per_sequence_gradients", lambda a, g: calls.append(a.shape[0]) or original(a, g))
+    original = scores_module.dense_scores
+    monkeypatch.setattr(scores_module, "dense_scores", lambda q, d: calls.append(d.shape[0]) or original(q, d))
 
     def run(pool_bytes):
         calls.clear()
@@ -329,16 +329,45 @@ def test_training_batches_pooled_for_the_contraction_give_the_same_scores(monkey
     torch.testing.assert_close(squeezed.per_layer, alone.per_layer, rtol=0, atol=0)
 
 
-def test_pool_budget_is_a_quarter_of_the_dense_queries_and_off_for_token_scores():
-    from influence_core.scores import POOL_MAX_BYTES, _pool_budget
+def test_pool_is_opt_in_and_off_for_token_scores_and_output_blocks():
+    from influence_core.scores import _pool_budget
 
-    dense = {"a": torch.zeros(4, 8, 16), "b": torch.zeros(4, 2, 2)}  # 512 + 16 float32 numbers
-    assert _pool_budget(ScoreArguments(), dense) == (512 + 16) * 4 // 4
-    assert _pool_budget(ScoreArguments(pool_bytes=7), dense) == 7
-    assert _pool_budget(ScoreArguments(per_token=True), dense) == 0
-    assert _pool_budget(ScoreArguments(output_blocks=2), dense) == 0
-    assert _pool_budget(ScoreArguments(), {}) == 0
-    assert _pool_budget(ScoreArguments(), {"big": torch.empty(2**28, dtype=torch.uint8)}) == 2**26
-    assert POOL_MAX_BYTES == 2**28
-    with pytest.raises(ValueError, match="pool_bytes"):
-        ScoreArguments(pool_bytes=-1)
+    assert ScoreArguments().pool_bytes == 0 and _pool_budget(ScoreArguments()) == 0
+    assert _pool_budget(ScoreArguments(pool_bytes=7)) == 7
+    assert _pool_budget(ScoreArguments(pool_bytes=7, per_token=True)) == 0
+    assert _pool_budget(ScoreArguments(pool_bytes=7, output_blocks=2)) == 0
+    for bad in (-1, None, 1.5):
+        with pytest.raises((ValueError, TypeError), match="pool_bytes"):
+            ScoreArguments(pool_bytes=bad)
+
+
+def test_rank_r_layers_are_kept_in_one_more_form_only_the_one_their_batches_use(monkeypatch):
+    """compute_scores builds a rank-r layer's dense rebuild or its flattened factors when a batch first needs it: with
+    fixed-shape batches a layer never holds both (gpt2_m, Q = 128: the flattened factors were 80 MiB beside the dense
+    rebuild), and the scores equal the factored contraction's."""
+    import influence_core.lowrank as lowrank_module
+    import influence_core.scores as scores_module
+
+    model = gpt_neox()
+    layers = track_layers(model)
+    task = CausalLMTask()
+    factors = fit_factors(model, layers, task, token_batches(12, seed=5), FactorArguments(strategy="ekfac", **ARGS))
+    queries = precondition_queries(query_gradients(model, layers, task, query_batches(8), progress=False), factors)
+    train = list(token_batches(8, length=16))
+    flattened, rebuilt = [], []
+    original_chunks, original_dense = scores_module._factor_chunks, lowrank_module.LowRankQuery.dense
+    monkeypatch.setattr(scores_module, "_factor_chunks", lambda q, budget: flattened.append(q.shape) or
+                        original_chunks(q, budget))
+    monkeypatch.setattr(lowrank_module.LowRankQuery, "dense", lambda self: rebuilt.append(self.shape) or
+                        original_dense(self))
+    mixed = compute_scores(model, layers, task, train, queries,
+                           args=ScoreArguments(progress=False, query_rank=2, dense_query_bytes=8000))
+    shapes = {l.name: (8, l.out_features, l.input_dim) for l in layers}
+    first = layers[0].name  # the one layer within 8000 bytes of dense float64 queries, and cheaper dense (see above)
+    assert rebuilt == [shapes[first]]
+    assert sorted(flattened) == sorted(shapes[l.name] for l in layers[1:])
+    flattened.clear(), rebuilt.clear()
+    factored = compute_scores(model, layers, task, train, queries,
+                              args=ScoreArguments(progress=False, query_rank=2, low_rank=True))
+    assert rebuilt == [] and sorted(flattened) == sorted(shapes.values())
+    torch.testing.assert_close(mixed.per_layer, factored.per_layer)
