@@ -8,8 +8,9 @@ Two measurements in this one-thread process, CPU seconds:
    n = 16 .. 256 (P the workload's largest tracked layer): the queries are streamed from memory once per product,
    so small n is bound by memory, not arithmetic;
 2. `compute_scores` on the workload's N training sequences in its batches, each batch contracted on its own
-   (ScoreArguments(pool_bytes=0), the default) against a pool of `--pool-mib` MiB, interleaved, `--repeats` times,
-   with the largest difference between the two score tables. Nothing is written.
+   (ScoreArguments(pool_bytes=0), the default) against pools of `--pool-mib` MiB, interleaved, `--repeats` times,
+   each with its peak RSS above the call's start (VmHWM reset first), and the largest difference between a pooled
+   and the batch-by-batch score table. Nothing is written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 
 import torch
 
-from benchmarks.peer_systems import QUERY_BATCH
+from benchmarks.peer_systems import QUERY_BATCH, peak_rss_mb, reset_peaks
+from influence_core.batch import return_freed_host_memory
 from benchmarks.workloads import MODELS, Workload, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
                             iterate_batches, query_gradients, track_layers)
@@ -42,7 +44,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sequences", type=int, default=1000)
     parser.add_argument("--queries", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pool-mib", type=int, default=64, help="the pooled run's ScoreArguments.pool_bytes, in MiB")
+    parser.add_argument("--pool-mib", type=int, nargs="+", default=[16, 32, 64],
+                        help="the pooled runs' ScoreArguments.pool_bytes, in MiB")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_workload(Workload(args.model, args.sequences, 64, 16))
@@ -60,19 +63,22 @@ def main(argv=None) -> None:
         _, encoded = loaded.encoded_queries(q)
         queries = query_gradients(model, layers, task, iterate_batches(encoded, QUERY_BATCH, by_length=True),
                                   progress=False, factors=factors)
-        budget = args.pool_mib * 2**20
-        print(f"Q = {q}: pool {budget / 2**20:.1f} MiB "
-              f"(queries {sum(t.numel() * t.element_size() for t in queries.values()) / 2**20:.1f} MiB)", flush=True)
+        print(f"Q = {q}: queries {sum(t.numel() * t.element_size() for t in queries.values()) / 2**20:.1f} MiB",
+              flush=True)
         results = {}
         for _ in range(args.repeats):
-            for pool_bytes in (0, budget):
-                start = time.process_time()
+            for mib in [0, *args.pool_mib]:
+                return_freed_host_memory()
+                reset_peaks()
+                start_rss, start = peak_rss_mb(), time.process_time()
                 scores = compute_scores(model, layers, task, iterate_batches(loaded.train, 16), queries,
-                                        args=ScoreArguments(progress=False, pool_bytes=pool_bytes))
+                                        args=ScoreArguments(progress=False, pool_bytes=mib * 2**20))
                 seconds = time.process_time() - start
-                print(f"  {'each batch alone' if pool_bytes == 0 else 'pooled':16s} {seconds:6.2f} s CPU", flush=True)
-                results[pool_bytes] = scores.total
-        worst = float((results[budget] - results[0]).abs().max() / results[0].abs().max())
+                label = "each batch alone" if mib == 0 else f"pool {mib} MiB"
+                print(f"  {label:16s} {seconds:6.2f} s CPU, peak {peak_rss_mb() - start_rss:+5.0f} MiB over its start "
+                      f"({start_rss:.0f} MiB)", flush=True)
+                results[mib] = scores.total
+        worst = max(float((results[mib] - results[0]).abs().max() / results[0].abs().max()) for mib in args.pool_mib)
         print(f"  largest difference {worst:.1e} of the largest score", flush=True)
 
 

@@ -190,3 +190,18 @@ def test_bench_workloads_refuse_a_missing_zoo_instead_of_falling_back(tmp_path, 
     (tmp_path / "artifacts" / "world" / "full").mkdir(parents=True)
     (tmp_path / "artifacts" / "world" / "full" / "queries.json").write_text("[]")
     assert workloads.zoo_paths() == ("zoo_s", seed0 / "model", tmp_path / "artifacts" / "world" / "full" / "queries.json")
+
+
+def test_ours_subset_fits_the_covariances_on_a_share_of_the_batches(tmp_path):
+    """The ours_subset row: A and S from ceil(0.1 x 3) = 1 of the 3 fitting batches, the correction from all 3; its
+    scores differ from the full fit's but stay close on this tiny model."""
+    from benchmarks.peer_systems import RUNNERS, SUBSET_COVARIANCE_FRACTION
+
+    loaded = tiny_workload()
+    record = RUNNERS["ours_subset"](loaded, [3], tmp_path / "subset", 0)
+    full = run_ours(loaded, [3], tmp_path / "full", seed=0)
+    assert record["covariance_fraction"] == SUBSET_COVARIANCE_FRACTION and full["covariance_fraction"] is None
+    subset_scores, full_scores = (np.load(tmp_path / d / "scores_q3.npy") for d in ("subset", "full"))
+    assert subset_scores.shape == full_scores.shape == (3, SEQUENCES)
+    assert not np.allclose(subset_scores, full_scores)
+    assert np.corrcoef(subset_scores.ravel(), full_scores.ravel())[0, 1] > 0.5
