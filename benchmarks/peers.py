@@ -17,8 +17,9 @@ queries (at the largest Q of the cell).
 Peers: kronfluence (pip install -e ".[bench]" then pip install --no-deps kronfluence==1.0.1; figures/bench/README.md
 says why --no-deps), dattri-llm 0.1.0 (EKFACAttributor) and bergson 2.5.1 (its EK-FAC stages, and its gradient index:
 rows `bergson_index`), all installed by `make bench-setup`; what a peer cannot share with ours is in `NOTES`, printed
-in the table's footnote. `ours_rank32`: ours with rank-32 queries, beside full rank. The workloads are described in
-`benchmarks/workloads.py`.
+in the table's footnote. `ours_rank32`: ours with rank-32 queries, beside full rank; `ours_subset`: ours with A and S
+from 10% of the fitting batches (FactorArguments.covariance_fraction). The workloads are described in
+`benchmarks/workloads.py`; they need `make bench-zoo`.
 """
 
 from __future__ import annotations
