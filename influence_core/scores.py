@@ -22,8 +22,8 @@ layer. Both give the same numbers; layers already of rank <= r keep the exact de
 Pooled contraction (opt-in): the dense product (Q, P) x (P, B) streams a layer's Q P query numbers from memory for
 only B sequences. With ScoreArguments(pool_bytes=b) compute_scores keeps the captured a and g of consecutive
 training batches up to b bytes and contracts them in one product per layer (`pooled_scores`): the same numbers,
-batch by batch as given. Off by default: on the bench's gpt2_m (Q = 128) it was within noise of batch by batch and
-raised the peak by up to the pool's size (figures/bench/README.md, "Pooled contraction").
+batch by batch as given. Off by default: on the bench's gpt2_m (Q = 128) a 64 MiB pool was 3-6% faster and raised
+the peak by 60-80 MiB (figures/bench/README.md, "Memory at Q = 128, the workload").
 """
 
 from __future__ import annotations
