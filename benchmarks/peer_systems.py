@@ -170,8 +170,9 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, q
 
 
 # ours_subset's share of the fitting batches for A and S, chosen from the committed accuracy curve
-# (figures/bench/covariance_subset.md: at 0.1, Pearson 0.9985 / 0.9989 and top-100 overlap 0.89 / 0.96 with the full
-# fit on zoo_s / gpt2_s), before any peer table was run with it
+# (figures/bench/covariance_subset.md: at 0.1, Pearson pooled over queries 0.9985 / 0.9989 and top-100 overlap 0.89 /
+# 0.96 with the full fit on zoo_s / gpt2_s), before any peer table was run with it; the per-query means are lower
+# (figures/bench/README.md, "Two Pearsons")
 SUBSET_COVARIANCE_FRACTION = 0.1
 OURS_INDEX_DIM = 32  # our gradient index in the peer table: eigen 32 x 32 per layer (benchmarks/index.py's default)
 RERANK_CANDIDATES = 500  # the index's best rows per query rescored by exact EK-FAC (as benchmarks/index.py)

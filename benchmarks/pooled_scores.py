@@ -21,10 +21,10 @@ import time
 import torch
 
 from benchmarks.peer_systems import QUERY_BATCH, peak_rss_mb, reset_peaks
-from influence_core.batch import return_freed_host_memory
 from benchmarks.workloads import MODELS, Workload, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors,
                             iterate_batches, query_gradients, track_layers)
+from influence_core.batch import return_freed_host_memory
 
 
 def product_seconds(num_queries: int, numbers: int, rows: int, work: int = 4096) -> float:

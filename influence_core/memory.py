@@ -148,7 +148,6 @@ def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: 
     # batches are cheaper factored keeps its flattened factors instead), and pools training batches up to pool_bytes
     dense_total = sum(l.dense_queries for l in per_layer)
     copies = 0 if query_rank is None else min(ScoreArguments().dense_query_bytes, dense_total)
-    pool = pool_bytes
 
     def stages(b: int) -> dict[str, int]:
         captures = b * tokens * sum(l.captures_per_token for l in per_layer)
@@ -159,7 +158,7 @@ def plan_memory(layers: Sequence[TrackedLayer], model: torch.nn.Module, tokens: 
             "eigendecomposition": weights + sum(l.covariance for l in per_layer)
             + max(l.eigendecomposition for l in per_layer),
             "eigenvalue correction": forward + all_factors + max(b * l.correction_per_sequence for l in per_layer),
-            "scoring": forward + all_factors + sum(l.queries for l in per_layer) + copies + pool
+            "scoring": forward + all_factors + sum(l.queries for l in per_layer) + copies + pool_bytes
             + max(b * l.scoring_per_sequence for l in per_layer),
         }
 

@@ -279,8 +279,7 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
     lowrank = {n for n, q in queries.items() if isinstance(q, LowRankQuery)}
     may_rebuild = _dense_candidates(queries, lowrank, args)
     factored: dict[str, list] = {}
-    reconstructed: dict[str, torch.Tensor] = {}
-    dense = {n: q for n, q in queries.items() if n not in lowrank}
+    dense = {n: q for n, q in queries.items() if n not in lowrank}  # rank-r layers join it once rebuilt
     budget = _pool_budget(args)
     row_bytes = max((_dense_nbytes(queries[n]) // num_queries for n in {*dense, *may_rebuild}),
                     default=0)  # D of one sequence, largest layer
@@ -301,9 +300,9 @@ def compute_scores(model: nn.Module, layers: Sequence[TrackedLayer], task: Task,
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], q.dtype))
                 g = upcast(grads[layer.name], q.dtype)
                 if layer.name in may_rebuild and _dense_is_cheaper(q, a.shape[0], a.shape[1], args.per_token):
-                    if layer.name not in reconstructed:
-                        reconstructed[layer.name] = dense[layer.name] = q.dense()
-                    q = reconstructed[layer.name]  # the same rank-r matrices, dense: fewer flops here
+                    if layer.name not in dense:
+                        dense[layer.name] = q.dense()
+                    q = dense[layer.name]  # the same rank-r matrices, dense: fewer flops here
                 if isinstance(q, LowRankQuery):
                     if layer.name not in factored:
                         factored[layer.name] = _factor_chunks(q, args.low_rank_chunk)
@@ -409,7 +408,7 @@ def pooled_scores(pool: list[dict], names: Sequence[str], dense: dict[str, torch
             per_sequence = queries.new_empty((sum(rows), *queries.shape[1:]))
             for piece, parts in zip(per_sequence.split(rows), (parts for parts, p in zip(pool, pooled) if p)):
                 a, g = parts[name]
-                torch.bmm(g.transpose(1, 2), a, out=piece)  # per_sequence_gradients, written in place
+                per_sequence_gradients(a, g, out=piece)
                 parts[name] = None
             del a, g
             contracted = iter(dense_scores(queries, per_sequence).split(rows, dim=1))

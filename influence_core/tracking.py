@@ -420,12 +420,14 @@ class LayerCapture:
         return {name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) for name, parts in pieces.items()}
 
 
-def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
-    """D_n = sum_t g_t a_t^T, the canonical per-sequence gradient: a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in).
+def per_sequence_gradients(activations: torch.Tensor, output_gradients: torch.Tensor,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """D_n = sum_t g_t a_t^T, the canonical per-sequence gradient: a (B, T, d_in), g (B, T, d_out) -> (B, d_out, d_in),
+    written into `out` (a contiguous (B, d_out, d_in) tensor) when given.
 
     One batched matmul on the strided g^T (torch.einsum copied its operands into another layout first).
     """
-    return torch.bmm(output_gradients.transpose(1, 2), activations)
+    return torch.bmm(output_gradients.transpose(1, 2), activations, out=out)
 
 
 def _scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
