@@ -53,7 +53,7 @@ from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compu
 from influence_core.factors.passes import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
-SYSTEMS = ("floor", "ours", "ours_rank32", "ours_subset", "kronfluence", "kronfluence_shared", "dattri", "bergson")
+SYSTEMS = ("floor", "ours", "ours_rank32", "ours_subset", "ours_one_pass", "kronfluence", "kronfluence_shared", "dattri", "bergson")
 QUERY_BATCH = 32  # queries per forward/backward of their gradients in every system; all Q share one training pass
 
 
@@ -133,22 +133,24 @@ def run_floor(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int,
 
 
 def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, query_rank: int | None = None,
-             index_dim: int | None = None, covariance_fraction: float | None = None) -> dict:
+             index_dim: int | None = None, covariance_fraction: float | None = None, token_cache_bytes: int = 0) -> dict:
     """Our EK-FAC: fit, then per Q the query gradients preconditioned batch by batch and one scoring pass; with
     index_dim also our gradient index on the same factors (`run_ours_index`); with covariance_fraction, A and S from
-    that share of the fitting batches (FactorArguments.covariance_fraction), the eigenvalue correction from all."""
+    that share of the fitting batches (FactorArguments.covariance_fraction), the eigenvalue correction from all; with
+    token_cache_bytes, the one-pass fit (the correction from the per-token a, g the covariance pass kept)."""
     model, task = loaded.model, CausalLMTask()
     layers = track_layers(model)
     batches = iterate_batches(loaded.train, loaded.workload.batch_size)
     factor_dir = out / "factors"
     shutil.rmtree(factor_dir, ignore_errors=True)
     record: dict = {"tracked_layers": [l.name for l in layers], "query_rank": query_rank,
-                    "covariance_fraction": covariance_fraction}
+                    "covariance_fraction": covariance_fraction, "token_cache_bytes": token_cache_bytes}
     with phase(record, "fit"):
         factors = fit_factors(model, layers, task, batches, FactorArguments(
-            strategy="ekfac", damping_factor=0.1, seed=seed, progress=False, covariance_fraction=covariance_fraction),
-            output_dir=factor_dir)
+            strategy="ekfac", damping_factor=0.1, seed=seed, progress=False, covariance_fraction=covariance_fraction,
+            token_cache_bytes=token_cache_bytes), output_dir=factor_dir)
     record["fit_stages_s"] = dict(factors.manifest["timings_s"])
+    record["token_cache_peak_bytes"] = factors.manifest.get("token_cache_peak_bytes", 0)
     record["scores"] = []
     for count in queries:
         names, encoded = loaded.encoded_queries(count)
@@ -174,6 +176,7 @@ def run_ours(loaded: LoadedWorkload, queries: list[int], out: Path, seed: int, q
 # 0.96 with the full fit on zoo_s / gpt2_s), before any peer table was run with it; the per-query means are lower
 # (figures/bench/README.md, "Two Pearsons")
 SUBSET_COVARIANCE_FRACTION = 0.1
+ONE_PASS_CACHE_BYTES = 16 * 2**30  # ours_one_pass: a cap, not an allocation; what it took is token_cache_peak_bytes
 OURS_INDEX_DIM = 32  # our gradient index in the peer table: eigen 32 x 32 per layer (benchmarks/index.py's default)
 RERANK_CANDIDATES = 500  # the index's best rows per query rescored by exact EK-FAC (as benchmarks/index.py)
 
@@ -593,6 +596,7 @@ RUNNERS = {"floor": run_floor, "dattri": run_dattri, "bergson": run_bergson,
                                                               index_dim=OURS_INDEX_DIM if seed == 0 else None),
            "ours_rank32": lambda *a: run_ours(*a, query_rank=32),
            "ours_subset": lambda *a: run_ours(*a, covariance_fraction=SUBSET_COVARIANCE_FRACTION),
+           "ours_one_pass": lambda *a: run_ours(*a, token_cache_bytes=ONE_PASS_CACHE_BYTES),
            "kronfluence": run_kronfluence,
            "kronfluence_shared": lambda *a: run_kronfluence(*a, shared=True)}
 

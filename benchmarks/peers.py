@@ -18,7 +18,8 @@ Peers: kronfluence (pip install -e ".[bench]" then pip install --no-deps kronflu
 says why --no-deps), dattri-llm 0.1.0 (EKFACAttributor) and bergson 2.5.1 (its EK-FAC stages, and its gradient index:
 rows `bergson_index`), all installed by `make bench-setup`; what a peer cannot share with ours is in `NOTES`, printed
 in the table's footnote. `ours_rank32`: ours with rank-32 queries, beside full rank; `ours_subset`: ours with A and S
-from 10% of the fitting batches (FactorArguments.covariance_fraction). The workloads are described in
+from 10% of the fitting batches (FactorArguments.covariance_fraction); `ours_one_pass`: ours fitted in one model pass
+(FactorArguments.token_cache_bytes). The workloads are described in
 `benchmarks/workloads.py`; they need `make bench-zoo`.
 """
 
@@ -51,6 +52,12 @@ NOTES = {  # what a peer does not share with ours, one line each (benchmarks/pee
         "ours with the covariances A and S from the first 10% of the fitting batches (covariance_fraction 0.1, chosen "
         "from figures/bench/covariance_subset.md before this row was run) and the eigenvalue correction from all; "
         "its Pearson and top-100 overlap are against ours' full fit"
+    ),
+    "ours_one_pass": (
+        "ours fitted in one model pass: the covariance pass keeps every batch's per-token activations and "
+        "pseudo-gradients in memory (FactorArguments.token_cache_bytes; their size is token_cache_peak_bytes in the "
+        "json, inside its peak RSS) and the eigenvalue correction is computed from them, with the covariance pass's "
+        "labels; its Pearson and top-100 overlap are against ours' two-pass fit, whose correction draws other labels"
     ),
     "ours": (
         "ours groups its query batches (32 queries) by the queries' real length (`iterate_batches(..., by_length="
@@ -87,7 +94,8 @@ class Cell:
 MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0), ("dattri", "dattri", 0),
                 ("bergson", "bergson", 0)]
 RANK32 = [("ours_rank32", "ours_rank32", 0)]  # Q queries at rank 32 beside full rank (issue 19, item 2)
-SUBSET = [("ours_subset", "ours_subset", 0)]  # A and S from 10% of the fitting batches (issue 19, item 1)
+SUBSET = [("ours_subset", "ours_subset", 0),  # A and S from 10% of the fitting batches (issue 19, item 1)
+          ("ours_one_pass", "ours_one_pass", 0)]  # one model pass, the correction from the kept tokens
 FULL_Q = {"ours", "kronfluence", "dattri", "bergson"}  # systems scored at every Q of a cell; the others at the largest
 DIAGNOSTICS = [("ours_seed1", "ours", 1), ("kronfluence_shared", "kronfluence_shared", 0)]
 

@@ -73,6 +73,10 @@ def check_influence_settings(influence: DictConfig) -> None:
                                  or not 0 < fraction <= 1):
         raise ValueError(f"influence.covariance_fraction={fraction!r}: give a number in (0, 1] (the share of the "
                          "fitting batches the covariances are computed from), or null for all of them")
+    cache = influence.get("token_cache_bytes", 0)
+    if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+        raise ValueError(f"influence.token_cache_bytes={cache!r}: give an integer >= 0 (bytes of per-token activations "
+                         "and pseudo-gradients kept for a one-pass fit), or 0 for two passes")
     fit = influence.get("num_fit_sequences")
     if fit is not None and (not isinstance(fit, int) or isinstance(fit, bool) or fit < 1):
         raise ValueError(f"influence.num_fit_sequences={fit!r}: give an integer >= 1, or null for all sequences")
@@ -135,15 +139,19 @@ def factor_arguments(influence: DictConfig) -> FactorArguments:
     return FactorArguments(strategy=influence.strategy, damping_factor=influence.damping_factor,
                            damping=influence.damping, fisher=influence.fisher, seed=influence.seed,
                            dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks,
-                           covariance_fraction=influence.get("covariance_fraction"))
+                           covariance_fraction=influence.get("covariance_fraction"),
+                           token_cache_bytes=influence.get("token_cache_bytes", 0))
+
+
+UNKEYED_DEFAULTS = {"covariance_fraction": None, "token_cache_bytes": 0}
 
 
 def numerical_settings(influence: DictConfig) -> dict:
-    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars. A null
-    covariance_fraction (all batches) is left out, so caches made before the key existed keep their names."""
+    """The influence settings that change the numbers: cache keys must not depend on e.g. progress bars. Settings
+    at the value they had before their key existed (UNKEYED_DEFAULTS) are left out, so older caches keep their names."""
     settings = OmegaConf.to_container(influence, resolve=True)
     return {k: v for k, v in settings.items()
-            if k != "progress" and not (k == "covariance_fraction" and v is None)}
+            if k != "progress" and not (k in UNKEYED_DEFAULTS and v == UNKEYED_DEFAULTS[k])}
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
@@ -363,7 +371,8 @@ def fit_plan_factors(loaded: LoadedModel, corpus: Corpus, plan: ScorePlan, influ
                      scoring: ScoringSettings, progress: bool = True):
     """The plan's EK-FAC factors on its first fit_count corpus sequences: fitted, or reused from plan.factors_dir."""
     fit_args = factor_arguments(influence)
-    fit_args.checkpoint_every = scoring.fit_checkpoint_every
+    # a one-pass fit keeps its tokens in memory, which no pass checkpoint could restore: finished stages are saved
+    fit_args.checkpoint_every = 0 if fit_args.token_cache_bytes else scoring.fit_checkpoint_every
     fit_args.progress = progress and influence.progress
     fit_data = {k: v[:plan.fit_count] for k, v in corpus.encoded.items()}
     return fit_factors(loaded.model, plan.layers, CausalLMTask(), iterate_batches(fit_data, influence.fit_batch_size),

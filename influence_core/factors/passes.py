@@ -10,6 +10,11 @@ Each pass sees this rank's batches (`owned_batches`), sums in FactorArguments.dt
 checkpointed every K batches (`PassCheckpoint`). With FactorArguments.covariance_fraction = f the covariance pass
 reads only the first ceil(f x batches) fitting batches (`covariance_batch_count`), the correction pass all of them. Sampled labels of batch i in pass p come from
 `batch_generator(seed, p, i)`, so the numbers do not depend on how batches are split over processes.
+
+With FactorArguments.token_cache_bytes > 0 the fit reads the data once: the covariance pass keeps every batch's
+per-token a (B, T, d_in) and g (B, T, d_out) in a `TokenCache`, and `correction_from_cache` computes Lambda from
+them, without a second model pass. That equals `correction_pass` with the covariance pass's labels (label_pass=0),
+which is what a rerun whose covariance stage was saved but whose cache is gone runs instead.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..batch import Batch, check_finite, check_nonempty, real_token_activations, row_count, to_device, token_weights, upcast
+from ..batch import (Batch, check_finite, check_nonempty, real_token_activations, row_count, sequence_shape, to_device,
+                     token_weights, upcast)
 from ..task import IGNORE_INDEX, Task, sampled_label_surrogate, trim_padding
 from ..tracking import LayerCapture, per_sequence_gradients, tracked_parameters_require_grad
 from .types import FactorArguments, FactorMismatchError, rotate_tokens_first
@@ -68,11 +74,12 @@ def gradient_covariance_shape(d_out: int, blocks: int | None) -> tuple[int, ...]
     return (d_out, d_out) if blocks is None else (blocks, d_out // blocks, d_out // blocks)
 
 
-def covariance_pass(model, layers, task, batches, args: FactorArguments,
-                    checkpoint: PassCheckpoint | None = None) -> dict[str, torch.Tensor]:
+def covariance_pass(model, layers, task, batches, args: FactorArguments, checkpoint: PassCheckpoint | None = None,
+                    cache: "TokenCache | None" = None) -> dict[str, torch.Tensor]:
     """{name}.activation_covariance A (d_in, d_in), {name}.gradient_covariance S (d_out, d_out) or its diagonal blocks
     (k, b, b) with args.output_blocks = k; num_tokens (real tokens) and num_sequences (N) as 0-d tensors. With
-    args.covariance_fraction, over the leading batches only (covariance_batch_count), and N, T counted over those."""
+    args.covariance_fraction, over the leading batches only (covariance_batch_count), and N, T counted over those.
+    With a `cache`, every batch's (a, g) per layer is kept in it for `correction_from_cache`."""
     dtype = args.torch_dtype
     sums = {f"{l.name}.activation": torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
     sums.update({f"{l.name}.gradient": torch.zeros(gradient_covariance_shape(l.out_features, args.output_blocks),
@@ -84,14 +91,18 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments,
         for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 0,
                                             "factors: covariance",
                                             covariance_batch_count(batches, args.covariance_fraction)):
+            kept = {}
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
                 _add_gram(sums[f"{layer.name}.activation"], a.reshape(-1, a.shape[-1]))
-                for grads in draws:
-                    g = upcast(grads[layer.name], dtype).reshape(-1, layer.out_features)
+                gs = [upcast(grads[layer.name], dtype) for grads in draws]
+                for g in gs:
                     check_finite(g, f"pseudo-gradient of layer '{layer.name}'")
                     for rows, block in _blocks(sums[f"{layer.name}.gradient"], layer.out_features):
-                        _add_gram(block, g[:, rows])
+                        _add_gram(block, g.reshape(-1, layer.out_features)[:, rows])
+                kept[layer.name] = (a, gs)
+            if cache is not None:
+                cache.add(kept)
             sums["num_tokens"] += float(token_weights(task, batch, a).sum())
     distributed.all_reduce_sum(sums)
     num_tokens, num_sequences = float(sums["num_tokens"]), float(sums["num_sequences"])
@@ -133,44 +144,108 @@ def eigendecomposition(cov: dict[str, torch.Tensor], names: Sequence[str], args:
 
 
 def correction_pass(model, layers, task, batches, args: FactorArguments, eig: dict[str, torch.Tensor] | None,
-                    checkpoint: PassCheckpoint | None = None) -> dict[str, torch.Tensor]:
+                    checkpoint: PassCheckpoint | None = None, label_pass: int = 1) -> dict[str, torch.Tensor]:
     """{name}.eigenvalues: Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2, (d_out, d_in), with D_n = sum_t g_t a_t^T; no
     rotation when eig is None. A block-diagonal Q_S (k, b, b) is applied block by block: rows j b .. (j + 1) b of
-    Lambda are (1/N) sum_n (Q_Sj^T D_n[rows] Q_A)^2, so one block's (B, b, d_in) is in flight at a time."""
+    Lambda are (1/N) sum_n (Q_Sj^T D_n[rows] Q_A)^2, so one block's (B, b, d_in) is in flight at a time. Labels are
+    drawn as in pass `label_pass` (1: its own; 0: the covariance pass's, as `correction_from_cache` uses)."""
     dtype = args.torch_dtype
     sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 1,
+        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, label_pass,
                                             "factors: eigenvalue correction"):
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
-                q_a = q_s = None
-                if eig is not None:
-                    q_a = eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
-                    q_s = eig[f"{layer.name}.gradient_eigenvectors"].to(a.device)
-                blocks = list(_blocks(q_s, layer.out_features))
-                block_size = blocks[0][0].stop - blocks[0][0].start
-                tokens_first = q_a is not None and rotate_tokens_first(a.shape[1], block_size, layer.input_dim)
-                if tokens_first:
-                    a = a @ q_a
-                for grads in draws:
-                    g = upcast(grads[layer.name], dtype)
-                    for rows, q_sj in blocks:
-                        if tokens_first:
-                            per_sequence = per_sequence_gradients(a, g[..., rows] @ q_sj)  # rotated D_n, (B, b, d_in)
-                        else:
-                            per_sequence = per_sequence_gradients(a, g[..., rows])
-                            if q_a is not None:
-                                per_sequence = q_sj.T @ per_sequence @ q_a
-                        sums[layer.name][rows] += per_sequence.square_().sum(dim=0).cpu()
+                _add_squared_rotated(sums[layer.name], layer, eig, a, [upcast(grads[layer.name], dtype) for grads in draws])
     distributed.all_reduce_sum(sums)
     num_sequences = float(sums.pop("num_sequences"))
     if num_sequences == 0:
         raise ValueError("the fitting data is empty: no batches to fit factors on")
     _check_predicted(task, float(sums.pop("num_predicted")))
     return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
+
+
+def correction_from_cache(layers, cache: "TokenCache", args: FactorArguments, eig: dict[str, torch.Tensor],
+                          num_sequences: float) -> dict[str, torch.Tensor]:
+    """Lambda as in correction_pass, from the (a, g) the covariance pass kept (no model pass); N = num_sequences, the
+    covariance pass's count over all ranks. Each batch's entries are released once used, so the cache empties."""
+    sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=args.torch_dtype) for l in layers}
+    for kept in tqdm(cache.drain(), desc="factors: eigenvalue correction (cached tokens)", total=len(cache),
+                     disable=not args.progress or not distributed.is_main(), leave=False):
+        for layer in layers:
+            a, gs = kept.pop(layer.name)
+            _add_squared_rotated(sums[layer.name], layer, eig, a, gs)
+    distributed.all_reduce_sum(sums)
+    return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
+
+
+def _add_squared_rotated(target: torch.Tensor, layer, eig: dict[str, torch.Tensor] | None, a: torch.Tensor,
+                         gs: list[torch.Tensor]) -> None:
+    """target (d_out, d_in) += sum_n (Q_S^T D_n Q_A)^2 over a batch's sequences and label draws, D_n = g_n^T a_n
+    from a (B, T, d_in) and each g (B, T, d_out); in the parameter basis when eig is None."""
+    q_a = q_s = None
+    if eig is not None:
+        q_a = eig[f"{layer.name}.activation_eigenvectors"].to(a.device)
+        q_s = eig[f"{layer.name}.gradient_eigenvectors"].to(a.device)
+    blocks = list(_blocks(q_s, layer.out_features))
+    block_size = blocks[0][0].stop - blocks[0][0].start
+    tokens_first = q_a is not None and rotate_tokens_first(a.shape[1], block_size, layer.input_dim)
+    if tokens_first:
+        a = a @ q_a
+    for g in gs:
+        for rows, q_sj in blocks:
+            if tokens_first:
+                per_sequence = per_sequence_gradients(a, g[..., rows] @ q_sj)  # rotated D_n, (B, b, d_in)
+            else:
+                per_sequence = per_sequence_gradients(a, g[..., rows])
+                if q_a is not None:
+                    per_sequence = q_sj.T @ per_sequence @ q_a
+            target[rows] += per_sequence.square_().sum(dim=0).cpu()
+
+
+class TokenCache:
+    """The per-token a (B, T, d_in) and g (B, T, d_out) of every tracked layer, batch by batch, that the covariance
+    pass keeps for `correction_from_cache` (FactorArguments.token_cache_bytes). Refuses to grow past its budget:
+    `check_budget` before the pass from the batch shapes, `add` during it from the real sizes."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.nbytes, self.batches = budget_bytes, 0, []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def check_budget(self, layers, batches, args: FactorArguments) -> None:
+        """Refuse, before any model pass, fitting data whose padded batch shapes need more than the budget: per batch
+        B T sum_l (d_in + d_out) x bytes of the accumulation dtype, this rank's share of the batches."""
+        if not hasattr(batches, "__len__") or len(batches) == 0:
+            return
+        shape = sequence_shape(next(iter(batches)))
+        if shape is None:
+            return
+        per_token = sum(l.input_dim + l.out_features for l in layers) * torch.finfo(args.torch_dtype).bits // 8
+        mine = math.ceil(len(batches) / distributed.world_size())
+        need = mine * shape[0] * shape[1] * per_token
+        if need > self.budget:
+            raise ValueError(self._message(need, f"{mine} batches of {shape[0]} x {shape[1]} tokens"))
+
+    def add(self, kept: dict[str, tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+        self.nbytes += sum(t.numel() * t.element_size() for a, gs in kept.values() for t in (a, *gs))
+        if self.nbytes > self.budget:
+            raise ValueError(self._message(self.nbytes, f"the first {len(self.batches) + 1} batches"))
+        self.batches.append(kept)
+
+    def drain(self):
+        """The kept batches in order, each dropped from the cache as it is handed out."""
+        self.batches.reverse()
+        while self.batches:
+            yield self.batches.pop()
+
+    def _message(self, need: int, what: str) -> str:
+        return (f"FactorArguments.token_cache_bytes={self.budget} is too small: the per-token activations and "
+                f"pseudo-gradients of {what} need {need / 2**20:.0f} MiB; raise it above {need}, or set it to 0 for a "
+                "second model pass over the data instead")
 
 
 def _blocks(q_s: torch.Tensor | None, d_out: int) -> list[tuple[slice, torch.Tensor | None]]:

@@ -34,14 +34,19 @@ def fitted_identity(layers: Sequence[TrackedLayer], args: FactorArguments, data_
             "model_fingerprint": model_fingerprint(layers), "data_fingerprint": data_fingerprint}
 
 
+SETTINGS_BEFORE_THEIR_KEY = {"correction_labels": "own pass"}  # what manifests written before a setting existed mean
+
+
 def check_manifest(saved: dict, expected: dict, directory: Path) -> None:
-    """Refuse a directory whose manifest differs from `expected` (a missing data fingerprint on either side is fine)."""
+    """Refuse a directory whose manifest differs from `expected` (a missing data fingerprint on either side is fine;
+    a setting the manifest predates counts as its value then, SETTINGS_BEFORE_THEIR_KEY)."""
     for key, value in expected.items():
         if key == "data_fingerprint" and (value is None or saved.get(key) is None):
             continue
-        if saved.get(key) != value:
+        found = saved.get(key, SETTINGS_BEFORE_THEIR_KEY.get(key))
+        if found != value:
             raise FactorMismatchError(
-                f"factor files in {directory} were fitted with {key}={saved.get(key)!r}, but this run has "
+                f"factor files in {directory} were fitted with {key}={found!r}, but this run has "
                 f"{key}={value!r}; use another output directory or delete the old one"
             )
 

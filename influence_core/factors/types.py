@@ -45,6 +45,9 @@ class FactorArguments:
     checkpoint_every: int = 0  # with an output_dir, save a pass's running sums every K batches (0: only per stage)
     output_blocks: int | None = None  # ekfac/kfac: S block-diagonal over this many equal output blocks (None: full S)
     covariance_fraction: float | None = None  # ekfac/kfac: A and S from the first ceil(f x batches) batches (None: all)
+    # ekfac: > 0 reads the data once, keeping every batch's per-token a and g (up to this many bytes, this rank) for the
+    # eigenvalue correction, whose labels are then the covariance pass's; 0: a second model pass with its own labels
+    token_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -69,6 +72,22 @@ class FactorArguments:
             if self.strategy not in ("ekfac", "kfac"):
                 raise ValueError(f"covariance_fraction={fraction!r} subsets the covariance pass, which strategy "
                                  f"'{self.strategy}' does not run; use ekfac or kfac, or covariance_fraction=None")
+        check_number("token_cache_bytes", self.token_cache_bytes, 0, integer=True)
+        if self.token_cache_bytes:
+            budget = f"token_cache_bytes={self.token_cache_bytes}"
+            if self.strategy != "ekfac":
+                raise ValueError(f"{budget} keeps tokens for the eigenvalue correction after the covariance pass, which "
+                                 f"strategy '{self.strategy}' does not run; use ekfac, or token_cache_bytes=0")
+            if self.fisher != "sampled":
+                raise ValueError(f"{budget} keeps one pseudo-gradient per token; fisher='{self.fisher}' has one per "
+                                 "class. Use fisher='sampled', or token_cache_bytes=0")
+            if self.covariance_fraction is not None:
+                raise ValueError(f"{budget} reads every batch once for both A, S and the correction; "
+                                 f"covariance_fraction={self.covariance_fraction} asks for A and S from fewer. Choose "
+                                 "one: covariance_fraction=None, or token_cache_bytes=0")
+            if self.checkpoint_every:
+                raise ValueError(f"{budget} keeps tokens in memory, which a pass checkpoint cannot restore; use "
+                                 "checkpoint_every=0 (finished stages are still saved), or token_cache_bytes=0")
         if self.dtype not in ACCUMULATION_DTYPES:
             raise ValueError(
                 f"FactorArguments.dtype={self.dtype!r} is the accumulation dtype of the factors and must be one of "
@@ -82,7 +101,12 @@ class FactorArguments:
         """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
         return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype,
                 "label_sampling": LABEL_SAMPLING, "output_blocks": self.output_blocks,
-                "covariance_fraction": self.covariance_fraction}
+                "covariance_fraction": self.covariance_fraction, "correction_labels": self.correction_labels}
+
+    @property
+    def correction_labels(self) -> str:
+        """Whose sampled labels the eigenvalue correction uses: 'own pass', or with a token cache 'covariance pass'."""
+        return "covariance pass" if self.token_cache_bytes else "own pass"
 
 
 def check_output_blocks(layers: Sequence[TrackedLayer], blocks: int | None) -> None:
