@@ -164,3 +164,15 @@ def test_the_influence_config_passes_the_budget_and_keys_the_cache():
     assert cache_key(numerical_settings(one_pass)) != cache_key(numerical_settings(config))
     with pytest.raises(ValueError, match=r"influence.token_cache_bytes=-1: give an integer >= 0"):
         check_influence_settings(OmegaConf.merge(config, {"token_cache_bytes": -1}))
+
+
+def test_the_cache_holds_the_bytes_it_counts():
+    """A view into a larger storage (e.g. a slice of a fused input) is copied, so the kept bytes are the counted ones;
+    a tensor that owns exactly its storage is kept as it is."""
+    cache = passes.TokenCache(budget_bytes=2**20)
+    whole, fused = torch.randn(2, 3, 8), torch.randn(2, 3, 32)
+    cache.add({"layer": (whole, [fused[..., :8]])})
+    (a, (g,)), = [kept["layer"] for kept in cache.drain()]
+    assert a is whole
+    assert torch.equal(g, fused[..., :8]) and g.untyped_storage().nbytes() == g.numel() * 4
+    assert cache.nbytes == 2 * 2 * 3 * 8 * 4 and len(cache) == 0
