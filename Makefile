@@ -104,7 +104,7 @@ bench-real-shape:  ## Pythia-160m's dimensions, random weights, T=128, N=32 and 
 bench-real-shape-410m:  ## the same at Pythia-410m's dimensions, N=32 (~35 min on one core, ~11 GB) -> figures/bench/real_shape_410m.*
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m benchmarks.real_shape --shape pythia-410m --sequences 32 --tokens 128 --queries 4 --name real_shape_410m
 
-bench-covariance-subset:  ## EK-FAC with A, S from a fraction of the fitting batches (0.02 .. 1), the correction from all: fit time over floor, Pearson and top-100 overlap vs the full fit (zoo, gpt2_s; N=1000) -> figures/bench/covariance_subset.*
+bench-covariance-subset:  ## EK-FAC with A, S from a fraction of the fitting batches (0.02 .. 1), the correction from all, and the one-pass fit: fit time over floor, per-query Pearson and top-100 overlap vs the full fit (zoo, gpt2_s; N=1000) -> figures/bench/covariance_subset.*
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTHON) -m benchmarks.covariance_subset $(COVARIANCE_SUBSET_ARGS)
 
 bench-gpu:  ## the real-shape tables on a GPU (fp32 and bf16, Pythia-410m dimensions); one line and exit 1 without one
