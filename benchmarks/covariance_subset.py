@@ -1,7 +1,9 @@
 """Fitting below two passes, against the full two-pass fit: EK-FAC with the covariances A, S from the first
 ceil(f x batches) fitting batches (FactorArguments.covariance_fraction = f) and the eigenvalue correction from all of
 them; and the one-pass fit (FactorArguments.token_cache_bytes: A, S from all batches, the correction from the per-token
-activations and pseudo-gradients the covariance pass kept, with that pass's labels), the row `one_pass`.
+activations and pseudo-gradients the covariance pass kept, with that pass's labels), the row `one_pass`; with
+--correction-fractions, one-pass fits whose correction reads only the first ceil(f x batches)
+(FactorArguments.correction_fraction, the issue's other split: only those batches' tokens are kept).
 
     python -m benchmarks.covariance_subset             # zoo and gpt2_s, N = 1000 -> figures/bench/covariance_subset.*
     python -m benchmarks.covariance_subset --quick     # a check of the script in seconds (-> covariance_subset_quick.*)
@@ -34,7 +36,7 @@ from benchmarks.precision import pearson, top_k_overlap
 from benchmarks.workloads import Workload, describe, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors, iterate_batches,
                             query_gradients, track_layers)
-from influence_core.factors.passes import covariance_batch_count
+from influence_core.factors.passes import leading_batch_count
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 TOP_K = 100
@@ -43,14 +45,15 @@ QUICK = dict(models=["zoo"], sequences=64, fractions=[0.25, 0.5, 1.0], queries=4
 ONE_PASS_CACHE_BYTES = 16 * 2**30  # a cap, not an allocation: the row's token_cache_bytes is what the cache took
 
 
-def fit_and_score(loaded, layers, batches, names, encoded, fraction: float, seed: int,
-                  one_pass: bool = False) -> tuple[dict, torch.Tensor]:
-    """Floor, then the fit with covariance_fraction = fraction (1.0: the full fit; one_pass: the one-pass fit), then
-    the (Q, N) scores."""
+def fit_and_score(loaded, layers, batches, names, encoded, fraction: float, seed: int, one_pass: bool = False,
+                  correction_fraction: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """Floor, then the fit with covariance_fraction = fraction (1.0: the full fit; one_pass: the one-pass fit, its
+    correction from the first correction_fraction of the batches), then the (Q, N) scores."""
     model, task = loaded.model, CausalLMTask()
     floor = run_floor(loaded, [], Path("."), 0)
     args = FactorArguments(seed=seed, progress=False, covariance_fraction=None if fraction == 1.0 else fraction,
-                           token_cache_bytes=ONE_PASS_CACHE_BYTES if one_pass else 0)
+                           token_cache_bytes=ONE_PASS_CACHE_BYTES if one_pass else 0,
+                           correction_fraction=None if correction_fraction == 1.0 else correction_fraction)
     start, start_cpu = time.perf_counter(), time.process_time()
     factors = fit_factors(model, layers, task, batches, args)
     fit_s, fit_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
@@ -58,8 +61,9 @@ def fit_and_score(loaded, layers, batches, names, encoded, fraction: float, seed
     preconditioned = query_gradients(model, layers, task, iterate_batches(encoded, 32), progress=False,
                                      factors=factors)
     scores = compute_scores(model, layers, task, batches, preconditioned, names, ScoreArguments(progress=False)).total
-    count = covariance_batch_count(batches, fraction)
-    record = {"fit": "one_pass" if one_pass else "two_pass", "covariance_fraction": fraction, "seed": seed,
+    count = leading_batch_count(batches, fraction)
+    record = {"fit": "one_pass" if one_pass else "two_pass", "covariance_fraction": fraction,
+              "correction_fraction": correction_fraction, "seed": seed,
               "token_cache_bytes": factors.manifest.get("token_cache_peak_bytes", 0), "covariance_batches": count,
               "covariance_sequences": sum(len(b["input_ids"]) for b in batches[:count]),
               "fit_over_floor": fit_cpu_s / floor["floor_cpu_s"], "fit_over_floor_wall": fit_s / floor["floor_s"],
@@ -81,7 +85,8 @@ def accuracy(reference: torch.Tensor, scores: torch.Tensor) -> dict:
             f"top{TOP_K}_overlap": float(overlap.mean()), f"top{TOP_K}_overlap_min": float(overlap.min())}
 
 
-def run_workload(model_name: str, sequences: int, fractions: list[float], queries: int) -> list[dict]:
+def run_workload(model_name: str, sequences: int, fractions: list[float], queries: int,
+                 correction_fractions: list[float] = ()) -> list[dict]:
     loaded = load_workload(Workload(model_name, sequences))
     warm_up(loaded)
     layers = track_layers(loaded.model)
@@ -90,9 +95,12 @@ def run_workload(model_name: str, sequences: int, fractions: list[float], querie
     info = describe(loaded)
     label = f"{loaded.model_name}-n{sequences}"
     rows, reference = [], None
-    runs = [(1.0, 0, False)] + [(f, 0, False) for f in sorted(fractions) if f != 1.0] + [(1.0, 0, True), (1.0, 1, False)]
-    for fraction, seed, one_pass in runs:
-        record, scores = fit_and_score(loaded, layers, batches, names, encoded, fraction, seed, one_pass)
+    runs = ([(1.0, 0, False, 1.0)] + [(f, 0, False, 1.0) for f in sorted(fractions) if f != 1.0]
+            + [(1.0, 0, True, 1.0)] + [(1.0, 0, True, c) for c in sorted(correction_fractions) if c != 1.0]
+            + [(1.0, 1, False, 1.0)])
+    for fraction, seed, one_pass, correction_fraction in runs:
+        record, scores = fit_and_score(loaded, layers, batches, names, encoded, fraction, seed, one_pass,
+                                       correction_fraction)
         reference = scores if reference is None else reference
         rows.append({"workload": label, "parameters": info["parameters"], "tokens": info["tokens"], **record,
                      **accuracy(reference, scores)})
@@ -115,12 +123,15 @@ def choice(table: pd.DataFrame) -> str:
             lines.append(f"- {workload}: no fit below the full one reaches a per-query Pearson of {TARGET_PEARSON}.")
         else:
             best = good.iloc[0]
-            name = "one pass" if best["fit"] == "one_pass" else f"covariance fraction {best['covariance_fraction']}"
+            name = (f"covariance fraction {best['covariance_fraction']}" if best["fit"] == "two_pass" else "one pass"
+                    + (f", correction fraction {best['correction_fraction']}" if best["correction_fraction"] < 1 else ""))
             met = "meets" if best["fit_over_floor"] <= TARGET_RATIO else "misses"
             lines.append(f"- {workload}: cheapest fit at a per-query Pearson >= {TARGET_PEARSON}: {name}, "
                          f"{described(best)} ({met} <= {TARGET_RATIO}).")
         for _, row in rows[rows["fit"] == "one_pass"].iterrows():
-            lines.append(f"  - one pass: {described(row)}, its kept tokens {row['token_cache_bytes'] / 2**20:.0f} MiB.")
+            split = f", correction fraction {row['correction_fraction']}" if row["correction_fraction"] < 1 else ""
+            lines.append(f"  - one pass{split}: {described(row)}, its kept tokens "
+                         f"{row['token_cache_bytes'] / 2**20:.0f} MiB.")
         lines.append(f"  - a full fit with other sampled labels (seed 1): {described(noise)}.")
     return "\n".join(lines)
 
@@ -131,6 +142,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--sequences", type=int, default=1000)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
                         help="covariance fractions; 1.0 (the reference) is always run")
+    parser.add_argument("--correction-fractions", type=float, nargs="+", default=[],
+                        help="one-pass fits with the correction from these shares of the batches (none by default)")
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help=f"a check of the script: {QUICK}")
@@ -141,14 +154,15 @@ def main(argv=None) -> pd.DataFrame:
             setattr(args, key, value)
     torch.set_num_threads(args.threads)
     load_before, wall_start = os.getloadavg(), time.perf_counter()
-    rows = [row for model in args.models for row in run_workload(model, args.sequences, args.fractions, args.queries)]
+    rows = [row for model in args.models
+            for row in run_workload(model, args.sequences, args.fractions, args.queries, args.correction_fractions)]
     table = pd.DataFrame(rows)
     load_after = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("covariance_subset_quick" if args.quick else "covariance_subset")
     table.to_csv(f"{stem}.csv", index=False)
     command = "python -m benchmarks.covariance_subset " + " ".join(sys.argv[1:] if argv is None else argv)
-    shown = ["workload", "fit", "covariance_fraction", "seed", "covariance_sequences", "fit_over_floor", "fit_over_floor_wall",
+    shown = ["workload", "fit", "covariance_fraction", "correction_fraction", "seed", "covariance_sequences", "fit_over_floor", "fit_over_floor_wall",
              "covariance_over_floor_wall", "correction_over_floor_wall", "pearson", "pearson_mean_query", "pearson_min_query",
              f"top{TOP_K}_overlap", f"top{TOP_K}_overlap_min"]
     note = (f"\n\n{args.sequences} sequences of 64 tokens (fitting and scored), batches of 16, {args.queries} queries; "

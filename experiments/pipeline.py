@@ -73,6 +73,11 @@ def check_influence_settings(influence: DictConfig) -> None:
                                  or not 0 < fraction <= 1):
         raise ValueError(f"influence.covariance_fraction={fraction!r}: give a number in (0, 1] (the share of the "
                          "fitting batches the covariances are computed from), or null for all of them")
+    fraction = influence.get("correction_fraction")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                                 or not 0 < fraction <= 1):
+        raise ValueError(f"influence.correction_fraction={fraction!r}: give a number in (0, 1] (the share of the "
+                         "fitting batches the eigenvalue correction is computed from), or null for all of them")
     cache = influence.get("token_cache_bytes", 0)
     if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
         raise ValueError(f"influence.token_cache_bytes={cache!r}: give an integer >= 0 (bytes of per-token activations "
@@ -140,10 +145,11 @@ def factor_arguments(influence: DictConfig) -> FactorArguments:
                            damping=influence.damping, fisher=influence.fisher, seed=influence.seed,
                            dtype=influence.dtype, progress=influence.progress, output_blocks=influence.output_blocks,
                            covariance_fraction=influence.get("covariance_fraction"),
-                           token_cache_bytes=influence.get("token_cache_bytes", 0))
+                           token_cache_bytes=influence.get("token_cache_bytes", 0),
+                           correction_fraction=influence.get("correction_fraction"))
 
 
-UNKEYED_DEFAULTS = {"covariance_fraction": None, "token_cache_bytes": 0}
+UNKEYED_DEFAULTS = {"covariance_fraction": None, "token_cache_bytes": 0, "correction_fraction": None}
 
 
 def numerical_settings(influence: DictConfig) -> dict:

@@ -30,7 +30,8 @@ def test_choice_takes_the_cheapest_fit_whose_per_query_pearson_reaches_the_targe
     from benchmarks.covariance_subset import choice
 
     def row(fit, fraction, seed, ratio, mean, pooled, cache=0):
-        return dict(workload="w", fit=fit, covariance_fraction=fraction, seed=seed, fit_over_floor=ratio,
+        return dict(workload="w", fit=fit, covariance_fraction=fraction, correction_fraction=1.0, seed=seed,
+                    fit_over_floor=ratio,
                     pearson_mean_query=mean, pearson_min_query=mean - 0.1, pearson=pooled, top100_overlap=0.9,
                     token_cache_bytes=cache)
 

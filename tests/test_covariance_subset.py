@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import influence_core.factors.passes as passes
 from engine_models import FixedLabelTask, gpt_neox, token_batches
 from influence_core import CausalLMTask, FactorArguments, fit_factors, track_layers
-from influence_core.factors.passes import covariance_batch_count
+from influence_core.factors.passes import leading_batch_count
 from influence_core.factors.types import FactorMismatchError
 from influence_core.reference.baselines import parameter_gradients, unflatten_layers
 from test_factors import PseudoLabelsAsTraining, brute_force_covariances
@@ -56,9 +56,9 @@ def test_covariances_from_the_first_batches_correction_from_all(tmp_path, monkey
 
 def test_batch_count_is_the_ceiling_without_rounding_up_exact_products():
     batches = list(range(30))
-    assert covariance_batch_count(batches, None) is None
-    assert [covariance_batch_count(batches, f) for f in (0.1, 0.02, 0.5, 1.0, 1e-6)] == [3, 1, 15, 30, 1]
-    assert covariance_batch_count(iter(batches), 0.25) == 8  # no len: counted
+    assert leading_batch_count(batches, None) is None
+    assert [leading_batch_count(batches, f) for f in (0.1, 0.02, 0.5, 1.0, 1e-6)] == [3, 1, 15, 30, 1]
+    assert leading_batch_count(iter(batches), 0.25) == 8  # no len: counted
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan"), "0.5", True])

@@ -85,9 +85,9 @@ def test_a_budget_too_small_is_refused_before_any_model_pass(monkeypatch):
 
 def test_the_cache_refuses_to_grow_past_its_budget_while_it_fills():
     cache = passes.TokenCache(budget_bytes=500)
-    cache.add({"layer": (torch.zeros(2, 10), [torch.zeros(2, 10)])})  # 160 bytes (float32)
+    cache.add({"layer": (torch.zeros(2, 10), [torch.zeros(2, 10)])}, 2)  # 160 bytes (float32)
     with pytest.raises(ValueError, match=r"token_cache_bytes=500 is too small: .* of the first 2 batches"):
-        cache.add({"layer": (torch.zeros(8, 10), [torch.zeros(8, 10)])})  # 640 more
+        cache.add({"layer": (torch.zeros(8, 10), [torch.zeros(8, 10)])}, 8)  # 640 more
     assert len(cache) == 1
 
 
@@ -171,7 +171,7 @@ def test_the_cache_holds_the_bytes_it_counts():
     a tensor that owns exactly its storage is kept as it is."""
     cache = passes.TokenCache(budget_bytes=2**20)
     whole, fused = torch.randn(2, 3, 8), torch.randn(2, 3, 32)
-    cache.add({"layer": (whole, [fused[..., :8]])})
+    cache.add({"layer": (whole, [fused[..., :8]])}, 2)
     (a, (g,)), = [kept["layer"] for kept in cache.drain()]
     assert a is whole
     assert torch.equal(g, fused[..., :8]) and g.untyped_storage().nbytes() == g.numel() * 4

@@ -8,13 +8,16 @@
 
 Each pass sees this rank's batches (`owned_batches`), sums in FactorArguments.dtype, all-reduces, and can be
 checkpointed every K batches (`PassCheckpoint`). With FactorArguments.covariance_fraction = f the covariance pass
-reads only the first ceil(f x batches) fitting batches (`covariance_batch_count`), the correction pass all of them. Sampled labels of batch i in pass p come from
+reads only the first ceil(f x batches) fitting batches (`leading_batch_count`), and with correction_fraction = f the
+correction only those (the two splits of issue 19; either pass reads all batches by default). Sampled labels of batch
+i in pass p come from
 `batch_generator(seed, p, i)`, so the numbers do not depend on how batches are split over processes.
 
 With FactorArguments.token_cache_bytes > 0 the fit reads the data once: the covariance pass keeps every batch's
 per-token a (B, T, d_in) and g (B, T, d_out) in a `TokenCache`, and `correction_from_cache` computes Lambda from
 them, without a second model pass. That equals `correction_pass` with the covariance pass's labels (label_pass=0),
-which is what a rerun whose covariance stage was saved but whose cache is gone runs instead.
+which is what a rerun whose covariance stage was saved but whose cache is gone runs instead. With correction_fraction
+only the leading batches' tokens are kept.
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments, checkpo
                     cache: "TokenCache | None" = None) -> dict[str, torch.Tensor]:
     """{name}.activation_covariance A (d_in, d_in), {name}.gradient_covariance S (d_out, d_out) or its diagonal blocks
     (k, b, b) with args.output_blocks = k; num_tokens (real tokens) and num_sequences (N) as 0-d tensors. With
-    args.covariance_fraction, over the leading batches only (covariance_batch_count), and N, T counted over those.
-    With a `cache`, every batch's (a, g) per layer is kept in it for `correction_from_cache`."""
+    args.covariance_fraction, over the leading batches only (leading_batch_count), and N, T counted over those.
+    With a `cache`, the (a, g) per layer of the batches the correction reads (args.correction_fraction) are kept in it
+    for `correction_from_cache`."""
     dtype = args.torch_dtype
     sums = {f"{l.name}.activation": torch.zeros(l.input_dim, l.input_dim, dtype=dtype) for l in layers}
     sums.update({f"{l.name}.gradient": torch.zeros(gradient_covariance_shape(l.out_features, args.output_blocks),
@@ -87,10 +91,11 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments, checkpo
     sums["num_tokens"] = torch.zeros((), dtype=torch.float64)
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
+    kept_batches = leading_batch_count(batches, args.correction_fraction)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 0,
-                                            "factors: covariance",
-                                            covariance_batch_count(batches, args.covariance_fraction)):
+        for index, batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, 0,
+                                                   "factors: covariance",
+                                                   leading_batch_count(batches, args.covariance_fraction)):
             kept = {}
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
@@ -101,8 +106,8 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments, checkpo
                     for rows, block in _blocks(sums[f"{layer.name}.gradient"], layer.out_features):
                         _add_gram(block, g.reshape(-1, layer.out_features)[:, rows])
                 kept[layer.name] = (a, gs)
-            if cache is not None:
-                cache.add(kept)
+            if cache is not None and (kept_batches is None or index < kept_batches):
+                cache.add(kept, row_count(batch))
             del kept
             sums["num_tokens"] += float(token_weights(task, batch, a).sum())
     distributed.all_reduce_sum(sums)
@@ -121,8 +126,8 @@ def covariance_pass(model, layers, task, batches, args: FactorArguments, checkpo
     return out
 
 
-def covariance_batch_count(batches, fraction: float | None) -> int | None:
-    """How many leading fitting batches the covariance pass reads: ceil(fraction x batches); None (all) for None.
+def leading_batch_count(batches, fraction: float | None) -> int | None:
+    """How many leading fitting batches a pass reads: ceil(fraction x batches); None (all) for None.
     The product is rounded to 9 digits first, so 0.1 x 30 batches is 3, not 4."""
     if fraction is None:
         return None
@@ -149,17 +154,20 @@ def correction_pass(model, layers, task, batches, args: FactorArguments, eig: di
     """{name}.eigenvalues: Lambda = (1/N) sum_n (Q_S^T D_n Q_A)^2, (d_out, d_in), with D_n = sum_t g_t a_t^T; no
     rotation when eig is None. A block-diagonal Q_S (k, b, b) is applied block by block: rows j b .. (j + 1) b of
     Lambda are (1/N) sum_n (Q_Sj^T D_n[rows] Q_A)^2, so one block's (B, b, d_in) is in flight at a time. Labels are
-    drawn as in pass `label_pass` (1: its own; 0: the covariance pass's, as `correction_from_cache` uses)."""
+    drawn as in pass `label_pass` (1: its own; 0: the covariance pass's, as `correction_from_cache` uses). With
+    args.correction_fraction, over the leading batches only, and N counted over those."""
     dtype = args.torch_dtype
     sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=dtype) for l in layers}
     sums["num_sequences"] = torch.zeros((), dtype=torch.float64)
     sums["num_predicted"] = torch.zeros((), dtype=torch.float64)
     with tracked_parameters_require_grad(layers), LayerCapture(layers) as capture:
-        for batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, label_pass,
-                                            "factors: eigenvalue correction"):
+        for _, batch, draws in fitting_batches(model, task, capture, batches, args, checkpoint, sums, label_pass,
+                                               "factors: eigenvalue correction",
+                                               leading_batch_count(batches, args.correction_fraction)):
             for layer in layers:
                 a = real_token_activations(task, batch, upcast(capture.activations[layer.name], dtype))
-                _add_squared_rotated(sums[layer.name], layer, eig, a, [upcast(grads[layer.name], dtype) for grads in draws])
+                gs = [upcast(grads[layer.name], dtype) for grads in draws]
+                _add_squared_rotated(sums[layer.name], layer, eig, a, gs)
     distributed.all_reduce_sum(sums)
     num_sequences = float(sums.pop("num_sequences"))
     if num_sequences == 0:
@@ -168,17 +176,19 @@ def correction_pass(model, layers, task, batches, args: FactorArguments, eig: di
     return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
 
 
-def correction_from_cache(layers, cache: "TokenCache", args: FactorArguments, eig: dict[str, torch.Tensor],
-                          num_sequences: float) -> dict[str, torch.Tensor]:
-    """Lambda as in correction_pass, from the (a, g) the covariance pass kept (no model pass); N = num_sequences, the
-    covariance pass's count over all ranks. Each batch's entries are released once used, so the cache empties."""
+def correction_from_cache(layers, cache: "TokenCache", args: FactorArguments,
+                          eig: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Lambda as in correction_pass, from the (a, g) the covariance pass kept (no model pass); N = the kept sequences
+    over all ranks. Each batch's entries are released once used, so the cache empties."""
     sums = {l.name: torch.zeros(l.out_features, l.input_dim, dtype=args.torch_dtype) for l in layers}
+    sums["num_sequences"] = torch.tensor(float(cache.sequences), dtype=torch.float64)
     for kept in tqdm(cache.drain(), desc="factors: eigenvalue correction (cached tokens)", total=len(cache),
                      disable=not args.progress or not distributed.is_main(), leave=False):
         for layer in layers:
             a, gs = kept.pop(layer.name)
             _add_squared_rotated(sums[layer.name], layer, eig, a, gs)
     distributed.all_reduce_sum(sums)
+    num_sequences = float(sums.pop("num_sequences"))
     return {f"{name}.eigenvalues": s / num_sequences for name, s in sums.items()}
 
 
@@ -215,30 +225,33 @@ class TokenCache:
     on zoo_s, N = 1,000, at the cost of a copy.)"""
 
     def __init__(self, budget_bytes: int):
-        self.budget, self.nbytes, self.batches = budget_bytes, 0, []
+        self.budget, self.nbytes, self.batches, self.sequences = budget_bytes, 0, [], 0
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def check_budget(self, layers, batches, args: FactorArguments) -> None:
         """Refuse, before any model pass, fitting data whose padded batch shapes need more than the budget: per batch
-        B T sum_l (d_in + d_out) x bytes of the accumulation dtype, this rank's share of the batches."""
+        B T sum_l (d_in + d_out) x bytes of the accumulation dtype, this rank's share of the batches kept (all, or the
+        leading ones args.correction_fraction names)."""
         if not hasattr(batches, "__len__") or len(batches) == 0:
             return
         shape = sequence_shape(next(iter(batches)))
         if shape is None:
             return
         per_token = sum(l.input_dim + l.out_features for l in layers) * torch.finfo(args.torch_dtype).bits // 8
-        mine = math.ceil(len(batches) / distributed.world_size())
+        mine = math.ceil((leading_batch_count(batches, args.correction_fraction) or len(batches))
+                         / distributed.world_size())
         need = mine * shape[0] * shape[1] * per_token
         if need > self.budget:
             raise ValueError(self._message(need, f"{mine} batches of {shape[0]} x {shape[1]} tokens"))
 
-    def add(self, kept: dict[str, tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+    def add(self, kept: dict[str, tuple[torch.Tensor, list[torch.Tensor]]], sequences: int) -> None:
         self.nbytes += sum(t.numel() * t.element_size() for a, gs in kept.values() for t in (a, *gs))
         if self.nbytes > self.budget:
             raise ValueError(self._message(self.nbytes, f"the first {len(self.batches) + 1} batches"))
         self.batches.append({name: (self._keep(a), [self._keep(g) for g in gs]) for name, (a, gs) in kept.items()})
+        self.sequences += sequences
 
     def drain(self):
         """The kept batches in order, each dropped from the cache as it is handed out."""
@@ -278,7 +291,7 @@ def _add_gram(target: torch.Tensor, x: torch.Tensor) -> None:
 def fitting_batches(model: nn.Module, task: Task, capture: LayerCapture, batches, args: FactorArguments,
                     checkpoint: "PassCheckpoint | None", sums: dict[str, torch.Tensor], pass_index: int, desc: str,
                     limit: int | None = None):
-    """The batch loop both fitting passes share: (batch, pseudo-gradient draws) for each of this rank's counted
+    """The batch loop both fitting passes share: (index, batch, pseudo-gradient draws) for each of this rank's counted
     batches among the first `limit` (None: all), trimmed of padding and on the model's device (labels drawn from
     batch_generator(seed, pass, index)). After the caller has added the batch to `sums`, num_sequences and
     num_predicted are counted and the pass checkpoint steps."""
@@ -288,7 +301,7 @@ def fitting_batches(model: nn.Module, task: Task, capture: LayerCapture, batches
                                  dropped)
         if not counted:
             continue  # a sharded model's filler pass: it only joins the other ranks' weight all-gathers
-        yield batch, draws
+        yield index, batch, draws
         sums["num_sequences"] += row_count(batch)
         sums["num_predicted"] += _predicted(task, batch)
         if checkpoint is not None:

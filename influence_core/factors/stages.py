@@ -34,7 +34,8 @@ def fitted_identity(layers: Sequence[TrackedLayer], args: FactorArguments, data_
             "model_fingerprint": model_fingerprint(layers), "data_fingerprint": data_fingerprint}
 
 
-SETTINGS_BEFORE_THEIR_KEY = {"correction_labels": "own pass"}  # what manifests written before a setting existed mean
+# what a manifest written before a setting existed means by leaving it out
+SETTINGS_BEFORE_THEIR_KEY = {"correction_labels": "own pass", "correction_fraction": None}
 
 
 def check_manifest(saved: dict, expected: dict, directory: Path) -> None:

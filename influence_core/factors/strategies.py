@@ -39,11 +39,11 @@ class Strategy:
         return self.layer_type.from_tensors(name, tensors)
 
 
-def _covariance_and_eigenbasis(run: "FitRun", cache: passes.TokenCache | None = None) -> tuple[Tensors, Tensors]:
-    """(covariances, eigendecomposition); with a cache, the covariance pass fills it (unless its stage was saved)."""
+def _covariance_and_eigenbasis(run: "FitRun", cache: passes.TokenCache | None = None) -> Tensors:
+    """The eigendecomposition; with a cache, the covariance pass fills it (unless its stage was saved)."""
     cov = run.stage("covariance", lambda: passes.covariance_pass(run.model, run.layers, run.task, run.batches,
                                                                  run.args, run.checkpoint("covariance"), cache))
-    return cov, run.stage("eigendecomposition", lambda: passes.eigendecomposition(cov, run.names, run.args))
+    return run.stage("eigendecomposition", lambda: passes.eigendecomposition(cov, run.names, run.args))
 
 
 def _correction(run: "FitRun", eig: Tensors | None) -> Callable[[], Tensors]:
@@ -51,11 +51,11 @@ def _correction(run: "FitRun", eig: Tensors | None) -> Callable[[], Tensors]:
                                           run.checkpoint("eigenvalue_correction"))
 
 
-def _correction_one_pass(run: "FitRun", eig: Tensors, cov: Tensors, cache: passes.TokenCache) -> Callable[[], Tensors]:
+def _correction_one_pass(run: "FitRun", eig: Tensors, cache: passes.TokenCache) -> Callable[[], Tensors]:
     """From the cache the covariance pass filled; when that stage was read back from disk instead (a rerun), from a
     model pass drawing the covariance pass's labels: the same numbers."""
     if len(cache):
-        return lambda: passes.correction_from_cache(run.layers, cache, run.args, eig, float(cov["num_sequences"]))
+        return lambda: passes.correction_from_cache(run.layers, cache, run.args, eig)
     return lambda: passes.correction_pass(run.model, run.layers, run.task, run.batches, run.args, eig, label_pass=0)
 
 
@@ -70,12 +70,12 @@ class EKFAC(Strategy):
                                  "checkpoint_every=0, or token_cache_bytes=0")
             cache = passes.TokenCache(run.args.token_cache_bytes)
             cache.check_budget(run.layers, run.batches, run.args)
-            cov, eig = _covariance_and_eigenbasis(run, cache)
-            corr = run.stage("eigenvalue_correction", _correction_one_pass(run, eig, cov, cache))
+            eig = _covariance_and_eigenbasis(run, cache)
+            corr = run.stage("eigenvalue_correction", _correction_one_pass(run, eig, cache))
             if cache.nbytes:  # what the kept tokens took at their peak (this rank), beside the stage timings
                 run.stages.manifest["token_cache_peak_bytes"] = cache.nbytes
         else:
-            eig = _covariance_and_eigenbasis(run)[1]
+            eig = _covariance_and_eigenbasis(run)
             corr = run.stage("eigenvalue_correction", _correction(run, eig))
         return {n: EigenbasisFactors(n, corr[f"{n}.eigenvalues"], eig[f"{n}.activation_eigenvectors"],
                                      eig[f"{n}.gradient_eigenvectors"]) for n in run.names}
@@ -85,7 +85,7 @@ class KFAC(Strategy):
     name, layer_type = "kfac", EigenbasisFactors
 
     def fit(self, run: "FitRun") -> dict[str, LayerFactors]:
-        eig = _covariance_and_eigenbasis(run)[1]
+        eig = _covariance_and_eigenbasis(run)
         # l_S of a block-diagonal S: the blocks' eigenvalues side by side, (k, b) -> (d_out,)
         return {n: EigenbasisFactors(n, torch.outer(eig[f"{n}.gradient_eigenvalues"].reshape(-1),
                                                     eig[f"{n}.activation_eigenvalues"]),

@@ -48,6 +48,7 @@ class FactorArguments:
     # ekfac: > 0 reads the data once, keeping every batch's per-token a and g (up to this many bytes, this rank) for the
     # eigenvalue correction, whose labels are then the covariance pass's; 0: a second model pass with its own labels
     token_cache_bytes: int = 0
+    correction_fraction: float | None = None  # ekfac: the eigenvalue correction from the first ceil(f x batches) only
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -72,12 +73,21 @@ class FactorArguments:
             if self.strategy not in ("ekfac", "kfac"):
                 raise ValueError(f"covariance_fraction={fraction!r} subsets the covariance pass, which strategy "
                                  f"'{self.strategy}' does not run; use ekfac or kfac, or covariance_fraction=None")
+        if self.correction_fraction is not None:
+            fraction = self.correction_fraction
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"correction_fraction={fraction!r} is the share of the fitting batches the eigenvalue "
+                                 "correction reads; give a number in (0, 1], e.g. 0.1, or None for all of them")
+            if self.strategy != "ekfac":
+                raise ValueError(f"correction_fraction={fraction!r} subsets the eigenvalue correction of ekfac; "
+                                 f"strategy '{self.strategy}' has none to subset: use ekfac, or "
+                                 "correction_fraction=None")
         check_number("token_cache_bytes", self.token_cache_bytes, 0, integer=True)
         if self.token_cache_bytes:
             budget = f"token_cache_bytes={self.token_cache_bytes}"
             if self.strategy != "ekfac":
-                raise ValueError(f"{budget} keeps tokens for the eigenvalue correction after the covariance pass, which "
-                                 f"strategy '{self.strategy}' does not run; use ekfac, or token_cache_bytes=0")
+                raise ValueError(f"{budget} keeps tokens for the eigenvalue correction after the covariance pass, "
+                                 f"which strategy '{self.strategy}' does not run; use ekfac, or token_cache_bytes=0")
             if self.fisher != "sampled":
                 raise ValueError(f"{budget} keeps one pseudo-gradient per token; fisher='{self.fisher}' has one per "
                                  "class. Use fisher='sampled', or token_cache_bytes=0")
@@ -101,7 +111,8 @@ class FactorArguments:
         """The settings that change the fitted numbers (damping is applied later, so it is not among them)."""
         return {"strategy": self.strategy, "fisher": self.fisher, "seed": self.seed, "dtype": self.dtype,
                 "label_sampling": LABEL_SAMPLING, "output_blocks": self.output_blocks,
-                "covariance_fraction": self.covariance_fraction, "correction_labels": self.correction_labels}
+                "covariance_fraction": self.covariance_fraction, "correction_labels": self.correction_labels,
+                "correction_fraction": self.correction_fraction}
 
     @property
     def correction_labels(self) -> str:
