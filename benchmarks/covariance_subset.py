@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.peer_systems import run_floor, warm_up
+from benchmarks.peer_systems import ONE_PASS_CACHE_BYTES, run_floor, warm_up
 from benchmarks.precision import pearson, top_k_overlap
 from benchmarks.workloads import Workload, describe, load_workload
 from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compute_scores, fit_factors, iterate_batches,
@@ -42,7 +42,6 @@ FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 TOP_K = 100
 TARGET_RATIO, TARGET_PEARSON = 1.3, 0.99
 QUICK = dict(models=["zoo"], sequences=64, fractions=[0.25, 0.5, 1.0], queries=4)
-ONE_PASS_CACHE_BYTES = 16 * 2**30  # a cap, not an allocation: the row's token_cache_bytes is what the cache took
 
 
 def fit_and_score(loaded, layers, batches, names, encoded, fraction: float, seed: int, one_pass: bool = False,
@@ -108,6 +107,14 @@ def run_workload(model_name: str, sequences: int, fractions: list[float], querie
     return rows
 
 
+def fit_name(row) -> str:
+    """'covariance fraction f' for a two-pass subset fit, 'one pass' (with its correction fraction when < 1)."""
+    if row["fit"] == "two_pass":
+        return f"covariance fraction {row['covariance_fraction']}"
+    split = f", correction fraction {row['correction_fraction']}" if row["correction_fraction"] < 1 else ""
+    return "one pass" + split
+
+
 def choice(table: pd.DataFrame) -> str:
     """Per workload: the cheapest seed-0 fit below the full one whose per-query mean Pearson with the full fit is
     >= 0.99, and whether it fits within 1.3 x the floor; the one-pass fit and the seed-1 full fit (sampling noise)."""
@@ -123,14 +130,11 @@ def choice(table: pd.DataFrame) -> str:
             lines.append(f"- {workload}: no fit below the full one reaches a per-query Pearson of {TARGET_PEARSON}.")
         else:
             best = good.iloc[0]
-            name = (f"covariance fraction {best['covariance_fraction']}" if best["fit"] == "two_pass" else "one pass"
-                    + (f", correction fraction {best['correction_fraction']}" if best["correction_fraction"] < 1 else ""))
             met = "meets" if best["fit_over_floor"] <= TARGET_RATIO else "misses"
-            lines.append(f"- {workload}: cheapest fit at a per-query Pearson >= {TARGET_PEARSON}: {name}, "
+            lines.append(f"- {workload}: cheapest fit at a per-query Pearson >= {TARGET_PEARSON}: {fit_name(best)}, "
                          f"{described(best)} ({met} <= {TARGET_RATIO}).")
         for _, row in rows[rows["fit"] == "one_pass"].iterrows():
-            split = f", correction fraction {row['correction_fraction']}" if row["correction_fraction"] < 1 else ""
-            lines.append(f"  - one pass{split}: {described(row)}, its kept tokens "
+            lines.append(f"  - {fit_name(row)}: {described(row)}, its kept tokens "
                          f"{row['token_cache_bytes'] / 2**20:.0f} MiB.")
         lines.append(f"  - a full fit with other sampled labels (seed 1): {described(noise)}.")
     return "\n".join(lines)
@@ -162,20 +166,21 @@ def main(argv=None) -> pd.DataFrame:
     stem = args.out / ("covariance_subset_quick" if args.quick else "covariance_subset")
     table.to_csv(f"{stem}.csv", index=False)
     command = "python -m benchmarks.covariance_subset " + " ".join(sys.argv[1:] if argv is None else argv)
-    shown = ["workload", "fit", "covariance_fraction", "correction_fraction", "seed", "covariance_sequences", "fit_over_floor", "fit_over_floor_wall",
-             "covariance_over_floor_wall", "correction_over_floor_wall", "pearson", "pearson_mean_query", "pearson_min_query",
-             f"top{TOP_K}_overlap", f"top{TOP_K}_overlap_min"]
+    shown = ["workload", "fit", "covariance_fraction", "correction_fraction", "seed", "covariance_sequences",
+             "fit_over_floor", "fit_over_floor_wall", "covariance_over_floor_wall", "correction_over_floor_wall",
+             "pearson", "pearson_mean_query", "pearson_min_query", f"top{TOP_K}_overlap", f"top{TOP_K}_overlap_min"]
     note = (f"\n\n{args.sequences} sequences of 64 tokens (fitting and scored), batches of 16, {args.queries} queries; "
             f"EK-FAC float32, damping 0.1 x mean eigenvalue; torch threads {args.threads}. fit_over_floor = fit CPU "
             "time / CPU time of one plain forward + backward over the same sequences, measured just before each fit "
             "in the same process (the _wall columns: wall times). Reference: the full fit (covariance_fraction 1, "
-            "seed 0); the seed-1 row is a full fit with other sampled labels; the one_pass row reads the data once and computes "
-            "the correction from the tokens it kept (token_cache_bytes: their size). Machine: "
+            "seed 0); the seed-1 row is a full fit with other sampled labels; the one_pass rows read the data once "
+            "and compute the correction from the tokens they kept (token_cache_bytes: their size). Machine: "
             f"{os.cpu_count()} CPUs, 1/5/15-min load average {tuple(round(x, 2) for x in load_before)} before, "
             f"{tuple(round(x, 2) for x in load_after)} after (shared with other jobs); "
             f"{(time.perf_counter() - wall_start) / 60:.1f} min in all.\n")
     Path(f"{stem}.md").write_text(
-        "# Fitting below two passes: covariances from a subset of the fitting data, or one pass with its tokens kept\n\n"
+        "# Fitting below two passes: covariances from a subset of the fitting data, or one pass with its tokens "
+        "kept\n\n"
         f"`{command.strip()}`\n\n{table[shown].round(4).to_markdown(index=False)}\n\n{choice(table)}{note}")
     print(table[shown].round(3).to_string(index=False))
     return table

@@ -53,7 +53,8 @@ from influence_core import (CausalLMTask, FactorArguments, ScoreArguments, compu
 from influence_core.factors.passes import batch_generator
 from influence_core.task import IGNORE_INDEX, sample_labels
 
-SYSTEMS = ("floor", "ours", "ours_rank32", "ours_subset", "ours_one_pass", "kronfluence", "kronfluence_shared", "dattri", "bergson")
+SYSTEMS = ("floor", "ours", "ours_rank32", "ours_subset", "ours_one_pass", "kronfluence", "kronfluence_shared",
+           "dattri", "bergson")
 QUERY_BATCH = 32  # queries per forward/backward of their gradients in every system; all Q share one training pass
 
 

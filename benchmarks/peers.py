@@ -94,10 +94,11 @@ class Cell:
 MAIN_SYSTEMS = [("ours", "ours", 0), ("kronfluence", "kronfluence", 0), ("dattri", "dattri", 0),
                 ("bergson", "bergson", 0)]
 RANK32 = [("ours_rank32", "ours_rank32", 0)]  # Q queries at rank 32 beside full rank (issue 19, item 2)
-SUBSET = [("ours_subset", "ours_subset", 0),  # A and S from 10% of the fitting batches (issue 19, item 1)
-          ("ours_one_pass", "ours_one_pass", 0)]  # one model pass, the correction from the kept tokens
+BELOW_TWO_PASSES = [("ours_subset", "ours_subset", 0),  # A and S from 10% of the fitting batches (issue 19, item 1)
+                    ("ours_one_pass", "ours_one_pass", 0)]  # one model pass, the correction from the kept tokens
 FULL_Q = {"ours", "kronfluence", "dattri", "bergson"}  # systems scored at every Q of a cell; the others at the largest
 DIAGNOSTICS = [("ours_seed1", "ours", 1), ("kronfluence_shared", "kronfluence_shared", 0)]
+ALL_SYSTEMS = MAIN_SYSTEMS + RANK32 + BELOW_TWO_PASSES + DIAGNOSTICS  # what --systems may name
 
 
 def grid_cells(grid: str, seq_len: int, batch_size: int) -> list[Cell]:
@@ -108,14 +109,14 @@ def grid_cells(grid: str, seq_len: int, batch_size: int) -> list[Cell]:
     if grid == "smoke":
         return [cell("zoo", 128, [1, 8], MAIN_SYSTEMS + DIAGNOSTICS)]
     if grid == "default":
-        return [cell("zoo", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + SUBSET + DIAGNOSTICS),
-                cell("gpt2_s", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + SUBSET),
-                cell("gpt2_m", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + SUBSET),
+        return [cell("zoo", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + BELOW_TWO_PASSES + DIAGNOSTICS),
+                cell("gpt2_s", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + BELOW_TWO_PASSES),
+                cell("gpt2_m", 1000, [1, 32, 128], MAIN_SYSTEMS + RANK32 + BELOW_TWO_PASSES),
                 cell("gpt2_s", 10000, [32])]
     if grid == "reduced":  # the default grid without its N = 10,000 cell: fits in ~20 min on 2 shared cores
         return grid_cells("default", seq_len, batch_size)[:3]
     if grid == "full":
-        return [cell(m, n, [1, 32, 128], MAIN_SYSTEMS + RANK32 + SUBSET + (DIAGNOSTICS if n == 1000 else []))
+        return [cell(m, n, [1, 32, 128], MAIN_SYSTEMS + RANK32 + BELOW_TWO_PASSES + (DIAGNOSTICS if n == 1000 else []))
                 for n in (1000, 10000) for m in MODELS]
     raise ValueError(f"unknown grid {grid!r}; choose smoke, reduced, default or full")
 
@@ -333,14 +334,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--sequences", type=int, nargs="+", default=[1000], help="... times these N ...")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 32, 128], help="... with these Q ...")
     parser.add_argument("--systems", nargs="+", default=[s for s, _, _ in MAIN_SYSTEMS],
-                        choices=[s for s, _, _ in MAIN_SYSTEMS + RANK32 + SUBSET + DIAGNOSTICS], help="... and these systems")
+                        choices=[s for s, _, _ in ALL_SYSTEMS], help="... and these systems")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each system's process")
     parser.add_argument("--name", help="output name (figures/bench/peers_<name>.*); default: the grid or 'custom'")
     args = parser.parse_args(argv)
     if args.models:
-        chosen = [s for s in MAIN_SYSTEMS + RANK32 + SUBSET + DIAGNOSTICS if s[0] in args.systems]
+        chosen = [s for s in ALL_SYSTEMS if s[0] in args.systems]
         cells = [Cell(Workload(m, n, args.seq_len, args.batch_size), args.queries, chosen)
                  for n in args.sequences for m in args.models]
         grid = args.name or "custom"

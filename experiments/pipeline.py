@@ -68,16 +68,13 @@ def check_influence_settings(influence: DictConfig) -> None:
     if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1):
         raise ValueError(f"influence.output_blocks={blocks!r}: give an integer >= 1 dividing every tracked layer's "
                          "output width, or null for the whole gradient covariance")
-    fraction = influence.get("covariance_fraction")
-    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
-                                 or not 0 < fraction <= 1):
-        raise ValueError(f"influence.covariance_fraction={fraction!r}: give a number in (0, 1] (the share of the "
-                         "fitting batches the covariances are computed from), or null for all of them")
-    fraction = influence.get("correction_fraction")
-    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
-                                 or not 0 < fraction <= 1):
-        raise ValueError(f"influence.correction_fraction={fraction!r}: give a number in (0, 1] (the share of the "
-                         "fitting batches the eigenvalue correction is computed from), or null for all of them")
+    for key, computed in (("covariance_fraction", "the covariances are"),
+                          ("correction_fraction", "the eigenvalue correction is")):
+        fraction = influence.get(key)
+        if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                                     or not 0 < fraction <= 1):
+            raise ValueError(f"influence.{key}={fraction!r}: give a number in (0, 1] (the share of the fitting "
+                             f"batches {computed} computed from), or null for all of them")
     cache = influence.get("token_cache_bytes", 0)
     if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
         raise ValueError(f"influence.token_cache_bytes={cache!r}: give an integer >= 0 (bytes of per-token activations "

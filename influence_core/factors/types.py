@@ -31,6 +31,13 @@ def check_number(name: str, value, minimum: float, integer: bool = False, strict
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
+def check_fraction(name: str, value, reader: str) -> None:
+    """Refuse a share of the fitting batches outside (0, 1] (or not a number), naming what reads them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} is the share of the fitting batches {reader} reads; give a number in "
+                         "(0, 1], e.g. 0.1, or None for all of them")
+
+
 @dataclass
 class FactorArguments:
     """How curvature factors are fitted. Defaults follow the paper."""
@@ -67,17 +74,13 @@ class FactorArguments:
                                  f"'{self.strategy}' does not have; use ekfac or kfac, or output_blocks=None")
         if self.covariance_fraction is not None:
             fraction = self.covariance_fraction
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-                raise ValueError(f"covariance_fraction={fraction!r} is the share of the fitting batches the covariance "
-                                 "pass reads; give a number in (0, 1], e.g. 0.1, or None for all of them")
+            check_fraction("covariance_fraction", fraction, "the covariance pass")
             if self.strategy not in ("ekfac", "kfac"):
                 raise ValueError(f"covariance_fraction={fraction!r} subsets the covariance pass, which strategy "
                                  f"'{self.strategy}' does not run; use ekfac or kfac, or covariance_fraction=None")
         if self.correction_fraction is not None:
             fraction = self.correction_fraction
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-                raise ValueError(f"correction_fraction={fraction!r} is the share of the fitting batches the eigenvalue "
-                                 "correction reads; give a number in (0, 1], e.g. 0.1, or None for all of them")
+            check_fraction("correction_fraction", fraction, "the eigenvalue correction")
             if self.strategy != "ekfac":
                 raise ValueError(f"correction_fraction={fraction!r} subsets the eigenvalue correction of ekfac; "
                                  f"strategy '{self.strategy}' has none to subset: use ekfac, or "
